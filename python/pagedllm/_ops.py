@@ -1,0 +1,64 @@
+"""The only importer of pagedllm._C: one typed wrapper per op. Wrappers allocate outputs;
+the ops write into what they are given (see csrc/torch_bindings.cpp for every shape)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pagedllm import _C  # noqa: F401 - loading the library registers torch.ops._C.*
+
+ops = torch.ops._C
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ops.rms_norm(out, x, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: residual += x; x = rms_norm(residual) * weight."""
+    ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: Optional[torch.Tensor],
+                     head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
+    """In place on query and key."""
+    ops.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                    sliding_window: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode attention: query [num_seqs, num_heads, head_size] -> same shape."""
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    ops.paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window)
+    return out
+
+
+def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                            sliding_window: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal varlen attention of new query tokens over cached + new KV."""
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    ops.paged_prefill_attention(out, query, key_cache, value_cache, block_tables, query_start_loc,
+                                seq_lens, max_query_len, scale, sliding_window)
+    return out
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
+                  offsets: torch.Tensor) -> torch.Tensor:
+    """One token id per row of logits [batch, vocab] (float32)."""
+    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    ops.sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets)
+    return out
