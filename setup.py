@@ -66,7 +66,6 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        import pybind11
         import torch
         from torch.utils import cpp_extension
 
@@ -79,7 +78,6 @@ class CMakeBuild(build_ext):
         args = [
             f"-DCMAKE_BUILD_TYPE={os.environ.get('PAGEDLLM_BUILD_TYPE', 'Release')}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPAGEDLLM_OUTPUT_DIR={out_dir}",
             f"-DPAGEDLLM_EXT_SUFFIX={self.get_ext_filename('_C')[len('_C'):]}",
             f"-DTORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine: rebuild pagedllm._C against its torch, run the CUDA tests,
+# then every kernel benchmark, and print a short table last. Logs go to $OUT (or /tmp/gpu_check).
+# Budget: under 8 minutes on an H100 (build ~2-3 min with 16 jobs, tests ~1 min, benchmarks ~2 min).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PAGEDLLM_TARGET=cuda
+[ -n "${CUDA_HOME:-}" ] || { [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda; }
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/device.txt"
+start=$(date +%s)
+if ! pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"; echo "gpu_check: build failed"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+grep -E "ptxas info *: (Used|Compiling)|spill" "$out/build.log" >"$out/ptxas.txt" || true
+python -m pagedllm.env | tee "$out/env.txt"
+
+timeout 240 python -m pytest -m cuda tests/kernels -q -x -p no:cacheprovider >"$out/tests.log" 2>&1
+tests_rc=$?
+tail -3 "$out/tests.log"
+
+: >"$out/results.jsonl"
+for bench in benchmarks/kernels/bench_*.py; do
+  timeout 120 python "$bench" --device cuda >"$out/$(basename "$bench" .py).log" 2>&1 || echo "$bench failed (rc $?)"
+  grep -h '^RESULT ' "$out/$(basename "$bench" .py).log" | sed 's/^RESULT //' >>"$out/results.jsonl"
+done
+echo "total: $(( $(date +%s) - start )) s; cuda tests rc=$tests_rc"
+python scripts/results_table.py "$out/results.jsonl" | tee "$out/table.md"

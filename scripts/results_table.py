@@ -1,0 +1,23 @@
+"""Prints the RESULT rows of benchmarks/kernels/*.py (one JSON object a line) as a markdown table."""
+import json
+import sys
+
+
+def fmt(value, spec):
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def main(path: str) -> None:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    print("| op | shape | median us | GB/s | % copy BW | TFLOP/s | % matmul peak | x native |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['op']} | {r['shape']} | {fmt(r.get('median_us'), '.1f')} | {fmt(r.get('gbps'), '.0f')} | "
+              f"{fmt(r.get('pct_copy_bw'), '.1f')} | {fmt(r.get('tflops'), '.1f')} | {fmt(r.get('pct_peak'), '.1f')} | "
+              f"{fmt(r.get('speedup_vs_native'), '.2f')} |")
+    if rows and "copy_gbps" in rows[0]:
+        print(f"\ncopy bandwidth measured first: {rows[0]['copy_gbps']:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
