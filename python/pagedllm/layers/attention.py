@@ -67,3 +67,59 @@ def paged_prefill_attention_native(query: torch.Tensor, key_cache: torch.Tensor,
         pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
         out[q0:q1] = attend(query[q0:q1], k, v, pos, scale, sliding_window)
     return out
+
+
+# --- the Attention layer used by the models -------------------------------------------------------
+
+
+class Attention(torch.nn.Module):
+    """Paged attention over this layer's KV cache for one step of mixed prefills and decodes.
+
+    q: [num_tokens, num_heads * head_size], k and v: [num_tokens, num_kv_heads * head_size]
+    -> [num_tokens, num_heads * head_size]. The model runner binds self.kv_cache = (key_cache,
+    value_cache) after allocating the cache, and sets the step's AttentionMetadata."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 sliding_window: int | None = None):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window or 0
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool = False) -> torch.Tensor:
+        from pagedllm.layers.attention_metadata import get_attention_metadata
+
+        md = get_attention_metadata()
+        if self.kv_cache is None:
+            raise RuntimeError("Attention.kv_cache is not bound: the model runner binds it after allocating the cache")
+        key_cache, value_cache = self.kv_cache
+        n = q.shape[0]
+        q = q.view(n, self.num_heads, self.head_size)
+        k = k.view(n, self.num_kv_heads, self.head_size)
+        v = v.view(n, self.num_kv_heads, self.head_size)
+        out = torch.empty_like(q)
+        p = md.num_prefill_tokens
+        if native:
+            from pagedllm.layers.kv_cache import reshape_and_cache_native
+            reshape_and_cache_native(k, v, key_cache, value_cache, md.slot_mapping)
+            if p:
+                out[:p] = paged_prefill_attention_native(
+                    q[:p], key_cache, value_cache, md.prefill_block_tables, md.prefill_query_start_loc,
+                    md.prefill_seq_lens, self.scale, self.sliding_window)
+            if md.num_decodes:
+                out[p:] = paged_attention_native(q[p:], key_cache, value_cache, md.decode_block_tables,
+                                                 md.decode_seq_lens, self.scale, self.sliding_window)
+        else:
+            from pagedllm import _ops
+            _ops.reshape_and_cache(k, v, key_cache, value_cache, md.slot_mapping)
+            if p:
+                _ops.paged_prefill_attention(q[:p], key_cache, value_cache, md.prefill_block_tables,
+                                             md.prefill_query_start_loc, md.prefill_seq_lens,
+                                             md.max_prefill_query_len, self.scale, self.sliding_window, out=out[:p])
+            if md.num_decodes:
+                _ops.paged_attention(q[p:], key_cache, value_cache, md.decode_block_tables, md.decode_seq_lens,
+                                     self.scale, self.sliding_window, out=out[p:])
+        return out.view(n, self.num_heads * self.head_size)

@@ -1,0 +1,43 @@
+"""The extension as built: every op registered, CUDA kernels registered when they were compiled."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagedllm import _C, _ops  # noqa: F401
+
+OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "reshape_and_cache", "paged_attention",
+       "paged_prefill_attention", "sample_tokens"]
+
+
+def registrations(op: str) -> str:
+    return torch._C._dispatch_dump(f"_C::{op}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_has_cpu_kernel(op):
+    assert "CPU: registered" in registrations(op)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernel_registered_iff_compiled(op):
+    assert ("CUDA: registered" in registrations(op)) == bool(_C.cuda_compiled)
+
+
+def test_cuda_build_requested_means_compiled():
+    # .ci/run sets PAGEDLLM_TARGET=cuda: then the CUDA kernels must be in the extension.
+    if os.environ.get("PAGEDLLM_TARGET") != "cuda":
+        pytest.skip("PAGEDLLM_TARGET is not cuda")
+    assert _C.cuda_compiled
+    assert "9.0" in _C.cuda_arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST")
+
+
+def test_env_command_lists_every_op():
+    out = subprocess.run([sys.executable, "-m", "pagedllm.env"], capture_output=True, text=True, check=True).stdout
+    assert f"torch                  {torch.__version__}" in out
+    ops_line = next(line for line in out.splitlines() if line.startswith("ops"))
+    for op in OPS:
+        assert op in ops_line
+    assert ("CUDA kernels compiled  True" in out) == bool(_C.cuda_compiled)
