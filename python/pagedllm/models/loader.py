@@ -12,6 +12,7 @@ names through gguf's tensor name maps (llama.cpp's q/k row permutation undone, a
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -98,12 +99,43 @@ def resolve_model(model: Union[str, os.PathLike, None]) -> ModelSource:
 # --- config, tokenizer, generation defaults ------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_gguf_reader(path: str, mtime_ns: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def gguf_reader(path: Path):
+    """One parsed GGUFReader (memory-mapped) per file, shared by load_config and iter_weights."""
+    return _cached_gguf_reader(str(path), path.stat().st_mtime_ns)
+
+
+def gguf_field(reader, key: str, default=None):
+    """A scalar or string metadata value of a GGUF file."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return default
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode()
+    return value.tolist()[0]
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
-    if source.is_gguf:
-        return AutoConfig.from_pretrained(str(source.folder), gguf_file=source.path.name)
-    return AutoConfig.from_pretrained(str(source.path))
+    if not source.is_gguf:
+        return AutoConfig.from_pretrained(str(source.path))
+    config = AutoConfig.from_pretrained(str(source.folder), gguf_file=source.path.name)
+    # transformers reads head_dim only from llama's rope.dimension_count: Qwen3 (head_dim != hidden /
+    # heads) needs attention.key_length
+    reader = gguf_reader(source.path)
+    arch = gguf_field(reader, "general.architecture")
+    key_length = gguf_field(reader, f"{arch}.attention.key_length")
+    if key_length and getattr(config, "model_type", None) in ("llama", "mistral", "qwen2", "qwen3"):
+        config.head_dim = int(key_length)
+    return config
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -200,9 +232,8 @@ _GGUF_TRANSPOSED = {"gpt2": ("attn_qkv.weight", "attn_output.weight", "ffn_up.we
 def _iter_gguf_weights(path: Path, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    field = reader.fields["general.architecture"]
-    arch = bytes(field.parts[field.data[0]]).decode()
+    reader = gguf_reader(path)
+    arch = gguf_field(reader, "general.architecture")
     arch_ids = [k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch]
     if not arch_ids:
         raise ValueError(f"GGUF architecture {arch!r} is unknown to the gguf package")

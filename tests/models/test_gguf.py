@@ -1,0 +1,106 @@
+"""GGUF loading: dequantization of every supported tensor type, llama.cpp names and q/k permutation
+mapped back to HF, tied embeddings when output.weight is absent, logits of a GGUF model."""
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from models_testing import PagedRunner, hf_logits, hf_state_from_gguf, make_hf_model, write_llama_gguf
+from pagedllm.models import iter_weights, load_config, load_model, resolve_model
+
+Q = gguf.GGMLQuantizationType
+
+
+def gguf_llama_config(tie: bool = False):
+    """K-quants pack 256 values per block: every weight's row length must be a multiple of 256."""
+    import transformers as tf
+
+    return tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=128,
+                          rms_norm_eps=1e-5, tie_word_embeddings=tie)
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    return make_hf_model(gguf_llama_config())
+
+
+# The bound on |dequantized - original| per tensor, as a fraction of the tensor's max |value|:
+# F16 / BF16 round to 11 / 8 mantissa bits; Q8_0 rounds to amax/127 steps (half a step of error);
+# Q4_0 has step d = amax/8 and codes -8..7, so the value opposite the block max clips by a whole step;
+# Q4_1 rounds to (max - min)/15 steps (half a step <= amax / 15). With a little margin.
+ROUNDTRIP_TOL = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 5e-3, Q.Q8_0: 1 / 200, Q.Q4_0: 1 / 7.5, Q.Q4_1: 1 / 14}
+
+
+@pytest.mark.parametrize("qtype", list(ROUNDTRIP_TOL), ids=lambda q: q.name)
+def test_quantized_weights_dequantize_to_the_originals(tmp_path, hf_llama, qtype):
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, hf_llama, qtype)
+    ours = dict(iter_weights(resolve_model(str(path))))
+    original = hf_llama.state_dict()
+    assert set(ours) == set(original)  # lm_head included: untied
+    for name, w in original.items():
+        got = ours[name]
+        assert got.shape == w.shape and got.dtype == torch.float32, name
+        tol = 0.0 if w.dim() == 1 else ROUNDTRIP_TOL[qtype] * w.abs().max().item()
+        assert (got - w).abs().max().item() <= tol, name
+    # and exactly what transformers' GGUF reader gives for the same file
+    ref = hf_state_from_gguf(path, hf_llama)
+    for name, got in ours.items():
+        torch.testing.assert_close(got, ref[name].float(), atol=0, rtol=0)
+
+
+def random_k_blocks(shape, qtype, seed=0) -> np.ndarray:
+    """Random K-quant blocks (gguf cannot quantize to these) with sane f16 super-block scales."""
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    d = np.array([0.01], dtype=np.float16).view(np.uint8)
+    dmin = np.array([0.005], dtype=np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:  # d is the last field
+        raw[..., -2:] = d
+    else:  # d, dmin first
+        raw[..., 0:2], raw[..., 2:4] = d, dmin
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_k_quant_tensors_map_to_hf(tmp_path, hf_llama, qtype):
+    """A permuted tensor (attn_q) and a plain one (ffn_down) stored as K-quant blocks: ours equals
+    the gguf package's dequantization, un-permuted, and equals transformers' reading of the file."""
+    q_raw = random_k_blocks((256, 256), qtype, seed=1)
+    down_raw = random_k_blocks((256, 512), qtype, seed=2)
+    path = tmp_path / "k.gguf"
+    write_llama_gguf(path, hf_llama, Q.F32, tensor_qtypes={"blk.0.attn_q.weight": (qtype, q_raw),
+                                                          "blk.1.ffn_down.weight": (qtype, down_raw)})
+    ours = dict(iter_weights(resolve_model(str(path))))
+    q = gguf.quants.dequantize(q_raw, qtype)
+    q = q.reshape(4, 32, 2, 256).swapaxes(1, 2).reshape(256, 256)  # llama.cpp permute, inverted
+    torch.testing.assert_close(ours["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q), atol=0, rtol=0)
+    down = torch.from_numpy(gguf.quants.dequantize(down_raw, qtype))
+    assert down.abs().max() > 0
+    torch.testing.assert_close(ours["model.layers.1.mlp.down_proj.weight"], down, atol=0, rtol=0)
+    ref = hf_state_from_gguf(path, hf_llama)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(ours[name], ref[name].float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_gguf_model_logits_match_hf(tmp_path, tie, native):
+    """A Q8_0 GGUF through our loader (config from its metadata) gives HF's logits on the same file."""
+    hf = make_hf_model(gguf_llama_config(tie=tie))
+    path = tmp_path / "tiny-q8.gguf"
+    write_llama_gguf(path, hf, Q.Q8_0)
+    source = resolve_model(str(path))
+    config = load_config(source)
+    assert config.tie_word_embeddings == tie and config.num_key_value_heads == 2 and config.head_dim == 64
+    model = load_model(source, torch.float32, "cpu")
+    assert model.lm_head.tied == tie
+    hf.load_state_dict(hf_state_from_gguf(path, hf), strict=not tie)  # tied: lm_head follows the embedding
+    if tie:
+        hf.tie_weights()
+    prompts = [[5, 17, 200, 3, 9, 41, 77], list(range(20, 43))]
+    runner = PagedRunner(model, [len(p) for p in prompts], max_new=1, native=native)
+    for prompt, ours in zip(prompts, runner.prefill(prompts)):
+        torch.testing.assert_close(ours, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
