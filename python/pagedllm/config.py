@@ -1,0 +1,88 @@
+"""EngineArgs: every option of LLM(...) / LLMEngine, validated in __post_init__."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineArgs:
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    seed: Optional[int] = None
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    swap_space: float = 4               # GiB of host memory for swapped-out KV blocks (GPU only)
+    kv_cache_space: Optional[float] = None  # GiB of KV cache on the CPU (default 4)
+    num_gpu_blocks_override: Optional[int] = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    max_logprobs: int = 20
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    device: str = "auto"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    tokenizer_revision: Optional[str] = None
+    download_dir: Optional[str] = None
+    preemption_mode: Optional[str] = None   # None: swap on GPU when swap_space > 0, else recompute
+    disable_log_stats: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (16, 32):
+            raise ValueError(f"block_size must be 16 or 32, got {self.block_size}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be non-negative, got {self.swap_space}.")
+        if self.kv_cache_space is not None and self.kv_cache_space <= 0:
+            raise ValueError(f"kv_cache_space must be positive, got {self.kv_cache_space}.")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"pagedllm runs on one device: tensor_parallel_size must be 1, got {self.tensor_parallel_size}.")
+        if self.dtype != "auto" and self.dtype not in _DTYPES and not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}, got {self.dtype!r}.")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.preemption_mode not in (None, "recompute", "swap"):
+            raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}.")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} was requested but torch sees no CUDA device.")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device, checkpoint_dtype: Optional[torch.dtype]) -> torch.dtype:
+        """auto: fp32 on CPU; on GPU the checkpoint's half type, else bf16."""
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+@dataclass
+class AsyncEngineArgs(EngineArgs):
+    pass

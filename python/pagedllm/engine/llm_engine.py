@@ -1,0 +1,261 @@
+"""LLMEngine: add_request / step / abort over the scheduler, the block manager and the model runner."""
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Iterable, Optional, Union
+
+import torch
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.detokenizer import detokenize_incrementally
+from pagedllm.engine.model_runner import ModelRunner
+from pagedllm.engine.scheduler import Scheduler
+from pagedllm.engine.sequence import Request, Sequence
+from pagedllm.engine.stop_checker import check_stop
+from pagedllm.inputs import PromptType
+from pagedllm.layers.logits_processing import SampleRow
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+_GENERATION_CONFIG_KEYS = {"repetition_penalty": "repetition_penalty", "temperature": "temperature",
+                           "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_new_tokens": "max_tokens"}
+
+
+def _config_max_len(hf_config) -> Optional[int]:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        from pagedllm.models import loader
+
+        self.args = args
+        self.device = args.resolve_device()
+        source = loader.resolve_model(args.model, download_dir=args.download_dir, revision=args.revision)
+        self.hf_config = loader.load_config(source)
+        self.tokenizer = loader.load_tokenizer(source, args.tokenizer)
+        self.generation_config = loader.load_generation_config(source)
+        self.dtype = args.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        self._rng = random.Random(args.seed)
+        model = loader.load_model(source, self.hf_config, self.dtype, self.device)
+        self.model_config_max_len = _config_max_len(self.hf_config)
+        self.max_model_len = self._max_model_len(args.max_model_len)
+        self.vocab_size = getattr(model, "vocab_size", None) or self.hf_config.vocab_size
+
+        self.runner = ModelRunner(model, self.hf_config, self.device, self.dtype, args.block_size, self.tokenizer)
+        mnbt = args.max_num_batched_tokens or (8192 if args.enable_chunked_prefill else max(self.max_model_len, 2048))
+        if not args.enable_chunked_prefill and mnbt < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({mnbt}) is smaller than max_model_len ({self.max_model_len}). "
+                             "This effectively limits the maximum sequence length to max_num_batched_tokens and makes "
+                             "the engine reject longer sequences. Please increase max_num_batched_tokens or decrease "
+                             "max_model_len, or enable chunked prefill.")
+        num_blocks = self._num_blocks(mnbt)
+        if num_blocks * args.block_size < self.max_model_len:
+            where = "`gpu_memory_utilization`" if self.device.type == "cuda" else "`kv_cache_space`"
+            raise ValueError(
+                f"The model's max seq len ({self.max_model_len}) is larger than the maximum number of tokens that can "
+                f"be stored in KV cache ({num_blocks * args.block_size}). Try increasing {where} or decreasing "
+                "`max_model_len` when initializing the engine.")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        swap_blocks = 0
+        use_swap = args.preemption_mode == "swap" or (args.preemption_mode is None and self.device.type == "cuda")
+        if use_swap:
+            swap_blocks = int(args.swap_space * (1 << 30) // self.runner.bytes_per_block)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, mnbt, args.enable_chunked_prefill, swap_blocks)
+        self.eos_token_ids = self._eos_ids()
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+
+    # -- construction helpers -------------------------------------------------------------------
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+        return cls(engine_args)
+
+    def _max_model_len(self, requested: Optional[int]) -> int:
+        derived = self.model_config_max_len
+        if requested is None:
+            if derived is None:
+                raise ValueError("The model config has no maximum length; pass max_model_len.")
+            return derived
+        if derived is not None and requested > derived:
+            raise ValueError(f"User-specified max_model_len ({requested}) is greater than the derived max_model_len "
+                             f"(max_position_embeddings={derived} in model's config.json).")
+        return requested
+
+    def _num_blocks(self, max_num_batched_tokens: int) -> int:
+        if self.args.num_gpu_blocks_override is not None:
+            return self.args.num_gpu_blocks_override
+        if self.device.type == "cuda":
+            return self.runner.profile_num_blocks(self.args.gpu_memory_utilization, max_num_batched_tokens)
+        return self.runner.cpu_num_blocks(self.args.kv_cache_space or 4)
+
+    def _eos_ids(self) -> frozenset:
+        ids = set()
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        eos = self.generation_config.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return frozenset(ids)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """generation_config.json's defaults, as vLLM applies them."""
+        kwargs = {ours: self.generation_config[theirs] for theirs, ours in _GENERATION_CONFIG_KEYS.items()
+                  if self.generation_config.get(theirs) is not None}
+        return SamplingParams(**kwargs)
+
+    # -- requests -------------------------------------------------------------------------------
+    def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int], Optional[str]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt), None
+        if isinstance(prompt, dict):
+            salt = prompt.get("cache_salt")
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"]), salt
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"]), salt
+        raise ValueError(f"A prompt is a str, a TextPrompt or a TokensPrompt, got {type(prompt).__name__}.")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None, **_ignored) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"Request id {request_id} already running.")
+        params = (params or self.get_default_sampling_params()).clone()
+        text, ids, salt = self._tokenize(prompt)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
+        self._validate(ids, params)
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - len(ids)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req = Request(request_id, text, ids, params, next(self._arrivals), seed, salt)
+        self.requests[request_id] = req
+        self.scheduler.add(req.seqs[0])
+        self.stats["prompt_tokens"] += len(ids)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("The decoder prompt cannot be empty")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"Token id {bad} is out of vocabulary")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model length of "
+                             f"{self.max_model_len}. Make sure that `max_model_len` is no smaller than the number of "
+                             "text tokens.")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.args.max_logprobs:
+                raise ValueError(f"Requested {'sample' if name == 'logprobs' else 'prompt'} logprobs of {k}, which is "
+                                 f"greater than max allowed: {self.args.max_logprobs}")
+        if params.allowed_token_ids is not None and any(not 0 <= t < self.vocab_size for t in params.allowed_token_ids):
+            raise ValueError("allowed_token_ids contains out-of-vocab token id!")
+        if params.logit_bias and any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            bad = next(t for t in params.logit_bias if not 0 <= t < self.vocab_size)
+            raise ValueError(f"token_id {bad} in logit_bias contains out-of-vocab token id. Vocabulary size: "
+                             f"{self.vocab_size}")
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            req.aborted = True
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "abort")
+                self.runner.drop_host_copy(seq.seq_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("The scheduler could not schedule any sequence although requests are waiting "
+                                   f"({self.block_manager.num_free_blocks} free KV blocks)")
+            return []
+        tables = {it.seq.seq_id: self.block_manager.get_block_table(it.seq.seq_id) for it in sched.scheduled}
+        rows = {it.seq.seq_id: self._sample_rows(it.seq) for it in sched.scheduled if it.samples}
+        result = self.runner.execute(sched, tables, rows)
+        self.scheduler.commit(sched)
+
+        touched: dict[str, Request] = {}
+        for seq_id, entries in result.prompt_logprobs.items():
+            seq = next(it.seq for it in sched.scheduled if it.seq.seq_id == seq_id)
+            if seq.request.prompt_logprobs is None:
+                seq.request.prompt_logprobs = [None]
+            seq.request.prompt_logprobs.extend(entries)
+        for it in sched.scheduled:
+            seq = it.seq
+            if seq.seq_id not in result.samples:
+                continue
+            req = seq.request
+            touched[req.request_id] = req
+            samples = result.samples[seq.seq_id]
+            if len(samples) > 1:  # the fork point of n > 1
+                children = [Sequence(req, k, req.seed + k) for k in range(1, len(samples))]
+                req.seqs.extend(children)
+                self.scheduler.fork(seq, children)
+                for child, sample in zip(children, samples[1:]):
+                    self._append(child, sample)
+            self._append(seq, samples[0])
+        return [self._output(req) for req in touched.values()]
+
+    def _sample_rows(self, seq: Sequence) -> list[SampleRow]:
+        req = seq.request
+        stop_ids = frozenset(req.params.stop_token_ids) | (frozenset() if req.params.ignore_eos else self.eos_token_ids)
+        if len(req.seqs) == 1 and req.num_samples > 1 and not seq.output_token_ids:
+            return [SampleRow(req.params, req.prompt_token_ids, [], req.seed + k, 0, stop_ids)
+                    for k in range(req.num_samples)]
+        return [SampleRow(req.params, req.prompt_token_ids, seq.output_token_ids, seq.seed,
+                          len(seq.output_token_ids), stop_ids)]
+
+    def _append(self, seq: Sequence, sample) -> None:
+        params = seq.request.params
+        seq.output_token_ids.append(sample.token_id)
+        seq.cumulative_logprob += sample.logprob
+        self.stats["generation_tokens"] += 1
+        if params.logprobs is not None:
+            entry = {sample.token_id: Logprob(sample.logprob, sample.rank, self.runner._text(sample.token_id))}
+            for rank, (tok, lp) in enumerate(sample.top_logprobs or [], start=1):
+                entry.setdefault(tok, Logprob(lp, rank, self.runner._text(tok)))
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(entry)
+        new_text = detokenize_incrementally(self.tokenizer, seq) if params.detokenize else ""
+        stop = check_stop(seq, new_text, self.eos_token_ids, self.max_model_len)
+        if stop is not None:
+            self.scheduler.finish(seq, *stop)
+
+    def _output(self, req: Request) -> RequestOutput:
+        seqs = req.seqs
+        finished = req.is_finished
+        if finished and req.num_samples > req.params.n:  # best_of: keep the n most likely
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:req.params.n]
+        outputs = [CompletionOutput(index=i if len(seqs) != len(req.seqs) else s.index, text=s.output_text,
+                                    token_ids=list(s.output_token_ids), cumulative_logprob=s.cumulative_logprob
+                                    if req.params.logprobs is not None else None,
+                                    logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                   for i, s in enumerate(seqs)]
+        if finished:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.prompt_logprobs, outputs,
+                             finished, num_cached_tokens=req.seqs[0].num_cached_tokens)

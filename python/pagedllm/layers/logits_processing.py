@@ -1,0 +1,166 @@
+"""From a step's logits to sampled tokens and their logprobs, for every SamplingParams field.
+
+Order (vLLM's): raw logprobs are taken from the model's logits first; then user logits
+processors, allowed_token_ids, bad_words, min_tokens (stop tokens masked), logit_bias, the
+repetition / frequency / presence penalties; then temperature, min_p, top_k, top_p and the
+draw, all inside the sample_tokens op (Philox(seed, offset) per row: batch-independent).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs to know about one row of logits."""
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    seed: int
+    offset: int                 # how many tokens this sequence sampled before: the Philox counter
+    stop_token_ids: frozenset = frozenset()   # EOS and stop_token_ids (masked until min_tokens)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float              # raw logprob of the sampled token
+    rank: int                   # 1 = the most likely token
+    top_logprobs: Optional[list[tuple[int, float]]] = None  # requested top-k (token, logprob)
+
+
+def _call_processor(proc, prompt_ids: list[int], output_ids: list[int], row: torch.Tensor) -> torch.Tensor:
+    try:
+        nparams = len(inspect.signature(proc).parameters)
+    except (TypeError, ValueError):
+        nparams = 2
+    return proc(prompt_ids, output_ids, row) if nparams == 3 else proc(output_ids, row)
+
+
+def _bad_word_ids(params: SamplingParams, tokenizer) -> list[list[int]]:
+    cached = getattr(params, "_bad_word_token_ids", None)
+    if cached is None:
+        cached = []
+        for word in params.bad_words or []:
+            # Both with and without a leading space, as vLLM does: the word may start mid-text or after a space.
+            for text in (word, " " + word.lstrip()):
+                ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
+                if ids and ids not in cached:
+                    cached.append(ids)
+        params._bad_word_token_ids = cached
+    return cached
+
+
+def apply_logits_processors(logits: torch.Tensor, rows: list[SampleRow], tokenizer=None) -> torch.Tensor:
+    """In place on logits [num_rows, vocab] (float32); returns it."""
+    vocab = logits.shape[1]
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.logits_processors:
+            for proc in p.logits_processors:
+                logits[i] = _call_processor(proc, r.prompt_token_ids, r.output_token_ids, logits[i])
+        if p.allowed_token_ids is not None:
+            keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            keep[torch.tensor([t for t in p.allowed_token_ids if 0 <= t < vocab], dtype=torch.long,
+                              device=logits.device)] = True
+            logits[i].masked_fill_(~keep, float("-inf"))
+        if p.bad_words:
+            out = r.output_token_ids
+            for ids in _bad_word_ids(p, tokenizer):
+                prefix = ids[:-1]
+                if len(out) >= len(prefix) and (not prefix or out[len(out) - len(prefix):] == prefix):
+                    logits[i, ids[-1]] = float("-inf")
+        if p.min_tokens and len(r.output_token_ids) < p.min_tokens and r.stop_token_ids:
+            logits[i, [t for t in r.stop_token_ids if 0 <= t < vocab]] = float("-inf")
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if 0 <= t < vocab]
+            logits[i, ids] += torch.tensor([p.logit_bias[t] for t in ids], device=logits.device)
+    _apply_penalties(logits, rows)
+    return logits
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    idx = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0
+           or r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0]
+    if not idx:
+        return
+    vocab = logits.shape[1]
+    for i in idx:
+        p, r = rows[i].params, rows[i]
+        out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out[out < vocab], minlength=vocab).to(logits.dtype) if len(out) else None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            ids = torch.tensor([t for t in r.prompt_token_ids if t < vocab], dtype=torch.long, device=logits.device)
+            seen[ids] = True
+            if counts is not None:
+                seen |= counts > 0
+            row = logits[i]
+            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            logits[i] = torch.where(seen, penalized, row)
+        if counts is not None:
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+@dataclass
+class SamplingTensors:
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    seeds: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: list[SampleRow], device) -> "SamplingTensors":
+        f32 = dict(dtype=torch.float32)
+        t = cls(
+            temperature=torch.tensor([r.params.temperature for r in rows], **f32),
+            top_k=torch.tensor([r.params.top_k for r in rows], dtype=torch.int32),
+            top_p=torch.tensor([r.params.top_p for r in rows], **f32),
+            min_p=torch.tensor([r.params.min_p for r in rows], **f32),
+            seeds=torch.tensor([_to_int64(r.seed) for r in rows], dtype=torch.int64),
+            offsets=torch.tensor([r.offset for r in rows], dtype=torch.int64),
+        )
+        if torch.device(device).type != "cpu":
+            t = cls(*(x.to(device, non_blocking=True) for x in (t.temperature, t.top_k, t.top_p, t.min_p,
+                                                                  t.seeds, t.offsets)))
+        return t
+
+
+def _to_int64(seed: int) -> int:
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+class Sampler:
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer  # for bad_words
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
+        """logits: [len(rows), vocab] float32 from the model (not modified)."""
+        from pagedllm import _ops
+
+        want_logprobs = [r.params.logprobs for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        processed = apply_logits_processors(logits.clone(), rows, self.tokenizer)
+        t = SamplingTensors.from_rows(rows, logits.device)
+        tokens = _ops.sample_tokens(processed, t.temperature, t.top_k, t.top_p, t.min_p, t.seeds, t.offsets)
+        chosen = raw_logprobs.gather(1, tokens.view(-1, 1))
+        ranks = (raw_logprobs > chosen).sum(dim=1) + 1
+        max_k = max((k or 0) for k in want_logprobs)
+        top = torch.topk(raw_logprobs, max_k, dim=1) if max_k else None
+        tokens_l, chosen_l, ranks_l = tokens.tolist(), chosen.view(-1).tolist(), ranks.tolist()
+        top_v = top.values.tolist() if top is not None else None
+        top_i = top.indices.tolist() if top is not None else None
+        results = []
+        for i, k in enumerate(want_logprobs):
+            tops = list(zip(top_i[i][:k], top_v[i][:k])) if k else None
+            results.append(SampleResult(tokens_l[i], chosen_l[i], ranks_l[i], tops))
+        return results

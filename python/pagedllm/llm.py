@@ -1,0 +1,97 @@
+"""LLM: the offline entry point (vLLM's), thin over LLMEngine."""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Optional, Sequence, Union
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.inputs import PromptType
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+
+class RequestErrors(ValueError):
+    """Raised by LLM.generate after every valid request finished when some were invalid.
+    .errors: {prompt index: message}; .outputs: the RequestOutputs in input order, None where invalid."""
+
+    def __init__(self, errors: dict[int, str], outputs: list[Optional[RequestOutput]]):
+        self.errors, self.outputs = errors, outputs
+        detail = "; ".join(f"prompt {i}: {msg}" for i, msg in errors.items())
+        super().__init__(detail if len(errors) > 1 else next(iter(errors.values())))
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, **kwargs):
+        unknown = sorted(set(kwargs) - EngineArgs.field_names())
+        if unknown:
+            raise TypeError(f"LLM() got an unexpected keyword argument '{unknown[0]}'")
+        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.get_tokenizer()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.llm_engine.get_default_sampling_params()
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]], sampling_params=None, *,
+                 use_tqdm: bool = True, **_unused) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError("The lengths of prompts and params must be the same.")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(prompts)
+        return self._run(prompts, params_list, use_tqdm)
+
+    def _run(self, prompts: list, params_list: list, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids: list[Optional[str]] = []
+        errors: dict[int, str] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            rid = str(next(self._counter))
+            try:
+                engine.add_request(rid, prompt, params)
+                ids.append(rid)
+            except ValueError as e:  # a bad request fails alone
+                errors[i] = str(e)
+                ids.append(None)
+        finished = self._run_engine(sum(r is not None for r in ids), use_tqdm)
+        outputs = [finished.get(rid) if rid is not None else None for rid in ids]
+        if errors:
+            raise RequestErrors(errors, outputs)
+        return outputs
+
+    def _run_engine(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        engine = self.llm_engine
+        bar = None
+        if use_tqdm and total:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True,
+                       postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+        done: dict[str, RequestOutput] = {}
+        start = time.perf_counter()
+        prompt_tokens = out_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            prompt_tokens += len(out.prompt_token_ids)
+                            out_tokens += sum(len(o.token_ids) for o in out.outputs)
+                            elapsed = time.perf_counter() - start
+                            bar.postfix = (f"est. speed input: {prompt_tokens / elapsed:.2f} toks/s, "
+                                           f"output: {out_tokens / elapsed:.2f} toks/s")
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return done
