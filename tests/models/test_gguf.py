@@ -95,7 +95,7 @@ def test_gguf_model_logits_match_hf(tmp_path, tie, native):
     source = resolve_model(str(path))
     config = load_config(source)
     assert config.tie_word_embeddings == tie and config.num_key_value_heads == 2 and config.head_dim == 64
-    model = load_model(source, torch.float32, "cpu")
+    model = load_model(source, dtype=torch.float32)
     assert model.lm_head.tied == tie
     hf.load_state_dict(hf_state_from_gguf(path, hf), strict=not tie)  # tied: lm_head follows the embedding
     if tie:
@@ -104,3 +104,41 @@ def test_gguf_model_logits_match_hf(tmp_path, tie, native):
     runner = PagedRunner(model, [len(p) for p in prompts], max_new=1, native=native)
     for prompt, ours in zip(prompts, runner.prefill(prompts)):
         torch.testing.assert_close(ours, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gpt2"])
+def test_other_architectures_from_gguf(tmp_path, arch):
+    """Config from the GGUF metadata (Qwen3's head_dim from attention.key_length, GPT-2's positions
+    from context_length), names back to HF, GPT-2's Conv1D layout: our model's weights equal the HF ones."""
+    from models_testing import tiny_config, write_gguf
+
+    cfg = tiny_config(arch)
+    if arch == "qwen3":
+        cfg.hidden_size = 192  # head_dim 64 != 192 / 4: only key_length tells
+    if arch == "gpt2":
+        cfg.n_positions = 100  # not GPT2Config's default 1024
+    hf = make_hf_model(cfg)
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, hf, arch)
+    source = resolve_model(str(path))
+    config = load_config(source)
+    assert config.model_type == arch and config.num_hidden_layers == 2
+    model = load_model(source, config, dtype=torch.float32)
+    assert type(model).__name__ == type(hf).__name__
+    ours = dict(model.named_parameters())
+    sd = hf.state_dict()
+    if arch == "gpt2":
+        torch.testing.assert_close(ours["transformer.h.1.attn.c_attn.weight"], sd["transformer.h.1.attn.c_attn.weight"].t(), atol=0, rtol=0)
+        torch.testing.assert_close(ours["transformer.h.0.mlp.c_proj.bias"], sd["transformer.h.0.mlp.c_proj.bias"], atol=0, rtol=0)
+        torch.testing.assert_close(ours["transformer.wpe.weight"], sd["transformer.wpe.weight"], atol=0, rtol=0)
+    else:
+        attn = model.model.layers[1].self_attn
+        qkv = torch.cat([sd[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv"])
+        torch.testing.assert_close(attn.qkv_proj.weight, qkv, atol=0, rtol=0)
+        if arch == "qwen2":
+            bias = torch.cat([sd[f"model.layers.1.self_attn.{n}_proj.bias"] for n in "qkv"])
+            torch.testing.assert_close(attn.qkv_proj.bias, bias, atol=0, rtol=0)
+        else:
+            assert config.head_dim == 64
+            torch.testing.assert_close(attn.k_norm.weight, sd["model.layers.1.self_attn.k_norm.weight"], atol=0, rtol=0)
+    assert model.lm_head.tied == bool(config.tie_word_embeddings)

@@ -32,14 +32,14 @@ def test_sharded_safetensors(tmp_path, llama):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     source = resolve_model(str(tmp_path))
     assert source.format == "hf" and source.path == tmp_path
-    _assert_llama_weights_equal(load_model(source, torch.float32), llama)
+    _assert_llama_weights_equal(load_model(source, dtype=torch.float32), llama)
 
 
 def test_pytorch_bin_weights(tmp_path, llama):
     llama.config.save_pretrained(tmp_path)
     torch.save(llama.state_dict(), tmp_path / "pytorch_model.bin")
     torch.save({"not": "weights"}, tmp_path / "training_args.bin")
-    _assert_llama_weights_equal(load_model(resolve_model(str(tmp_path)), torch.float32), llama)
+    _assert_llama_weights_equal(load_model(resolve_model(str(tmp_path)), dtype=torch.float32), llama)
 
 
 def test_gpt2_legacy_names_and_conv1d(tmp_path):
@@ -50,7 +50,7 @@ def test_gpt2_legacy_names_and_conv1d(tmp_path):
     state["h.0.attn.bias"] = torch.ones(1, 1, 8, 8)
     state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    model = load_model(resolve_model(str(tmp_path)), torch.float32)
+    model = load_model(resolve_model(str(tmp_path)), dtype=torch.float32)
     sd = hf.state_dict()
     torch.testing.assert_close(model.transformer.h[1].attn.c_attn.weight, sd["transformer.h.1.attn.c_attn.weight"].t())
     torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.bias, sd["transformer.h.0.mlp.c_fc.bias"])
@@ -63,11 +63,11 @@ def test_missing_and_misshapen_weights_are_errors(tmp_path, llama):
     del state["model.layers.1.self_attn.k_proj.weight"]
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.qkv_proj\.weight \(shards \[1\]\)"):
-        load_model(resolve_model(str(tmp_path)), torch.float32)
+        load_model(resolve_model(str(tmp_path)), dtype=torch.float32)
     state["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(3, 3)
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"shape \(3, 3\)"):
-        load_model(resolve_model(str(tmp_path)), torch.float32)
+        load_model(resolve_model(str(tmp_path)), dtype=torch.float32)
 
 
 def test_gguf_sources(tmp_path, llama):

@@ -27,7 +27,7 @@ def saved(request, tmp_path_factory):
 def test_prefill_then_decode_matches_hf(saved, native):
     arch, hf, folder = saved
     source = resolve_model(str(folder))
-    model = load_model(source, torch.float32, "cpu")
+    model = load_model(source, dtype=torch.float32)
     assert type(model).__name__ == type(hf).__name__
     prompts = _prompts(PROMPT_LENS)
     runner = PagedRunner(model, PROMPT_LENS, max_new=2, native=native)
@@ -47,7 +47,7 @@ def test_prefill_then_decode_matches_hf(saved, native):
 
 def test_tied_embeddings_follow_config(saved):
     arch, hf, folder = saved
-    model = load_model(resolve_model(str(folder)), torch.float32, "cpu")
+    model = load_model(resolve_model(str(folder)), dtype=torch.float32)
     config = load_config(resolve_model(str(folder)))
     tied = getattr(config, "tie_word_embeddings", False)
     assert model.lm_head.tied == tied
@@ -63,7 +63,7 @@ def test_bfloat16_close_to_hf():
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         hf32.save_pretrained(d)
-        model = load_model(resolve_model(d), torch.bfloat16, "cpu")
+        model = load_model(resolve_model(d), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     prompts = _prompts([7, 21])
     runner = PagedRunner(model, [7, 21], max_new=1, native=True, dtype=torch.bfloat16)

@@ -64,13 +64,14 @@ def _local_source(name: str, path: Path) -> ModelSource:
     raise ValueError(f"Model folder {path} has {what}")
 
 
-def _from_hub(repo_id: str) -> ModelSource:
+def _from_hub(repo_id: str, download_dir: Optional[str] = None, revision: Optional[str] = None) -> ModelSource:
     from huggingface_hub import snapshot_download
 
+    kwargs = dict(cache_dir=download_dir, revision=revision)
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, **kwargs))
         if not any(folder.glob("*.safetensors")):  # older repos: PyTorch .bin weights only
-            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS + ["*.bin"]))
+            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS + ["*.bin"], **kwargs))
     except Exception as e:  # offline, unreachable, unknown repo, gated ...
         raise ValueError(
             f"Could not get model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
@@ -80,9 +81,13 @@ def _from_hub(repo_id: str) -> ModelSource:
     return ModelSource(repo_id, folder, "hf")
 
 
-def resolve_model(model: Union[str, os.PathLike, None]) -> ModelSource:
+def resolve_model(model: Union[str, os.PathLike, ModelSource, None], download_dir: Optional[str] = None,
+                  revision: Optional[str] = None) -> ModelSource:
     """None -> the built-in default (fetched once into the cache); an existing path -> that folder or
-    .gguf file; anything else that looks like a hub id -> huggingface_hub.snapshot_download."""
+    .gguf file; anything else that looks like a hub id -> huggingface_hub.snapshot_download (into
+    download_dir, at revision, when given)."""
+    if isinstance(model, ModelSource):
+        return model
     if model is None:
         from pagedllm.default_model import DEFAULT_MODEL_NAME, default_model_path
 
@@ -93,7 +98,7 @@ def resolve_model(model: Union[str, os.PathLike, None]) -> ModelSource:
         return _local_source(name, path)
     if _looks_like_path(name) or isinstance(model, os.PathLike):
         raise ValueError(f"Model path {name!r} does not exist")
-    return _from_hub(name)
+    return _from_hub(name, download_dir, revision)
 
 
 # --- config, tokenizer, generation defaults ------------------------------------------------------
@@ -128,13 +133,17 @@ def load_config(source: ModelSource):
     if not source.is_gguf:
         return AutoConfig.from_pretrained(str(source.path))
     config = AutoConfig.from_pretrained(str(source.folder), gguf_file=source.path.name)
-    # transformers reads head_dim only from llama's rope.dimension_count: Qwen3 (head_dim != hidden /
-    # heads) needs attention.key_length
+    # What transformers' GGUF config reader misses. head_dim: it reads it only from llama's
+    # rope.dimension_count, Qwen3 (head_dim != hidden / heads) needs attention.key_length.
     reader = gguf_reader(source.path)
     arch = gguf_field(reader, "general.architecture")
     key_length = gguf_field(reader, f"{arch}.attention.key_length")
     if key_length and getattr(config, "model_type", None) in ("llama", "mistral", "qwen2", "qwen3"):
         config.head_dim = int(key_length)
+    # GPT-2: transformers maps context_length to n_ctx; the position table has n_positions rows
+    context_length = gguf_field(reader, f"{arch}.context_length")
+    if context_length and getattr(config, "model_type", None) == "gpt2":
+        config.n_positions = int(context_length)
     return config
 
 
@@ -281,6 +290,14 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.fl
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def checkpoint_dtype(config) -> Optional[torch.dtype]:
+    """The dtype the checkpoint declares (config.dtype / torch_dtype), None if it declares none."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = _DTYPES.get(value.lower().removeprefix("torch."))
+    return value if isinstance(value, torch.dtype) else None
+
+
 def resolve_dtype(dtype: Union[str, torch.dtype, None], config, device: Union[str, torch.device]) -> torch.dtype:
     """"auto" (or None): float32 on CPU; on GPU the checkpoint's half type, else bfloat16."""
     if isinstance(dtype, torch.dtype):
@@ -290,9 +307,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], config, device: Union[st
     if dtype is None or dtype == "auto":
         if torch.device(device).type == "cpu":
             return torch.float32
-        ckpt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(ckpt, str):
-            ckpt = _DTYPES.get(ckpt)
+        ckpt = checkpoint_dtype(config) if config is not None else None
         return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
@@ -313,11 +328,33 @@ def build_model(config, dtype: torch.dtype, device: Union[str, torch.device] = "
     return model.eval()
 
 
-def load_model(source: ModelSource, dtype: Union[str, torch.dtype, None] = "auto",
-               device: Union[str, torch.device] = "cpu", config=None) -> torch.nn.Module:
-    """build_model + every weight of the source loaded (ValueError if one is missing)."""
+def load_model(source: ModelSource, config=None, dtype: Union[str, torch.dtype, None] = "auto",
+               device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """build_model + every weight of the source loaded (ValueError if one is missing).
+    config: load_config(source) when not given; dtype: a torch dtype or a name for resolve_dtype."""
     config = config if config is not None else load_config(source)
     model = build_model(config, resolve_dtype(dtype, config, device), device)
     with torch.no_grad():
         model.load_weights(iter_weights(source, model))
     return model
+
+
+def load_hf_reference(model: Union[str, os.PathLike, ModelSource, None], dtype: torch.dtype = torch.float32,
+                      device: Union[str, torch.device] = "cpu"):
+    """transformers' own model for the same source (the reference of tests and benchmarks), in eval
+    mode. A GGUF goes through transformers' GGUF reader (names, permutation, dequantization) without
+    from_pretrained(gguf_file=...), which would need the accelerate package."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(model)
+    if not source.is_gguf:
+        return AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype).to(device).eval()
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = load_config(source)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_gguf_checkpoint(str(source.path), return_tensors=True, model_to_load=hf)["tensors"]
+    hf.load_state_dict(state, strict=not getattr(config, "tie_word_embeddings", False))
+    if getattr(config, "tie_word_embeddings", False):
+        hf.tie_weights()
+    return hf.to(device=device, dtype=dtype).eval()
