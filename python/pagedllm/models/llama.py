@@ -37,9 +37,17 @@ def sliding_window_of(config, layer_idx: int) -> Optional[int]:
     return window
 
 
+def make_rope(config, dtype: torch.dtype):
+    base, scaling = rope_parameters(config)
+    head_dim = head_dim_of(config)
+    rotary_dim = int(head_dim * (scaling or {}).get("partial_rotary_factor", 1.0))
+    return get_rope(head_dim, rotary_dim, config.max_position_embeddings, base, is_neox_style=True,
+                    rope_scaling=scaling, dtype=dtype)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool = False):
+    def __init__(self, config, layer_idx: int, dtype: torch.dtype, rotary_emb: nn.Module, qkv_bias: bool,
+                 o_bias: bool, qk_norm: bool = False):
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -51,10 +59,7 @@ class LlamaAttention(nn.Module):
         if qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, dtype=dtype)
-        base, scaling = rope_parameters(config)
-        rotary_dim = int(self.head_dim * (scaling or {}).get("partial_rotary_factor", 1.0))
-        self.rotary_emb = get_rope(self.head_dim, rotary_dim, config.max_position_embeddings, base,
-                                   is_neox_style=True, rope_scaling=scaling, dtype=dtype)
+        self.rotary_emb = rotary_emb  # one module (one cos / sin cache) shared by every layer
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
                               sliding_window=sliding_window_of(config, layer_idx))
 
@@ -84,9 +89,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype: torch.dtype, **attn_options):
+    def __init__(self, config, layer_idx: int, dtype: torch.dtype, rotary_emb: nn.Module, **attn_options):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, dtype, **attn_options)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, rotary_emb, **attn_options)
         self.mlp = LlamaMLP(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
@@ -107,7 +112,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config, dtype: torch.dtype, **attn_options):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, **attn_options)
+        rope = make_rope(config, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, rope, **attn_options)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
 

@@ -7,12 +7,10 @@
     model = load_model(source, dtype, device)  # built from the registry, weights loaded, eval mode
 
 iter_weights(source) yields (HF name, tensor) pairs: safetensors (sharded or not), *.bin through
-torch.load(weights_only=True), or GGUF tensors dequantized by the gguf package and renamed to HF
-names through gguf's tensor name maps (llama.cpp's q/k row permutation undone, as transformers does).
+torch.load(weights_only=True), or GGUF tensors (gguf_utils.py).
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -20,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-import numpy as np
 import torch
 
 from pagedllm.models.registry import get_model_class
-from pagedllm.models.weight_utils import checkpoint_names
+from pagedllm.models.gguf_utils import fix_gguf_config, iter_gguf_weights, transformers_reuses_reader
 
 logger = logging.getLogger(__name__)
 
@@ -104,46 +101,14 @@ def resolve_model(model: Union[str, os.PathLike, ModelSource, None], download_di
 # --- config, tokenizer, generation defaults ------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_gguf_reader(path: str, mtime_ns: int):
-    import gguf
-
-    return gguf.GGUFReader(path)
-
-
-def gguf_reader(path: Path):
-    """One parsed GGUFReader (memory-mapped) per file, shared by load_config and iter_weights."""
-    return _cached_gguf_reader(str(path), path.stat().st_mtime_ns)
-
-
-def gguf_field(reader, key: str, default=None):
-    """A scalar or string metadata value of a GGUF file."""
-    field = reader.fields.get(key)
-    if field is None or not field.data:
-        return default
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode()
-    return value.tolist()[0]
-
-
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     if not source.is_gguf:
         return AutoConfig.from_pretrained(str(source.path))
-    config = AutoConfig.from_pretrained(str(source.folder), gguf_file=source.path.name)
-    # What transformers' GGUF config reader misses. head_dim: it reads it only from llama's
-    # rope.dimension_count, Qwen3 (head_dim != hidden / heads) needs attention.key_length.
-    reader = gguf_reader(source.path)
-    arch = gguf_field(reader, "general.architecture")
-    key_length = gguf_field(reader, f"{arch}.attention.key_length")
-    if key_length and getattr(config, "model_type", None) in ("llama", "mistral", "qwen2", "qwen3"):
-        config.head_dim = int(key_length)
-    # GPT-2: transformers maps context_length to n_ctx; the position table has n_positions rows
-    context_length = gguf_field(reader, f"{arch}.context_length")
-    if context_length and getattr(config, "model_type", None) == "gpt2":
-        config.n_positions = int(context_length)
+    with transformers_reuses_reader(source.path):
+        config = AutoConfig.from_pretrained(str(source.folder), gguf_file=source.path.name)
+    fix_gguf_config(config, source.path)
     return config
 
 
@@ -170,7 +135,8 @@ def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None, **kwarg
                 raise ValueError(f"Could not load tokenizer {tokenizer!r} ({type(e).__name__}: {e}); pass a "
                                  f"local tokenizer folder or .gguf file") from e
     if source.is_gguf:
-        return AutoTokenizer.from_pretrained(str(source.folder), gguf_file=source.path.name, **kwargs)
+        with transformers_reuses_reader(source.path):
+            return AutoTokenizer.from_pretrained(str(source.folder), gguf_file=source.path.name, **kwargs)
     return AutoTokenizer.from_pretrained(str(source.path), **kwargs)
 
 
@@ -228,50 +194,6 @@ def _iter_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             del state
 
 
-def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's convert_hf_to_gguf permute of q / k rows (as transformers' LlamaTensorProcessor)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-
-# GGUF tensors stored in nn.Linear layout that HF keeps as Conv1D ([in, out]), per GGUF architecture
-_GGUF_TRANSPOSED = {"gpt2": ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")}
-
-
-def _iter_gguf_weights(path: Path, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    import gguf
-
-    reader = gguf_reader(path)
-    arch = gguf_field(reader, "general.architecture")
-    arch_ids = [k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch]
-    if not arch_ids:
-        raise ValueError(f"GGUF architecture {arch!r} is unknown to the gguf package")
-    config = model.config
-    name_map = gguf.get_tensor_name_map(arch_ids[0], config.num_hidden_layers)
-    to_hf: dict[str, str] = {}
-    for hf_name in checkpoint_names(model):
-        base, suffix = hf_name.rsplit(".", 1)
-        gguf_base = name_map.get_name(base)
-        if gguf_base is not None:
-            to_hf[f"{gguf_base}.{suffix}"] = hf_name
-    n_head = config.num_attention_heads
-    n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
-    for tensor in reader.tensors:
-        hf_name = to_hf.get(tensor.name)
-        if hf_name is None:
-            logger.info("GGUF tensor %s has no parameter in %s; skipped", tensor.name, type(model).__name__)
-            continue
-        w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        if arch == "llama":  # llama.cpp permutes q / k rows for its rope layout
-            if ".attn_q." in tensor.name:
-                w = _reverse_permute(w, n_head)
-            elif ".attn_k." in tensor.name:
-                w = _reverse_permute(w, n_kv_head)
-        if tensor.name.endswith(_GGUF_TRANSPOSED.get(arch, ())):
-            w = w.T
-        yield hf_name, torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
-
-
 def iter_weights(source: ModelSource, model: Optional[torch.nn.Module] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, CPU tensor) pairs. GGUF names are mapped onto the names `model` loads (a meta-device
     instance is built from the config when no model is given)."""
@@ -281,7 +203,7 @@ def iter_weights(source: ModelSource, model: Optional[torch.nn.Module] = None) -
         config = load_config(source)
         with torch.device("meta"):
             model = get_model_class(config)(config, dtype=torch.float32)
-    return _iter_gguf_weights(source.path, model)
+    return iter_gguf_weights(source.path, model)
 
 
 # --- building the model ------------------------------------------------------------------------------
