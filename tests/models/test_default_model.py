@@ -44,35 +44,48 @@ def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
-def test_default_model_matches_transformers(native):
-    """model=None: fetched into the cache (PAGEDLLM_CACHE or ~/.cache/pagedllm) on first use."""
-    from models_testing import PagedRunner, hf_logits
+@pytest.fixture(scope="module")
+def default_setup():
+    """model=None: fetched into the cache (PAGEDLLM_CACHE or ~/.cache/pagedllm) on first use. Our model,
+    the prompts, and transformers' greedy continuation with its logits at every step (computed once)."""
+    from models_testing import hf_logits
 
     from pagedllm.models.loader import load_hf_reference
 
     source = resolve_model(None)
-    assert source.format == "gguf" and source.path == default_model.default_model_file()
     tokenizer = load_tokenizer(source)
-    assert "<|im_start|>" in tokenizer.chat_template  # the chat template came from the GGUF metadata
     config = load_config(source)
     model = load_model(source, config, "auto", "cpu")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                              tokenize=False, add_generation_prompt=True),
                "The quick brown fox"]
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-
     hf = load_hf_reference(None, torch.float32, "cpu")  # transformers' GGUF reading of the same file
+    seqs = [list(s) for s in ids]
+    ref = [[hf_logits(hf, s) for s in seqs]]  # step 0: logits of every prompt position
+    for _ in range(STEPS):
+        for s, logits in zip(seqs, ref[-1]):
+            s.append(logits[-1].argmax().item())
+        ref.append([hf_logits(hf, s) for s in seqs])
+    return source, tokenizer, model, ids, seqs, ref
 
-    runner = PagedRunner(model, [len(i) for i in ids], max_new=6, native=native)
+
+STEPS = 6
+
+
+@pytest.mark.slow
+def test_default_model_matches_transformers(default_setup, native):
+    from models_testing import PagedRunner
+
+    source, tokenizer, model, ids, seqs, ref = default_setup
+    assert source.format == "gguf" and source.path == default_model.default_model_file()
+    assert "<|im_start|>" in tokenizer.chat_template  # the chat template came from the GGUF metadata
+    runner = PagedRunner(model, [len(i) for i in ids], max_new=STEPS, native=native)
     # fp32, same dequantized weights: only summation order differs over 30 layers
     tol = dict(atol=2e-3, rtol=1e-3)
-    for seq, ours in zip(ids, runner.prefill(ids)):
-        torch.testing.assert_close(ours, hf_logits(hf, seq), **tol)
-    seqs = [list(s) for s in ids]
-    for _ in range(6):
-        nxt = [hf_logits(hf, s)[-1].argmax().item() for s in seqs]
-        for s, t in zip(seqs, nxt):
-            s.append(t)
-        torch.testing.assert_close(runner.decode(nxt), torch.stack([hf_logits(hf, s)[-1] for s in seqs]), **tol)
+    for ours, want in zip(runner.prefill(ids), ref[0]):
+        torch.testing.assert_close(ours, want, **tol)
+    for step in range(STEPS):
+        tokens = [s[len(i) + step] for s, i in zip(seqs, ids)]
+        torch.testing.assert_close(runner.decode(tokens), torch.stack([r[-1] for r in ref[step + 1]]), **tol)
     assert "Paris" in tokenizer.decode(seqs[0][len(ids[0]):])

@@ -275,7 +275,8 @@ def load_hf_reference(model: Union[str, os.PathLike, ModelSource, None], dtype: 
 
     config = load_config(source)
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = load_gguf_checkpoint(str(source.path), return_tensors=True, model_to_load=hf)["tensors"]
+    with transformers_reuses_reader(source.path):
+        state = load_gguf_checkpoint(str(source.path), return_tensors=True, model_to_load=hf)["tensors"]
     hf.load_state_dict(state, strict=not getattr(config, "tie_word_embeddings", False))
     if getattr(config, "tie_word_embeddings", False):
         hf.tie_weights()
