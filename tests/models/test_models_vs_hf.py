@@ -55,7 +55,7 @@ def test_tied_embeddings_follow_config(saved):
     assert ("lm_head.weight" in names) == (not tied)
 
 
-def test_bfloat16_close_to_hf():
+def test_bfloat16_close_to_hf(native):
     """bf16: HF rounds after every op in places where we keep fp32 (RoPE, attention), so only close;
     a parameter or activation left in the wrong dtype would be far off or raise."""
     hf32 = make_hf_model(tiny_config("qwen3"))
@@ -66,7 +66,7 @@ def test_bfloat16_close_to_hf():
         model = load_model(resolve_model(d), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     prompts = _prompts([7, 21])
-    runner = PagedRunner(model, [7, 21], max_new=1, native=True, dtype=torch.bfloat16)
+    runner = PagedRunner(model, [7, 21], max_new=1, native=native, dtype=torch.bfloat16)
     for prompt, ours in zip(prompts, runner.prefill(prompts)):
         ref = hf_logits(hf, prompt)
         assert ours.dtype == torch.float32
