@@ -3,11 +3,16 @@
 // the paged_prefill_attention schema in csrc/torch_bindings.cpp.
 //
 // Work item = (sequence, kv head, tile of TQ consecutive query tokens). Its rows are the TQ tokens x
-// the G query heads that share the kv head (GQA group), row = token * G + head_in_group, so one pass
-// over the KV blocks serves the whole group. Per KV block the item converts K (transposed) and V to
-// float buffers once, computes the [rows, block] scores with a register-blocked kernel, does the
-// online-softmax update in fp32 and accumulates P V. Items are handed out dynamically (largest first)
-// because causal tiles differ a lot in cost.
+// the G query heads that share the kv head (GQA group), row = token * G + head_in_group, ~64 rows,
+// so one pass over the KV blocks serves the whole group. The item keeps its rows in SIMD lanes:
+// Q^T [D, rows] and O^T [D, rows] (transposed once per item), scores S^T [keys, rows]. Then
+//   S^T = K Q^T  : per key and dim, a broadcast K element times row vectors of Q^T,
+//   softmax      : per-row max / sum / exp are elementwise over the row vectors,
+//   O^T += V^T P^T: per key and dim, a broadcast V element times row vectors of P^T,
+// so K and V are read in their cache layout (fp32: in place; bf16/fp16: converted to float once per
+// block and item), nothing is transposed per block, and the softmax needs no horizontal reductions.
+// Keys go in chunks of 64 (whole cache blocks) per online-softmax step. Items are handed out
+// dynamically, largest first, because causal tiles differ a lot in cost.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -19,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch_utils.h"
@@ -29,35 +35,44 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
-// Rows (query tokens x group heads) per work item: enough to amortize converting each KV block to
-// float over many rows, small enough that Q and O (2 x 64 x head_size floats) stay in L1/L2.
-constexpr int kRowsPerItem = 64;
 
-// The inner kernels are written with GCC/Clang vector extensions: plain loops here got vectorized
-// along the wrong dimension (across rows, with shuffles) and ran 6x slower. VF is one register of
-// kW floats (AVX-512 or AVX2; split into two or four registers on narrower targets). Loads and
-// stores are unaligned (memcpy).
+// The inner kernels use GCC/Clang vector extensions: VF is one register of kW floats (AVX-512 or
+// AVX2; split into several registers on narrower targets). Plain loops were vectorized along the
+// wrong dimension by the compiler. kAcc accumulator registers per register-blocked kernel hide the
+// FMA latency (4 cycles x 2 ports) and leave room for operands (32 / 16 architectural registers).
 #if defined(__AVX512F__)
 constexpr int kW = 16;
+constexpr int kAcc = 16;
+constexpr int kMaxRowVecs = 4;  // row vectors per register block
 #else
 constexpr int kW = 8;
+constexpr int kAcc = 12;
+constexpr int kMaxRowVecs = 3;
 #endif
 typedef float VF __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t VI __attribute__((vector_size(kW * sizeof(int32_t))));
 inline VF loadv(const float* p) { VF v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline VI loadvi(const int32_t* p) { VI v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void storev(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
 inline VF splat(float x) { return VF{} + x; }
-// Accumulator registers per register-blocked call: 12 independent FMA chains cover the FMA latency
-// (4 cycles x 2 ports) and leave registers for the operands even with 16 vector registers.
-constexpr int kAcc = 12;
-// Keys per softmax step: the per-row work of a step (max, rescale of the output row, reductions)
-// is amortized over this many keys. A chunk is 64 / block_size whole cache blocks.
+
+// Rows per work item (query tokens x group heads): enough to amortize converting each KV block and
+// to fill 4 AVX-512 / 8 AVX2 row vectors; Q^T, O^T (2 x D x 64 floats) stay in L1/L2.
+constexpr int kRowsPerItem = 64;
+// Keys per online-softmax step (whole cache blocks): amortizes the rescale of O^T.
 constexpr int kChunk = 64;
+
+// Keys (QK) or dims (PV) per register block of RVB row vectors: the largest power of two <= 16
+// with RVB * that <= kAcc.
+constexpr int cols_for(int rvb) {
+  int c = 16;
+  while (c * rvb > kAcc) c /= 2;
+  return c;
+}
 
 // 2^x elementwise for x <= 0 (x = -inf gives 0), relative error ~2e-7: round to the nearest integer
 // n with the 1.5 * 2^23 trick, 2^(x - n) by the Cephes expf polynomial of r = (x - n) ln 2 in
-// [-0.35, 0.35], 2^n built in the exponent bits. 2^-125 and below flush to 0 (far below what a
-// softmax weight needs).
+// [-0.35, 0.35], 2^n built in the exponent bits. 2^-125 and below flush to 0.
 inline VF exp2_vec(VF x) {
   const VI underflow = x < -125.f;  // also -inf
   x = underflow ? splat(-125.f) : x;
@@ -74,99 +89,70 @@ inline VF exp2_vec(VF x) {
   const VF y = p * (VF)bits;  // same-size vector cast = bit reinterpretation
   return underflow ? splat(0.f) : y;
 }
-inline float exp2_scalar(float x) { return exp2_vec(splat(x))[0]; }
 
-// Horizontal max / sum of one register by halving (log2(kW) dependent steps).
-inline float hmax(VF v) {
-  float t[kW];
-  std::memcpy(t, &v, sizeof(t));
-  for (int w = kW / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] = std::max(t[i], t[i + w]);
-  return t[0];
-}
-inline float hsum(VF v) {
-  float t[kW];
-  std::memcpy(t, &v, sizeof(t));
-  for (int w = kW / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
-}
-
-// s[r][j] = sum_d q[r][d] * kt[d][j] for R rows and the BS keys of one block. q: [R, D] (row
-// stride D), kt: [D, BS] (K^T), s: [R, ls] (first BS columns written). Per d: BS / kW loads of K^T,
-// R broadcasts of q, R * BS / kW FMAs.
-template <int R, int BS>
-inline void qk_rows(const float* __restrict q, int D, const float* __restrict kt, float* __restrict s, int ls) {
-  constexpr int NV = BS / kW;
-  VF acc[R][NV] = {};
+// sT[j][rows] = sum_d k[j][d] * qT[d][rows] for J keys and RVB row vectors.
+// k: [J, D] (row stride D); qT: [D, RP] (at the block's first row); sT: [J, RP].
+template <int J, int RVB>
+inline void qk_tile(const float* __restrict k, const float* __restrict qT, int D, int RP, float* __restrict sT) {
+  VF acc[J][RVB] = {};
   for (int d = 0; d < D; ++d) {
-    VF k[NV];
-    for (int c = 0; c < NV; ++c) k[c] = loadv(kt + d * BS + kW * c);
-    for (int r = 0; r < R; ++r) {
-      const float qv = q[r * D + d];
-      for (int c = 0; c < NV; ++c) acc[r][c] += qv * k[c];
+    VF q[RVB];
+    for (int b = 0; b < RVB; ++b) q[b] = loadv(qT + size_t(d) * RP + b * kW);
+    for (int j = 0; j < J; ++j) {
+      const float kv = k[size_t(j) * D + d];
+      for (int b = 0; b < RVB; ++b) acc[j][b] += kv * q[b];
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) storev(s + r * ls + kW * c, acc[r][c]);
+  for (int j = 0; j < J; ++j)
+    for (int b = 0; b < RVB; ++b) storev(sT + size_t(j) * RP + b * kW, acc[j][b]);
 }
 
-// o[r][:] += sum_j p[r][j] * v[j][:] for R rows and nk keys. p: [R, lp], v: [nk, D], o: [R, D];
-// D is a multiple of 16 (all supported head sizes). Columns in chunks of 16 whose R x 16
-// accumulators stay in registers; per key: 16 / kW loads of V, R broadcasts of p.
-template <int R>
-inline void pv_rows(const float* __restrict p, int lp, const float* __restrict v, int nk, int D,
-                    float* __restrict o) {
-  constexpr int NC = 16 / kW;
-  for (int d0 = 0; d0 < D; d0 += 16) {
-    VF acc[R][NC];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < NC; ++c) acc[r][c] = loadv(o + r * D + d0 + kW * c);
-    for (int j = 0; j < nk; ++j) {
-      VF vv[NC];
-      for (int c = 0; c < NC; ++c) vv[c] = loadv(v + j * D + d0 + kW * c);
-      for (int r = 0; r < R; ++r) {
-        const float pj = p[r * lp + j];
-        for (int c = 0; c < NC; ++c) acc[r][c] += pj * vv[c];
+// oT[d0 + dd][rows] += sum over the chunk's keys j of v_j[dd] * pT[j][rows], for DD dims and RVB row
+// vectors. vblk: the chunk's nb blocks ([BS, D] each); pT: [nb * BS, RP]; oT: [D, RP] (both at the
+// block's first row).
+template <int DD, int RVB>
+inline void pv_tile(const float* const* vblk, int nb, int BS, int d0, const float* __restrict pT, int D, int RP,
+                    float* __restrict oT) {
+  VF acc[DD][RVB];
+  for (int dd = 0; dd < DD; ++dd)
+    for (int b = 0; b < RVB; ++b) acc[dd][b] = loadv(oT + size_t(d0 + dd) * RP + b * kW);
+  for (int blk = 0; blk < nb; ++blk) {
+    const float* __restrict v = vblk[blk] + d0;
+    const float* __restrict pb = pT + size_t(blk) * BS * RP;
+    for (int j = 0; j < BS; ++j) {
+      VF pv[RVB];
+      for (int b = 0; b < RVB; ++b) pv[b] = loadv(pb + size_t(j) * RP + b * kW);
+      for (int dd = 0; dd < DD; ++dd) {
+        const float vv = v[size_t(j) * D + dd];
+        for (int b = 0; b < RVB; ++b) acc[dd][b] += vv * pv[b];
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < NC; ++c) storev(o + r * D + d0 + kW * c, acc[r][c]);
   }
+  for (int dd = 0; dd < DD; ++dd)
+    for (int b = 0; b < RVB; ++b) storev(oT + size_t(d0 + dd) * RP + b * kW, acc[dd][b]);
 }
 
-// s[rows, 0:BS] (row stride ls) = q[rows, D] @ kt[D, BS]: register blocks of RB rows, then one call
-// for the remainder (dispatched to the matching R < RB).
-template <int BS, int R = kAcc / (BS / kW)>
-inline void qk_all(int rows, const float* q, int D, const float* kt, float* s, int ls) {
-  if constexpr (R > 0) {
-    constexpr int RB = kAcc / (BS / kW);
-    if constexpr (R == RB) {
-      int r = 0;
-      for (; r + RB <= rows; r += RB) qk_rows<RB, BS>(q + size_t(r) * D, D, kt, s + size_t(r) * ls, ls);
-      qk_all<BS, RB - 1>(rows - r, q + size_t(r) * D, D, kt, s + size_t(r) * ls, ls);
-    } else if (rows == R) {
-      qk_rows<R, BS>(q, D, kt, s, ls);
-    } else {
-      qk_all<BS, R - 1>(rows, q, D, kt, s, ls);
-    }
-  }
+// S^T[0:BS, rows of rvb vectors] for one block: keys in groups of cols_for(RVB).
+template <int RVB>
+inline void qk_block(const float* k, int BS, const float* qT, int D, int RP, float* sT) {
+  constexpr int J = cols_for(RVB);
+  for (int j = 0; j < BS; j += J) qk_tile<J, RVB>(k + size_t(j) * D, qT, D, RP, sT + size_t(j) * RP);
 }
-
-// o[rows, D] += p[rows, 0:nk] (row stride lp) @ v[nk, D], blocked like qk_all.
-template <int R = kAcc / (16 / kW)>
-inline void pv_all(int rows, const float* p, int lp, const float* v, int nk, int D, float* o) {
-  if constexpr (R > 0) {
-    constexpr int RB = kAcc / (16 / kW);
-    if constexpr (R == RB) {
-      int r = 0;
-      for (; r + RB <= rows; r += RB) pv_rows<RB>(p + size_t(r) * lp, lp, v, nk, D, o + size_t(r) * D);
-      pv_all<RB - 1>(rows - r, p + size_t(r) * lp, lp, v, nk, D, o + size_t(r) * D);
-    } else if (rows == R) {
-      pv_rows<R>(p, lp, v, nk, D, o);
-    } else {
-      pv_all<R - 1>(rows, p, lp, v, nk, D, o);
-    }
+template <int RVB>
+inline void pv_chunk(const float* const* vblk, int nb, int BS, const float* pT, int D, int RP, float* oT) {
+  constexpr int DD = cols_for(RVB);
+  for (int d0 = 0; d0 < D; d0 += DD) pv_tile<DD, RVB>(vblk, nb, BS, d0, pT, D, RP, oT);
+}
+// Runtime row-vector count (1..kMaxRowVecs) -> template.
+template <typename F>
+inline void with_rvb(int rvb, F&& f) {
+  switch (rvb) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default:
+      if constexpr (kMaxRowVecs >= 4) f(std::integral_constant<int, 4>{});
+      break;
   }
 }
 
@@ -186,7 +172,7 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
   const int KVH = static_cast<int>(key_cache.size(1));
   const int G = H / KVH;
   const int TQ = std::max(1, kRowsPerItem / G);  // query tokens per item
-  const int max_rows = TQ * G;
+  const int max_rp = (TQ * G + kW - 1) / kW * kW;  // rows padded to whole vectors
 
   // [total_tokens, H, D] with any token / head strides, head_size contiguous
   const scalar_t* q_ptr = query.data_ptr<scalar_t>();
@@ -222,13 +208,15 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
 
   // One call per worker thread; each pulls items until none is left (dynamic scheduling).
   at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
-    const size_t rows_d = static_cast<size_t>(max_rows) * D, chunk_d = static_cast<size_t>(kChunk) * D;
-    std::vector<float> qbuf(rows_d);                                  // [rows, D] q * scale * log2 e
-    std::vector<float> obuf(rows_d);                                  // [rows, D] unnormalized output
-    std::vector<float> sbuf(static_cast<size_t>(max_rows) * kChunk);  // [rows, kChunk] scores, probs
-    std::vector<float> kt(chunk_d);  // [NB, D, BS]: K^T of each block of the chunk
-    std::vector<float> vb(chunk_d);  // [kChunk, D]: V of the chunk's keys
-    std::vector<float> m_run(max_rows), l_run(max_rows);  // running max and sum per row
+    const size_t dr = static_cast<size_t>(D) * max_rp, chunk_d = static_cast<size_t>(kChunk) * D;
+    std::vector<float> qT(dr);                                       // [D, RP] q * scale * log2 e
+    std::vector<float> oT(dr);                                       // [D, RP] unnormalized output
+    std::vector<float> sT(static_cast<size_t>(kChunk) * max_rp);     // [kChunk, RP] scores, then P
+    std::vector<float> kbuf(chunk_d), vbuf(chunk_d);                 // [kChunk, D] converted K, V
+    std::vector<float> m_run(max_rp), l_run(max_rp);                 // running max / sum per row
+    std::vector<int32_t> row_pos(max_rp);                            // position of each row's token
+    const float* kblk[NB];
+    const float* vblk[NB];
 
     for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) {
       const WorkItem& it = items[i];
@@ -238,21 +226,24 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
       const int ctx = seq_len - q_len;
       const int nq = it.q_end - it.q_begin;
       const int rows = nq * G;
+      const int RP = (rows + kW - 1) / kW * kW, RV = RP / kW;
+      // Query token qi sits at pos_lo + qi and sees keys (pos - window, pos].
+      const int pos_lo = ctx + it.q_begin, pos_hi = ctx + it.q_end - 1;
 
+      std::fill_n(qT.data(), size_t(D) * RP, 0.f);  // padding rows stay 0 (finite, never written out)
       for (int qi = 0; qi < nq; ++qi) {
         const int64_t tok = q_start + it.q_begin + qi;
         for (int g = 0; g < G; ++g) {
+          const int r = qi * G + g;
           const scalar_t* src = q_ptr + tok * q_tok + int64_t(it.kv_head * G + g) * q_head;
-          float* dst = qbuf.data() + size_t(qi * G + g) * D;
-          for (int d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale_log2;
+          for (int d = 0; d < D; ++d) qT[size_t(d) * RP + r] = static_cast<float>(src[d]) * scale_log2;
         }
       }
-      std::fill_n(obuf.data(), size_t(rows) * D, 0.f);
-      std::fill_n(m_run.data(), rows, kNegInf);
-      std::fill_n(l_run.data(), rows, 0.f);
+      for (int r = 0; r < RP; ++r) row_pos[r] = pos_lo + std::min(r, rows - 1) / G;
+      std::fill_n(oT.data(), size_t(D) * RP, 0.f);
+      std::fill_n(m_run.data(), RP, kNegInf);
+      std::fill_n(l_run.data(), RP, 0.f);
 
-      // Query token qi sits at pos_lo + qi and sees keys (pos - window, pos].
-      const int pos_lo = ctx + it.q_begin, pos_hi = ctx + it.q_end - 1;
       const int k_lo = window > 0 ? std::max(0, pos_lo - window + 1) : 0;
       const int32_t* bt = bt_ptr + int64_t(it.seq) * bt_stride;
       const int b_last = pos_hi / BS;
@@ -261,75 +252,85 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
         const int nb = std::min(NB, b_last - b0 + 1);
         const int kb = b0 * BS, nk = nb * BS;  // chunk keys [kb, kb + nk)
         for (int bi = 0; bi < nb; ++bi) {
-          const int kblk0 = kb + bi * BS;
-          const int nvalid = std::min(BS, seq_len - kblk0);  // slots past seq_len are never read
+          const int nvalid = std::min(BS, seq_len - (kb + bi * BS));  // slots past seq_len: never read
           const int64_t base = (int64_t(bt[b0 + bi]) * KVH + it.kv_head) * BS * D;
-          const scalar_t* kblk = k_ptr + base;  // [BS, D]
-          const scalar_t* vblk = v_ptr + base;  // [BS, D]
-          float* ktb = kt.data() + size_t(bi) * BS * D;
-          float* vbb = vb.data() + size_t(bi) * BS * D;
-          for (int j = 0; j < nvalid; ++j) {
-            for (int d = 0; d < D; ++d) ktb[size_t(d) * BS + j] = static_cast<float>(kblk[j * D + d]);
-            for (int d = 0; d < D; ++d) vbb[size_t(j) * D + d] = static_cast<float>(vblk[j * D + d]);
+          if (std::is_same_v<scalar_t, float> && nvalid == BS) {  // fp32, full block: use it in place
+            kblk[bi] = reinterpret_cast<const float*>(k_ptr + base);
+            vblk[bi] = reinterpret_cast<const float*>(v_ptr + base);
+            continue;
           }
-          for (int j = nvalid; j < BS; ++j) {
-            for (int d = 0; d < D; ++d) ktb[size_t(d) * BS + j] = 0.f;
-            std::fill_n(vbb + size_t(j) * D, D, 0.f);
+          float* kf = kbuf.data() + size_t(bi) * BS * D;
+          float* vf = vbuf.data() + size_t(bi) * BS * D;
+          for (size_t e = 0; e < size_t(nvalid) * D; ++e) {
+            kf[e] = static_cast<float>(k_ptr[base + e]);
+            vf[e] = static_cast<float>(v_ptr[base + e]);
           }
-          qk_all<BS>(rows, qbuf.data(), D, ktb, sbuf.data() + bi * BS, kChunk);
+          std::fill(kf + size_t(nvalid) * D, kf + size_t(BS) * D, 0.f);
+          std::fill(vf + size_t(nvalid) * D, vf + size_t(BS) * D, 0.f);
+          kblk[bi] = kf;
+          vblk[bi] = vf;
         }
 
-        // Every key of the chunk visible to every row of the item: no masking needed.
+        // S^T = K Q^T, register blocks of up to kMaxRowVecs row vectors
+        for (int rv = 0; rv < RV; rv += kMaxRowVecs) {
+          with_rvb(std::min(kMaxRowVecs, RV - rv), [&](auto rvb) {
+            for (int bi = 0; bi < nb; ++bi)
+              qk_block<rvb()>(kblk[bi], BS, qT.data() + rv * kW, D, RP, sT.data() + size_t(bi) * BS * RP + rv * kW);
+          });
+        }
+
+        // Online softmax, elementwise over row vectors. Masking only when some key of the chunk is
+        // invisible to some row (the causal diagonal, the window's trailing edge, keys past
+        // seq_len, which lie past every row's position).
         const bool all_visible = kb + nk - 1 <= pos_lo && (window <= 0 || kb > pos_hi - window);
-        for (int qi = 0; qi < nq; ++qi) {
-          const int pos = pos_lo + qi;
-          int jlo = 0, jhi = nk - 1;  // visible keys kb + [jlo, jhi]
+        for (int rv = 0; rv < RV; ++rv) {
+          float* s = sT.data() + rv * kW;
           if (!all_visible) {
-            jhi = std::min(nk - 1, pos - kb);
-            if (window > 0) jlo = std::max(0, pos - window + 1 - kb);
-          }
-          for (int g = 0; g < G; ++g) {
-            const int row = qi * G + g;
-            float* s = sbuf.data() + size_t(row) * kChunk;
-            if (jlo > jhi) {  // this token sees no key of this chunk
-              std::fill_n(s, nk, 0.f);
-              continue;
-            }
-            for (int j = 0; j < jlo; ++j) s[j] = kNegInf;
-            for (int j = jhi + 1; j < nk; ++j) s[j] = kNegInf;
-            VF vmax = loadv(s);
-            for (int j = kW; j < nk; j += kW) {
-              const VF x = loadv(s + j);
-              vmax = vmax > x ? vmax : x;
-            }
-            const float m_new = std::max(m_run[row], hmax(vmax));  // finite: key kb + jhi is visible
-            const float alpha = exp2_scalar(m_run[row] - m_new);  // 0 on the first chunk
-            m_run[row] = m_new;
-            VF vsum = splat(0.f);
-            for (int j = 0; j < nk; j += kW) {
-              const VF e = exp2_vec(loadv(s + j) - m_new);
-              storev(s + j, e);
-              vsum += e;
-            }
-            l_run[row] = l_run[row] * alpha + hsum(vsum);
-            if (alpha != 1.f) {
-              float* o = obuf.data() + size_t(row) * D;
-              for (int d = 0; d < D; ++d) o[d] *= alpha;
+            const VI pos = loadvi(row_pos.data() + rv * kW);
+            for (int j = 0; j < nk; ++j) {
+              const VI key = VI{} + (kb + j);
+              VI visible = key <= pos;
+              if (window > 0) visible &= (pos - key) < window;
+              storev(s + size_t(j) * RP, visible ? loadv(s + size_t(j) * RP) : splat(kNegInf));
             }
           }
+          VF mx = splat(kNegInf);
+          for (int j = 0; j < nk; ++j) {
+            const VF x = loadv(s + size_t(j) * RP);
+            mx = mx > x ? mx : x;
+          }
+          const VF m_old = loadv(m_run.data() + rv * kW);
+          const VF m_new = m_old > mx ? m_old : mx;
+          // A row that has seen no key yet keeps m = -inf; subtract 0 instead (its p are all 0).
+          const VF m_use = m_new == kNegInf ? splat(0.f) : m_new;
+          const VF alpha = exp2_vec(m_old - m_use);  // 0 while the row had seen nothing
+          storev(m_run.data() + rv * kW, m_new);
+          VF sum = splat(0.f);
+          for (int j = 0; j < nk; ++j) {
+            const VF p = exp2_vec(loadv(s + size_t(j) * RP) - m_use);
+            storev(s + size_t(j) * RP, p);
+            sum += p;
+          }
+          storev(l_run.data() + rv * kW, loadv(l_run.data() + rv * kW) * alpha + sum);
+          float* o = oT.data() + rv * kW;
+          for (int d = 0; d < D; ++d) storev(o + size_t(d) * RP, loadv(o + size_t(d) * RP) * alpha);
         }
 
-        pv_all(rows, sbuf.data(), kChunk, vb.data(), nk, D, obuf.data());
+        // O^T += V^T P^T
+        for (int rv = 0; rv < RV; rv += kMaxRowVecs) {
+          with_rvb(std::min(kMaxRowVecs, RV - rv), [&](auto rvb) {
+            pv_chunk<rvb()>(vblk, nb, BS, sT.data() + rv * kW, D, RP, oT.data() + rv * kW);
+          });
+        }
       }
 
       for (int qi = 0; qi < nq; ++qi) {
         const int64_t tok = q_start + it.q_begin + qi;
         for (int g = 0; g < G; ++g) {
-          const int row = qi * G + g;
-          const float inv = 1.f / l_run[row];  // > 0: every token sees at least itself
-          const float* o = obuf.data() + size_t(row) * D;
+          const int r = qi * G + g;
+          const float inv = 1.f / l_run[r];  // > 0: every token sees at least itself
           scalar_t* dst = o_ptr + tok * o_tok + int64_t(it.kv_head * G + g) * o_head;
-          for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+          for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(oT[size_t(d) * RP + r] * inv);
         }
       }
     }
