@@ -149,6 +149,25 @@ def test_non_contiguous_query_and_out(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unaligned_cache(device, dtype):
+    # Contiguous caches whose data starts one element past a 16-byte boundary (a view into a
+    # bigger buffer): no 16-byte loads possible (CUDA takes its scalar kernel), same result.
+    query, kc, vc, bt, qsl, sl = make_case([7, 40], [16, 3], 4, 2, 64, 16, dtype, device)
+    shifted = []
+    for cache in (kc, vc):
+        buf = torch.empty(cache.numel() + 1, dtype=dtype, device=device)
+        view = buf[1:].view(cache.shape)
+        view.copy_(cache)
+        assert view.is_contiguous() and view.data_ptr() % 16 != 0
+        shifted.append(view)
+    out = run_op(query, shifted[0], shifted[1], bt, qsl, sl, 0.125)
+    ref = paged_prefill_attention_native(query, kc, vc, bt, qsl, sl, 0.125)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_sequences_write_nothing(device):
     # A sequence with no new tokens (q_len 0, e.g. a finished chunk) between two real ones.
     check([5, 0, 9], [3, 20, 0], 4, 2, 64, 16, torch.bfloat16, device)
