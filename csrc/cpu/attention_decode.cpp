@@ -1,12 +1,344 @@
-// PLACEHOLDER (skeleton): replaced by the real kernels before any commit lands.
-#include "ops.h"
+// paged_attention (decode) on the CPU: one query token per sequence over its paged KV cache.
+//
+// Work item = (sequence, kv head, chunk of the visible key range). One item streams every KV
+// block of its range once for all query heads of the GQA group (online softmax in fp32, one
+// rescale per KV block). With few (sequence, kv head) pairs the key range is cut into chunks so
+// that every thread has work even at batch 1; chunks write (max, sum, acc) partials that a
+// second pass merges.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-namespace pagedllm::cpu {
+#include "dispatch_utils.h"
+#include "ops.h"
 
-void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window) {
-  TORCH_CHECK(false, "paged_attention (cpu) is not written yet");
+namespace pagedllm::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Each item covers at least this many keys when the context is split: smaller chunks would
+// spend more on the merge (num_group * (head_size + 2) floats) than on attention.
+constexpr int64_t kMinChunkTokens = 512;
+
+struct WorkItem {
+  int seq;
+  int kv_head;
+  int k0, k1;       // keys [k0, k1) (positions in the sequence), empty for a padding row
+  int64_t partial;  // index into the partials buffer, or -1: write the output directly
+};
+
+struct DecodeArgs {
+  int num_heads, num_kv_heads, group, block_size;
+  int64_t q_stride_seq, q_stride_head;      // query [num_seqs, num_heads, head_size]
+  int64_t out_stride_seq, out_stride_head;  // out   [num_seqs, num_heads, head_size]
+  int64_t bt_stride;                        // block_tables [num_seqs, max_blocks] row stride
+  float scale;
+};
+
+// Dot product of two contiguous float rows of length D (a multiple of 16): 16 independent
+// partial sums so that -O3 turns the inner loop into one vector FMA per 16 floats.
+template <int D>
+inline float dot(const float* __restrict__ a, const float* __restrict__ b) {
+  static_assert(D % 16 == 0, "head sizes are multiples of 16");
+  float part[16] = {};
+  for (int d = 0; d < D; d += 16) {
+    for (int j = 0; j < 16; ++j) part[j] += a[d + j] * b[d + j];
+  }
+  float s = 0.f;
+  for (int j = 0; j < 16; ++j) s += part[j];
+  return s;
+}
+
+// n rows of D elements (contiguous) as floats: the rows themselves for fp32, else converted
+// into buf ([block_size, D] floats).
+template <typename scalar_t, int D>
+inline const float* rows_as_float(const scalar_t* __restrict__ src, int n, float* __restrict__ buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    for (int i = 0; i < n * D; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// Per-thread scratch for one item: queries, accumulators, scores and converted K/V rows.
+struct Scratch {
+  std::vector<float> q, acc, m, l, scores, kbuf, vbuf;
+  Scratch(int group, int head_size, int block_size)
+      : q(group * head_size), acc(group * head_size), m(group), l(group),
+        scores(group * block_size), kbuf(block_size * head_size), vbuf(block_size * head_size) {}
+};
+
+// Attention of the group's query heads over keys [item.k0, item.k1): leaves the running max m
+// (natural-log domain), sum l and unnormalized accumulator acc ([group, D]) in s.
+template <typename scalar_t, int D>
+void attend_range(const DecodeArgs& a, const WorkItem& item,
+                  const scalar_t* __restrict__ query,        // [num_seqs, num_heads, D] (strided)
+                  const scalar_t* __restrict__ key_cache,    // [num_blocks, num_kv_heads, block_size, D]
+                  const scalar_t* __restrict__ value_cache,  // [num_blocks, num_kv_heads, block_size, D]
+                  const int32_t* __restrict__ block_tables,  // [num_seqs, max_blocks]
+                  Scratch& s) {
+  const int G = a.group, BS = a.block_size;
+  float* __restrict__ q = s.q.data();
+  float* __restrict__ acc = s.acc.data();
+  float* __restrict__ scores = s.scores.data();
+  for (int g = 0; g < G; ++g) {
+    const scalar_t* qs = query + item.seq * a.q_stride_seq + (item.kv_head * G + g) * a.q_stride_head;
+    for (int d = 0; d < D; ++d) q[g * D + d] = static_cast<float>(qs[d]) * a.scale;
+  }
+  std::fill(s.acc.begin(), s.acc.end(), 0.f);
+  std::fill(s.m.begin(), s.m.end(), kNegInf);
+  std::fill(s.l.begin(), s.l.end(), 0.f);
+
+  const int32_t* bt = block_tables + item.seq * a.bt_stride;
+  const int64_t head_offset = static_cast<int64_t>(item.kv_head) * BS * D;
+  const int64_t block_stride = static_cast<int64_t>(a.num_kv_heads) * BS * D;
+  for (int pos = item.k0; pos < item.k1;) {
+    const int off = pos % BS;
+    const int n = std::min(BS - off, item.k1 - pos);  // keys of this block in range
+    const int64_t base = bt[pos / BS] * block_stride + head_offset + static_cast<int64_t>(off) * D;
+    const float* kf = rows_as_float<scalar_t, D>(key_cache + base, n, s.kbuf.data());
+    for (int g = 0; g < G; ++g) {
+      for (int t = 0; t < n; ++t) scores[g * BS + t] = dot<D>(q + g * D, kf + t * D);
+    }
+    const float* vf = rows_as_float<scalar_t, D>(value_cache + base, n, s.vbuf.data());
+    for (int g = 0; g < G; ++g) {
+      float* sg = scores + g * BS;
+      float mb = kNegInf;
+      for (int t = 0; t < n; ++t) mb = std::max(mb, sg[t]);
+      const float m_new = std::max(s.m[g], mb);
+      const float corr = std::exp(s.m[g] - m_new);  // 0 on the first block (m = -inf)
+      float sum = 0.f;
+      for (int t = 0; t < n; ++t) {
+        sg[t] = std::exp(sg[t] - m_new);
+        sum += sg[t];
+      }
+      s.l[g] = s.l[g] * corr + sum;
+      s.m[g] = m_new;
+      float* __restrict__ ag = acc + g * D;
+      if (corr != 1.f) {
+        for (int d = 0; d < D; ++d) ag[d] *= corr;
+      }
+      for (int t = 0; t < n; ++t) {
+        const float p = sg[t];
+        const float* __restrict__ vt = vf + t * D;
+        for (int d = 0; d < D; ++d) ag[d] += p * vt[d];
+      }
+    }
+    pos += n;
+  }
+}
+
+template <typename scalar_t>
+inline void write_row(scalar_t* __restrict__ dst, const float* __restrict__ src, float inv, int D) {
+  for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * inv);
+}
+
+template <typename scalar_t, int D>
+void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const at::Tensor& block_tables,
+                          const at::Tensor& seq_lens, double scale, int64_t sliding_window) {
+  const int num_seqs = query.size(0);
+  DecodeArgs a;
+  a.num_heads = query.size(1);
+  a.num_kv_heads = key_cache.size(1);
+  a.group = a.num_heads / a.num_kv_heads;
+  a.block_size = key_cache.size(2);
+  a.q_stride_seq = query.stride(0);
+  a.q_stride_head = query.stride(1);
+  a.out_stride_seq = out.stride(0);
+  a.out_stride_head = out.stride(1);
+  a.bt_stride = block_tables.stride(0);
+  a.scale = static_cast<float>(scale);
+  const int G = a.group;
+
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t num_blocks = key_cache.size(0);
+
+  // Validate the metadata once (cheap next to the attention itself): every block the kernel
+  // will read must exist.
+  std::vector<int> start(num_seqs), end(num_seqs);
+  int64_t total_keys = 0;
+  for (int i = 0; i < num_seqs; ++i) {
+    const int len = lens[i];
+    TORCH_CHECK(len >= 0 && len <= max_blocks * a.block_size, "paged_attention: seq_lens[", i,
+                "] = ", len, " is outside [0, max_blocks_per_seq * block_size = ",
+                max_blocks * a.block_size, "]");
+    end[i] = len;
+    start[i] = sliding_window > 0 ? static_cast<int>(std::max<int64_t>(0, len - sliding_window)) : 0;
+    if (len > 0) {
+      for (int64_t b = start[i] / a.block_size; b <= (len - 1) / a.block_size; ++b) {
+        const int32_t id = bt[i * a.bt_stride + b];
+        TORCH_CHECK(id >= 0 && id < num_blocks, "paged_attention: block_tables[", i, ", ", b,
+                    "] = ", id, " is not a block of the cache (num_blocks = ", num_blocks, ")");
+      }
+    }
+    total_keys += end[i] - start[i];
+  }
+
+  // Split heuristic: aim at ~4 items per thread so that batch 1 with a long context keeps every
+  // core busy; items of at least kMinChunkTokens keys (a multiple of the block size, so that a
+  // chunk boundary never cuts a block in two).
+  const int64_t pairs = static_cast<int64_t>(num_seqs) * a.num_kv_heads;
+  const int64_t target_items = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t chunk = std::numeric_limits<int>::max();
+  if (pairs < target_items && total_keys > 0) {
+    const int64_t per_item = (total_keys * a.num_kv_heads + target_items - 1) / target_items;
+    chunk = std::max(kMinChunkTokens, per_item);
+    chunk = (chunk + a.block_size - 1) / a.block_size * a.block_size;
+  }
+
+  std::vector<WorkItem> items;
+  std::vector<int64_t> first_item(pairs + 1);  // items of pair p: [first_item[p], first_item[p+1])
+  int64_t num_partials = 0;
+  for (int i = 0; i < num_seqs; ++i) {
+    for (int h = 0; h < a.num_kv_heads; ++h) {
+      first_item[static_cast<int64_t>(i) * a.num_kv_heads + h] = items.size();
+      const int len = end[i] - start[i];
+      if (len <= chunk) {
+        items.push_back({i, h, start[i], end[i], -1});
+      } else {
+        // Chunk boundaries at multiples of `chunk` (block aligned) in absolute positions.
+        for (int64_t k0 = start[i]; k0 < end[i];) {
+          const int64_t k1 = std::min<int64_t>(end[i], (k0 / chunk + 1) * chunk);
+          items.push_back({i, h, static_cast<int>(k0), static_cast<int>(k1), num_partials++});
+          k0 = k1;
+        }
+      }
+    }
+  }
+  first_item[pairs] = items.size();
+
+  const scalar_t* q_ptr = query.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = key_cache.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = value_cache.data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  // Partials of split items: [num_partials][m: G | l: G | acc: G * D] floats.
+  const int64_t partial_floats = 2 * G + static_cast<int64_t>(G) * D;
+  std::vector<float> partials(num_partials * partial_floats);
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t stop) {
+    Scratch s(G, D, a.block_size);
+    for (int64_t w = begin; w < stop; ++w) {
+      const WorkItem& item = items[w];
+      attend_range<scalar_t, D>(a, item, q_ptr, k_ptr, v_ptr, bt, s);
+      if (item.partial < 0) {
+        for (int g = 0; g < G; ++g) {
+          const float inv = s.l[g] > 0.f ? 1.f / s.l[g] : 0.f;  // l = 0: padding row -> zeros
+          scalar_t* dst = out_ptr + item.seq * a.out_stride_seq +
+                          (item.kv_head * G + g) * a.out_stride_head;
+          write_row(dst, s.acc.data() + g * D, inv, D);
+        }
+      } else {
+        float* p = partials.data() + item.partial * partial_floats;
+        std::copy(s.m.begin(), s.m.end(), p);
+        std::copy(s.l.begin(), s.l.end(), p + G);
+        std::copy(s.acc.begin(), s.acc.end(), p + 2 * G);
+      }
+    }
+  });
+
+  if (num_partials == 0) return;
+  // Merge the chunks of each split (sequence, kv head): out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M).
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<float> acc(D);
+    for (int64_t pr = begin; pr < stop; ++pr) {
+      const int64_t i0 = first_item[pr], i1 = first_item[pr + 1];
+      if (items[i0].partial < 0) continue;  // written directly
+      const WorkItem& item = items[i0];
+      for (int g = 0; g < G; ++g) {
+        float M = kNegInf;
+        for (int64_t w = i0; w < i1; ++w) M = std::max(M, partials[items[w].partial * partial_floats + g]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float L = 0.f;
+        for (int64_t w = i0; w < i1; ++w) {
+          const float* p = partials.data() + items[w].partial * partial_floats;
+          const float f = std::exp(p[g] - M);
+          L += p[G + g] * f;
+          const float* __restrict__ pa = p + 2 * G + g * D;
+          for (int d = 0; d < D; ++d) acc[d] += pa[d] * f;
+        }
+        scalar_t* dst = out_ptr + item.seq * a.out_stride_seq + (item.kv_head * G + g) * a.out_stride_head;
+        write_row(dst, acc.data(), L > 0.f ? 1.f / L : 0.f, D);
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                  const at::Tensor& value_cache, const at::Tensor& block_tables,
+                  const at::Tensor& seq_lens) {
+  TORCH_CHECK(query.dim() == 3, "paged_attention: query must be [num_seqs, num_heads, head_size], got ",
+              query.sizes());
+  TORCH_CHECK(out.sizes() == query.sizes(), "paged_attention: out shape ", out.sizes(),
+              " does not match query shape ", query.sizes());
+  TORCH_CHECK(key_cache.dim() == 4,
+              "paged_attention: key_cache must be [num_blocks, num_kv_heads, block_size, head_size], got ",
+              key_cache.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "paged_attention: value_cache shape ",
+              value_cache.sizes(), " does not match key_cache shape ", key_cache.sizes());
+  const auto dt = query.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "paged_attention: query dtype must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(out.scalar_type() == dt, "paged_attention: out dtype ", out.scalar_type(),
+              " does not match query dtype ", dt);
+  TORCH_CHECK(key_cache.scalar_type() == dt, "paged_attention: key_cache dtype ",
+              key_cache.scalar_type(), " does not match query dtype ", dt);
+  TORCH_CHECK(value_cache.scalar_type() == dt, "paged_attention: value_cache dtype ",
+              value_cache.scalar_type(), " does not match query dtype ", dt);
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt, "paged_attention: block_tables must be int32, got ",
+              block_tables.scalar_type());
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt, "paged_attention: seq_lens must be int32, got ",
+              seq_lens.scalar_type());
+  const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_size = query.size(2);
+  const int64_t num_kv_heads = key_cache.size(1), block_size = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == head_size, "paged_attention: key_cache head_size ", key_cache.size(3),
+              " does not match query head_size ", head_size);
+  TORCH_CHECK(head_size == 64 || head_size == 80 || head_size == 96 || head_size == 128 || head_size == 256,
+              "Unsupported head size: ", head_size);
+  TORCH_CHECK(block_size == 16 || block_size == 32, "Unsupported block size: ", block_size);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "paged_attention: num_heads (", num_heads,
+              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  TORCH_CHECK(query.stride(2) == 1, "paged_attention: query's last dim must be contiguous");
+  TORCH_CHECK(out.stride(2) == 1, "paged_attention: out's last dim must be contiguous");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(),
+              "paged_attention: key_cache and value_cache must be contiguous");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs,
+              "paged_attention: block_tables must be [num_seqs = ", num_seqs, ", max_blocks], got ",
+              block_tables.sizes());
+  TORCH_CHECK(block_tables.size(1) <= 1 || block_tables.stride(1) == 1,
+              "paged_attention: block_tables' last dim must be contiguous");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == num_seqs && seq_lens.is_contiguous(),
+              "paged_attention: seq_lens must be a contiguous [num_seqs = ", num_seqs, "] tensor, got ",
+              seq_lens.sizes());
+}
+
+}  // namespace
+
+void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, const at::Tensor& block_tables,
+                     const at::Tensor& seq_lens, double scale, int64_t sliding_window) {
+  check_inputs(out, query, key_cache, value_cache, block_tables, seq_lens);
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &query, &key_cache, &value_cache, &block_tables, &seq_lens}) {
+    TORCH_CHECK(t->device().is_cpu(), "paged_attention (cpu): every tensor must be on the CPU, got ",
+                t->device());
+  }
+  if (query.size(0) == 0) return;
+  PAGEDLLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_attention", [&] {
+    PAGEDLLM_DISPATCH_HEAD_SIZE(query.size(2), D, [&] {
+      paged_attention_impl<scalar_t, D>(out, query, key_cache, value_cache, block_tables, seq_lens,
+                                        scale, sliding_window);
+    });
+  });
 }
 
 }  // namespace pagedllm::cpu
