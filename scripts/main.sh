@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Sets everything up (scripts/setup.sh), then runs the main job. Until the engine lands that is:
-# what the build holds (python -m pagedllm.env) and one op on this machine's device against its
-# plain-torch reference.
+# Sets everything up (scripts/setup.sh), then runs the main job: a chat answer from the built-in
+# default model (SmolLM2-135M-Instruct, fetched once into ~/.cache/pagedllm). Extra args: the question.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pagedllm.env
-python - <<'PY'
-import torch
-from pagedllm import _ops
-from pagedllm.layers.rms_norm import RMSNorm
+python - "$@" <<'PY'
+import sys
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-norm = RMSNorm(4096, eps=1e-6).to(device)
-with torch.no_grad():
-    norm.weight.normal_()
-x = torch.randn(7, 4096, device=device)
-out = norm.forward(x)
-ref = norm.forward_native(x)
-print(f"rms_norm on {device}: [7, 4096] fp32, max |kernel - plain torch| = {(out - ref).abs().max().item():.2e}")
+from pagedllm import LLM, SamplingParams
+
+question = " ".join(sys.argv[1:]) or "What is the capital of France?"
+llm = LLM()  # model=None: the built-in default model
+messages = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": question},
+]
+# The model's own chat template (from its GGUF metadata), applied by the tokenizer.
+prompt = llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+output = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)[0]
+print(f"Q: {question}\nA: {output.outputs[0].text}")
 PY

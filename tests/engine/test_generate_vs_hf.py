@@ -79,9 +79,10 @@ def test_small_chunked_prefill(arch, model_dir):
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_preemption_keeps_results(arch, model_dir):
     path = model_dir(arch)
-    # 9 blocks of 16 tokens: each sequence needs 4-5 blocks at the end, so not all 4 fit at once.
+    # 9 blocks of 16 tokens: three 45-48 token prompts fill them (3 blocks each) and every one of
+    # them needs a 4th block while decoding, so someone must be preempted.
     llm = LLM(path, num_gpu_blocks_override=9, max_model_len=144, enable_prefix_caching=False)
-    prompts = _prompts(llm.llm_engine.vocab_size, lens=(50, 52, 47, 60), seed=3)
+    prompts = _prompts(llm.llm_engine.vocab_size, lens=(48, 47, 46, 45), seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert llm.llm_engine.scheduler.num_preemptions > 0

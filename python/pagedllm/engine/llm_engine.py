@@ -231,7 +231,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, sample) -> None:
         params = seq.request.params
         seq.output_token_ids.append(sample.token_id)
-        seq.cumulative_logprob += sample.logprob
+        if sample.logprob is not None:
+            seq.cumulative_logprob += sample.logprob
         self.stats["generation_tokens"] += 1
         if params.logprobs is not None:
             entry = {sample.token_id: Logprob(sample.logprob, sample.rank, self.runner._text(sample.token_id))}

@@ -30,8 +30,8 @@ class SampleRow:
 @dataclass
 class SampleResult:
     token_id: int
-    logprob: float              # raw logprob of the sampled token
-    rank: int                   # 1 = the most likely token
+    logprob: Optional[float]    # raw logprob of the sampled token (None when nobody asked)
+    rank: Optional[int]         # 1 = the most likely token
     top_logprobs: Optional[list[tuple[int, float]]] = None  # requested top-k (token, logprob)
 
 
@@ -139,6 +139,16 @@ def _to_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
+def _needs_processing(p: SamplingParams) -> bool:
+    return bool(p.logits_processors or p.allowed_token_ids is not None or p.bad_words or p.min_tokens
+                or p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+
+
+def _wants_logprob(p: SamplingParams) -> bool:
+    # The sampled token's logprob is needed for logprobs, and to rank best_of samples.
+    return p.logprobs is not None or (p.best_of or p.n) > p.n
+
+
 class Sampler:
     def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer  # for bad_words
@@ -147,20 +157,24 @@ class Sampler:
         """logits: [len(rows), vocab] float32 from the model (not modified)."""
         from pagedllm import _ops
 
-        want_logprobs = [r.params.logprobs for r in rows]
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        processed = apply_logits_processors(logits.clone(), rows, self.tokenizer)
+        processed = logits
+        if any(_needs_processing(r.params) for r in rows):
+            processed = apply_logits_processors(logits.clone(), rows, self.tokenizer)
         t = SamplingTensors.from_rows(rows, logits.device)
         tokens = _ops.sample_tokens(processed, t.temperature, t.top_k, t.top_p, t.min_p, t.seeds, t.offsets)
+        tokens_l = tokens.tolist()
+        if not any(_wants_logprob(r.params) for r in rows):
+            return [SampleResult(tok, None, None) for tok in tokens_l]
+
+        raw_logprobs = torch.log_softmax(logits, dim=-1)  # vLLM's default: logprobs of the raw model output
         chosen = raw_logprobs.gather(1, tokens.view(-1, 1))
         ranks = (raw_logprobs > chosen).sum(dim=1) + 1
-        max_k = max((k or 0) for k in want_logprobs)
+        want = [r.params.logprobs or 0 for r in rows]
+        max_k = max(want)
         top = torch.topk(raw_logprobs, max_k, dim=1) if max_k else None
-        tokens_l, chosen_l, ranks_l = tokens.tolist(), chosen.view(-1).tolist(), ranks.tolist()
+        chosen_l, ranks_l = chosen.view(-1).tolist(), ranks.tolist()
         top_v = top.values.tolist() if top is not None else None
         top_i = top.indices.tolist() if top is not None else None
-        results = []
-        for i, k in enumerate(want_logprobs):
-            tops = list(zip(top_i[i][:k], top_v[i][:k])) if k else None
-            results.append(SampleResult(tokens_l[i], chosen_l[i], ranks_l[i], tops))
-        return results
+        return [SampleResult(tokens_l[i], chosen_l[i], ranks_l[i],
+                             list(zip(top_i[i][:k], top_v[i][:k])) if k else None)
+                for i, k in enumerate(want)]
