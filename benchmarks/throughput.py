@@ -33,7 +33,6 @@ def parse_args():
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--load-format", default="auto", help="dummy: random weights from the model's config")
     p.add_argument("--enforce-eager", action="store_true")
     return p.parse_args()
 
@@ -52,8 +51,6 @@ def run_pagedllm(args, prompts, out_lens):
                   enforce_eager=args.enforce_eager)
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
-    if args.load_format != "auto":
-        kwargs["load_format"] = args.load_format
     llm = LLM(args.model, **kwargs)
     params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True, seed=i)
               for i, n in enumerate(out_lens)]
@@ -74,13 +71,8 @@ def run_pagedllm(args, prompts, out_lens):
 def run_transformers(args, prompts, out_lens, llm):
     """transformers' generate in batches of --concurrency, left-padded; a batch runs to its longest
     max_tokens, and only the requested tokens are counted."""
-    from transformers import AutoModelForCausalLM
-    engine = llm.llm_engine
-    model = engine.reference_hf_model() if hasattr(engine, "reference_hf_model") else None
-    if model is None:
-        from pagedllm.models import loader
-        model = loader.load_hf_reference(args.model, engine.dtype, args.device)
-    model.eval()
+    from pagedllm.models import loader
+    model = loader.load_hf_reference(args.model, llm.llm_engine.dtype, args.device)
     pad = 0
     t0 = time.perf_counter()
     produced = 0
@@ -106,29 +98,18 @@ def run_transformers(args, prompts, out_lens, llm):
 def main():
     args = parse_args()
     torch.manual_seed(args.seed)
-    from pagedllm import LLM  # noqa: F401
-    # The vocabulary is needed to draw the prompts: load pagedllm first, then build the workload.
-    ours_llm = None
-    from pagedllm.config import EngineArgs  # noqa: F401
-    tmp_prompts, tmp_out = None, None
-    # Build once with a throwaway vocab guess, then rebuild with the real one (cheap).
-    from pagedllm import LLM as _LLM  # noqa: F401
-    vocab = None
-    try:
-        from pagedllm.models import loader
-        source = loader.resolve_model(args.model)
-        vocab = loader.load_config(source).vocab_size
-    except Exception:  # noqa: BLE001 - fall back to a safe range
-        vocab = 32000
+    from pagedllm.models import loader
+    vocab = loader.load_config(loader.resolve_model(args.model)).vocab_size
     prompts, out_lens = workload(args, vocab)
-    tps, seconds, ours_llm = run_pagedllm(args, prompts, out_lens)
+    tps, seconds, llm = run_pagedllm(args, prompts, out_lens)
     total_out = sum(out_lens)
     print(f"pagedllm:     {total_out} output tokens in {seconds:.2f} s = {tps:.1f} tok/s "
-          f"({args.num_prompts} prompts, concurrency {args.concurrency}, {args.device})")
+          f"({args.num_prompts} prompts, concurrency {args.concurrency}, {args.device}, torch threads "
+          f"{torch.get_num_threads()})")
     row = {"bench": "throughput", "device": args.device, "num_prompts": args.num_prompts,
            "concurrency": args.concurrency, "pagedllm_tok_s": tps, "output_tokens": total_out}
     if not args.skip_hf:
-        hf_tps, hf_seconds = run_transformers(args, prompts, out_lens, ours_llm)
+        hf_tps, hf_seconds = run_transformers(args, prompts, out_lens, llm)
         print(f"transformers: {total_out} output tokens in {hf_seconds:.2f} s = {hf_tps:.1f} tok/s")
         print(f"ratio pagedllm / transformers: {tps / hf_tps:.2f}x")
         row.update(transformers_tok_s=hf_tps, ratio=tps / hf_tps)

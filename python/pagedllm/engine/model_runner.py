@@ -10,7 +10,7 @@ import torch
 
 from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
-from pagedllm.layers.logits_processing import SampleResult, SampleRow, Sampler
+from pagedllm.layers.logits_processing import SampleResult, SampleRow, StepSampler
 from pagedllm.outputs import Logprob
 
 _GiB = 1 << 30
@@ -29,7 +29,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.sampler = Sampler(tokenizer)
+        self.sampler = StepSampler(tokenizer)
         self.tokenizer = tokenizer
         attn = model.attention_layers()
         self.attn_layers = attn

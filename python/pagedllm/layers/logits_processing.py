@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from pagedllm.layers.sampler import Sampler, SamplingTensors
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -108,37 +109,6 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-@dataclass
-class SamplingTensors:
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    min_p: torch.Tensor
-    seeds: torch.Tensor
-    offsets: torch.Tensor
-
-    @classmethod
-    def from_rows(cls, rows: list[SampleRow], device) -> "SamplingTensors":
-        f32 = dict(dtype=torch.float32)
-        t = cls(
-            temperature=torch.tensor([r.params.temperature for r in rows], **f32),
-            top_k=torch.tensor([r.params.top_k for r in rows], dtype=torch.int32),
-            top_p=torch.tensor([r.params.top_p for r in rows], **f32),
-            min_p=torch.tensor([r.params.min_p for r in rows], **f32),
-            seeds=torch.tensor([_to_int64(r.seed) for r in rows], dtype=torch.int64),
-            offsets=torch.tensor([r.offset for r in rows], dtype=torch.int64),
-        )
-        if torch.device(device).type != "cpu":
-            t = cls(*(x.to(device, non_blocking=True) for x in (t.temperature, t.top_k, t.top_p, t.min_p,
-                                                                  t.seeds, t.offsets)))
-        return t
-
-
-def _to_int64(seed: int) -> int:
-    seed &= (1 << 64) - 1
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
-
-
 def _needs_processing(p: SamplingParams) -> bool:
     return bool(p.logits_processors or p.allowed_token_ids is not None or p.bad_words or p.min_tokens
                 or p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
@@ -149,19 +119,23 @@ def _wants_logprob(p: SamplingParams) -> bool:
     return p.logprobs is not None or (p.best_of or p.n) > p.n
 
 
-class Sampler:
+class StepSampler:
+    """The whole sampling step of the engine: logits processing, the sample_tokens op, logprobs."""
+
     def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer  # for bad_words
+        self.sampler = Sampler()
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
         """logits: [len(rows), vocab] float32 from the model (not modified)."""
-        from pagedllm import _ops
-
         processed = logits
         if any(_needs_processing(r.params) for r in rows):
             processed = apply_logits_processors(logits.clone(), rows, self.tokenizer)
-        t = SamplingTensors.from_rows(rows, logits.device)
-        tokens = _ops.sample_tokens(processed, t.temperature, t.top_k, t.top_p, t.min_p, t.seeds, t.offsets)
+        p = [r.params for r in rows]
+        tensors = SamplingTensors.build([x.temperature for x in p], [x.top_k for x in p], [x.top_p for x in p],
+                                        [x.min_p for x in p], [r.seed for r in rows], [r.offset for r in rows],
+                                        device=logits.device)
+        tokens = self.sampler(processed, tensors)
         tokens_l = tokens.tolist()
         if not any(_wants_logprob(r.params) for r in rows):
             return [SampleResult(tok, None, None) for tok in tokens_l]
