@@ -15,7 +15,7 @@ from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.engine.stop_checker import check_stop
 from pagedllm.inputs import PromptType
-from pagedllm.layers.logits_processing import SampleRow
+from pagedllm.layers.logits_processing import SampleRow, wants_logprob
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -252,8 +252,8 @@ class LLMEngine:
         if finished and req.num_samples > req.params.n:  # best_of: keep the n most likely
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:req.params.n]
         outputs = [CompletionOutput(index=i if len(seqs) != len(req.seqs) else s.index, text=s.output_text,
-                                    token_ids=list(s.output_token_ids), cumulative_logprob=s.cumulative_logprob
-                                    if req.params.logprobs is not None else None,
+                                    token_ids=list(s.output_token_ids),
+                                    cumulative_logprob=s.cumulative_logprob if wants_logprob(req.params) else None,
                                     logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                    for i, s in enumerate(seqs)]
         if finished:

@@ -114,7 +114,7 @@ def _needs_processing(p: SamplingParams) -> bool:
                 or p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
 
-def _wants_logprob(p: SamplingParams) -> bool:
+def wants_logprob(p: SamplingParams) -> bool:
     # The sampled token's logprob is needed for logprobs, and to rank best_of samples.
     return p.logprobs is not None or (p.best_of or p.n) > p.n
 
@@ -137,7 +137,7 @@ class StepSampler:
                                         device=logits.device)
         tokens = self.sampler(processed, tensors)
         tokens_l = tokens.tolist()
-        if not any(_wants_logprob(r.params) for r in rows):
+        if not any(wants_logprob(r.params) for r in rows):
             return [SampleResult(tok, None, None) for tok in tokens_l]
 
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # vLLM's default: logprobs of the raw model output
