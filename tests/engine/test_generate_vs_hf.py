@@ -54,7 +54,7 @@ def test_greedy_matches_hf(arch, model_dir):
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_prefix_cache_hits_give_the_same_tokens(arch, model_dir):
     path = model_dir(arch)
     llm = LLM(path, kv_cache_space=0.05, max_model_len=256, enable_prefix_caching=True)
@@ -68,7 +68,7 @@ def test_prefix_cache_hits_give_the_same_tokens(arch, model_dir):
     _check(first + rest, prompts, path)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_small_chunked_prefill(arch, model_dir):
     path = model_dir(arch)
     llm = LLM(path, kv_cache_space=0.05, max_model_len=256, max_num_batched_tokens=7)
@@ -76,7 +76,7 @@ def test_small_chunked_prefill(arch, model_dir):
     _check(llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False), prompts, path)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_preemption_keeps_results(arch, model_dir):
     path = model_dir(arch)
     # 9 blocks of 16 tokens: three 45-48 token prompts fill them (3 blocks each) and every one of
