@@ -16,9 +16,12 @@ def __getattr__(name):
     if name == "LLMEngine":
         from pagedllm.engine.llm_engine import LLMEngine
         return LLMEngine
+    if name == "AsyncLLMEngine":
+        from pagedllm.engine.async_engine import AsyncLLMEngine
+        return AsyncLLMEngine
     raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "EngineArgs", "AsyncEngineArgs", "SamplingParams", "RequestOutput",
+__all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "SamplingParams", "RequestOutput",
            "CompletionOutput", "ChatCompletionOutput", "ChatMessage", "ToolCall", "FunctionCall", "Logprob",
            "TextPrompt", "TokensPrompt"]
