@@ -155,13 +155,19 @@ class ModelRunner:
         # position of a sequence that asked for prompt logprobs.
         sample_idx, rows, owners = [], [], []
         prompt_lp: dict[int, tuple[int, list[int], list[int]]] = {}
+        claimed: dict[str, int] = {}  # request id -> prompt positions already taken this step
         offset = 0
         for item in sched.scheduled:
             seq = item.seq
             if seq.request.params.prompt_logprobs is not None:
                 plen = len(seq.prompt_token_ids)
-                positions_here = [p for p in range(item.start, item.start + item.num_new_tokens) if p < plen - 1]
+                # Positions already reported (a recompute after preemption, or a forked sample) are skipped.
+                done = len(seq.request.prompt_logprobs) - 1 if seq.request.prompt_logprobs else 0
+                done = max(done, claimed.get(seq.request.request_id, 0))
+                positions_here = [p for p in range(item.start, item.start + item.num_new_tokens)
+                                  if done <= p < plen - 1]
                 if positions_here:
+                    claimed[seq.request.request_id] = positions_here[-1] + 1
                     prompt_lp[seq.seq_id] = (offset + positions_here[0] - item.start, positions_here,
                                              [seq.prompt_token_ids[p + 1] for p in positions_here])
             if item.samples and seq.seq_id in sample_rows:
