@@ -46,18 +46,21 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_size * elem
 
-    def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
+    def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int,
+                           max_model_len: int) -> int:
         """GPU: blocks that fit in utilization x total memory minus weights and the activation peak
-        of a full-budget prefill (measured by running one)."""
+        of a full-budget prefill (measured by running one, as sequences no longer than max_model_len)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        lens = [max_num_batched_tokens]
-        needed = -(-max_num_batched_tokens // self.block_size)
+        full, rest = divmod(max_num_batched_tokens, max_model_len)
+        lens = [max_model_len] * full + ([rest] if rest else [])
+        needed = sum(-(-n // self.block_size) for n in lens)
         self.allocate_kv_cache(needed)
         md = make_prefill_metadata(lens, self.block_size, self.device)
         ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         with torch.inference_mode(), set_attention_metadata(md):
-            hidden = self.model(ids, torch.arange(max_num_batched_tokens, device=self.device))
+            hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-min(256, len(hidden)):])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - needed * self.bytes_per_block
