@@ -3,8 +3,9 @@ max_tokens, ignore_eos), on pagedllm and on transformers' generate over the same
 
   python benchmarks/throughput.py                       # default model, CPU, 32 prompts at concurrency 32
   python benchmarks/throughput.py --num-prompts 4 --concurrency 1
-  python benchmarks/throughput.py --device cuda --model /path/to/model --num-prompts 256 \
-      --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 --temperature 0.6 --skip-hf
+  python benchmarks/throughput.py --device cuda --model benchmarks/configs/qwen3-0.6b --load-format dummy \
+      --num-prompts 256 --concurrency 256 --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 \
+      --temperature 0.6 --max-model-len 4096 --skip-hf      # issue 5's workload (random bf16 weights)
 
 Prints output tokens/s for both and their ratio, and one RESULT json line.
 """
@@ -34,6 +35,9 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--load-format", default="auto",
+                   help="dummy: random weights from the model folder's config.json, no tokenizer needed "
+                        "(e.g. --model benchmarks/configs/qwen3-0.6b)")
     return p.parse_args()
 
 
@@ -51,6 +55,8 @@ def run_pagedllm(args, prompts, out_lens):
                   enforce_eager=args.enforce_eager)
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
+    if args.load_format == "dummy":
+        kwargs.update(load_format="dummy", skip_tokenizer_init=True)
     llm = LLM(args.model, **kwargs)
     params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True, seed=i)
               for i, n in enumerate(out_lens)]
@@ -72,7 +78,12 @@ def run_transformers(args, prompts, out_lens, llm):
     """transformers' generate in batches of --concurrency, left-padded; a batch runs to its longest
     max_tokens, and only the requested tokens are counted."""
     from pagedllm.models import loader
-    model = loader.load_hf_reference(args.model, llm.llm_engine.dtype, args.device)
+    if args.load_format == "dummy":
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_config(llm.llm_engine.hf_config, dtype=llm.llm_engine.dtype)
+        model = model.to(args.device).eval()
+    else:
+        model = loader.load_hf_reference(args.model, llm.llm_engine.dtype, args.device)
     pad = 0
     t0 = time.perf_counter()
     produced = 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine: rebuild pagedllm._C against its torch, run the CUDA tests,
 # then every kernel benchmark, and print a short table last. Logs go to $OUT (or /tmp/gpu_check).
-# Budget: under 8 minutes on an H100 (build ~2-3 min with 16 jobs, tests ~1 min, benchmarks ~2 min).
+# Budget: under 8 minutes on an H100 (build ~2-3 min with 16 jobs, tests ~1 min, kernel benchmarks ~2 min,
+# end to end ~1 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -27,5 +28,11 @@ for bench in benchmarks/kernels/bench_*.py; do
   timeout 120 python "$bench" --device cuda >"$out/$(basename "$bench" .py).log" 2>&1 || echo "$bench failed (rc $?)"
   grep -h '^RESULT ' "$out/$(basename "$bench" .py).log" | sed 's/^RESULT //' >>"$out/results.jsonl"
 done
+# End to end, issue 5's workload: 256 prompts (100..1024 random tokens, 100..1024 outputs, temperature 0.6,
+# ignore_eos) on random bf16 weights with Qwen3-0.6B's config.
+timeout 240 python benchmarks/throughput.py --device cuda --model benchmarks/configs/qwen3-0.6b --load-format dummy \
+  --num-prompts 256 --concurrency 256 --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 \
+  --temperature 0.6 --max-model-len 4096 --skip-hf >"$out/throughput.log" 2>&1 || echo "throughput failed (rc $?)"
+grep -h '^RESULT ' "$out/throughput.log" | sed 's/^RESULT //' >>"$out/results.jsonl"
 echo "total: $(( $(date +%s) - start )) s; cuda tests rc=$tests_rc"
 python scripts/results_table.py "$out/results.jsonl" | tee "$out/table.md"

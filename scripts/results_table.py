@@ -9,6 +9,8 @@ def fmt(value, spec):
 
 def main(path: str) -> None:
     rows = [json.loads(line) for line in open(path) if line.strip()]
+    end_to_end = [r for r in rows if r.get("bench") == "throughput"]
+    rows = [r for r in rows if "op" in r]
     print("| op | shape | median us | GB/s | % copy BW | TFLOP/s | % matmul peak | x native |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -17,6 +19,9 @@ def main(path: str) -> None:
               f"{fmt(r.get('speedup_vs_native'), '.2f')} |")
     if rows and "copy_gbps" in rows[0]:
         print(f"\ncopy bandwidth measured first: {rows[0]['copy_gbps']:.0f} GB/s")
+    for r in end_to_end:
+        print(f"end to end ({r['num_prompts']} prompts, concurrency {r['concurrency']}, {r['device']}): "
+              f"{r['pagedllm_tok_s']:.0f} output tok/s")
 
 
 if __name__ == "__main__":

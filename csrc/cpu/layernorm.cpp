@@ -9,17 +9,16 @@
 // last dim contiguous). Parallel over rows; the inner loops are contiguous float loops, and the
 // sum of squares keeps kLanes independent partial sums so -O3 vectorizes it without reassociation.
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <optional>
 #include <vector>
 
 #include <ATen/Parallel.h>
-#include <ATen/TensorUtils.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "dispatch_utils.h"
+#include "op_checks.h"
 #include "ops.h"
 
 namespace pagedllm::cpu {
@@ -27,26 +26,9 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // independent partial sums: one or two SIMD registers of floats
 
-// t as a [rows, hidden] view of the same storage when its leading dims collapse into one strided
-// dim and its last dim is contiguous; nullopt otherwise.
-std::optional<at::Tensor> as_rows(const at::Tensor& t) {
-  const int64_t hidden = t.size(-1);
-  if (hidden > 1 && t.stride(-1) != 1) return std::nullopt;
-  const int64_t rows = t.numel() / hidden;
-  const std::array<int64_t, 2> shape{rows, hidden};
-  if (!at::detail::computeStride(t.sizes(), t.strides(), at::IntArrayRef(shape))) return std::nullopt;
-  return t.view(at::IntArrayRef(shape));
-}
-
-void check_common(const at::Tensor& x, const at::Tensor& weight, const char* name) {
+void check_devices(const at::Tensor& x, const at::Tensor& weight, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), name,
               ": all tensors must be on the CPU, got ", x.device(), " and weight on ", weight.device());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, name, ": input must have a non-empty last dim, got shape ",
-              x.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), name, ": weight must be [hidden] = [",
-              x.size(-1), "], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), name, ": weight dtype ", weight.scalar_type(),
-              " must equal the input dtype ", x.scalar_type());
 }
 
 // Sum of squares of buf[0, n), with kLanes independent accumulators (vectorizable, deterministic).
@@ -118,15 +100,9 @@ void fused_add_rms_norm_impl(T* input,     // [rows, hidden], row stride in_stri
 }  // namespace
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
-  check_common(input, weight, "rms_norm");
+  check_devices(input, weight, "rms_norm");
   TORCH_CHECK(out.device().is_cpu(), "rms_norm: out must be on the CPU, got ", out.device());
-  TORCH_CHECK(out.scalar_type() == input.scalar_type(), "rms_norm: out dtype ", out.scalar_type(),
-              " must equal the input dtype ", input.scalar_type());
-  TORCH_CHECK(out.sizes() == input.sizes(), "rms_norm: out shape ", out.sizes(), " must equal the input shape ",
-              input.sizes());
-  auto out_rows = as_rows(out);
-  TORCH_CHECK(out_rows.has_value(), "rms_norm: out must be viewable as [rows, hidden] with a contiguous last dim, "
-              "got strides ", out.strides());
+  const at::Tensor out_rows = check_rms_norm(out, input, weight);  // [rows, hidden]
   // The input is only read: when it cannot be viewed as strided rows, a contiguous copy will do.
   auto in_rows = as_rows(input);
   const at::Tensor in2d = in_rows ? *in_rows : input.contiguous().view({-1, input.size(-1)});
@@ -134,33 +110,24 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
   const int64_t rows = in2d.size(0), hidden = in2d.size(1);
   if (rows == 0) return;
   PAGEDLLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rms_norm", [&] {
-    rms_norm_impl<scalar_t>(out_rows->data_ptr<scalar_t>(), in2d.const_data_ptr<scalar_t>(),
+    rms_norm_impl<scalar_t>(out_rows.data_ptr<scalar_t>(), in2d.const_data_ptr<scalar_t>(),
                             w.const_data_ptr<scalar_t>(), rows, hidden, in2d.stride(0),
-                            out_rows->stride(0), static_cast<float>(epsilon));
+                            out_rows.stride(0), static_cast<float>(epsilon));
   });
 }
 
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
-  check_common(input, weight, "fused_add_rms_norm");
+  check_devices(input, weight, "fused_add_rms_norm");
   TORCH_CHECK(residual.device().is_cpu(), "fused_add_rms_norm: residual must be on the CPU, got ",
               residual.device());
-  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), "fused_add_rms_norm: residual dtype ",
-              residual.scalar_type(), " must equal the input dtype ", input.scalar_type());
-  TORCH_CHECK(residual.sizes() == input.sizes(), "fused_add_rms_norm: residual shape ", residual.sizes(),
-              " must equal the input shape ", input.sizes());
-  auto in_rows = as_rows(input);
-  auto res_rows = as_rows(residual);
-  TORCH_CHECK(in_rows && res_rows, "fused_add_rms_norm: input and residual are written in place and must be "
-              "viewable as [rows, hidden] with a contiguous last dim, got strides ", input.strides(), " and ",
-              residual.strides());
-  const int64_t rows = in_rows->size(0), hidden = in_rows->size(1);
+  const ResidualRows r = check_fused_add_rms_norm(input, residual, weight);  // [rows, hidden] views
+  const int64_t rows = r.input.size(0), hidden = r.input.size(1);
   if (rows == 0) return;
-  TORCH_CHECK(input.data_ptr() != residual.data_ptr(), "fused_add_rms_norm: input and residual must not alias");
   const at::Tensor w = weight.contiguous();
   PAGEDLLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_add_rms_norm", [&] {
-    fused_add_rms_norm_impl<scalar_t>(in_rows->data_ptr<scalar_t>(), res_rows->data_ptr<scalar_t>(),
-                                      w.const_data_ptr<scalar_t>(), rows, hidden, in_rows->stride(0),
-                                      res_rows->stride(0), static_cast<float>(epsilon));
+    fused_add_rms_norm_impl<scalar_t>(r.input.data_ptr<scalar_t>(), r.residual.data_ptr<scalar_t>(),
+                                      w.const_data_ptr<scalar_t>(), rows, hidden, r.input.stride(0),
+                                      r.residual.stride(0), static_cast<float>(epsilon));
   });
 }
 

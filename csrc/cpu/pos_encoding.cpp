@@ -14,47 +14,11 @@
 #include <c10/util/Exception.h>
 
 #include "dispatch_utils.h"
+#include "op_checks.h"
 #include "ops.h"
 
 namespace pagedllm::cpu {
 namespace {
-
-// Where the heads of one of query / key live: token and head strides, in elements.
-struct HeadLayout {
-  int64_t num_heads = 0;
-  int64_t token_stride = 0;
-  int64_t head_stride = 0;
-};
-
-HeadLayout check_heads(const at::Tensor& t, const char* name, int64_t num_tokens, int64_t head_size,
-                       at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu(), "rotary_embedding: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "rotary_embedding: ", name, " dtype ", t.scalar_type(),
-              " must equal the query dtype ", dtype);
-  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, "rotary_embedding: ", name,
-              " must be [num_tokens, num_heads * head_size] or [num_tokens, num_heads, head_size], got ",
-              t.sizes());
-  TORCH_CHECK(t.size(0) == num_tokens, "rotary_embedding: ", name, " has ", t.size(0),
-              " tokens but positions has ", num_tokens);
-  HeadLayout l;
-  l.token_stride = t.stride(0);
-  if (t.dim() == 2) {
-    TORCH_CHECK(t.size(1) % head_size == 0, "rotary_embedding: ", name, " row of ", t.size(1),
-                " is not a multiple of head_size ", head_size);
-    TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "rotary_embedding: ", name,
-                " must have a contiguous last dim, got strides ", t.strides());
-    l.num_heads = t.size(1) / head_size;
-    l.head_stride = head_size;
-  } else {
-    TORCH_CHECK(t.size(2) == head_size, "rotary_embedding: ", name, " head dim ", t.size(2),
-                " must equal head_size ", head_size);
-    TORCH_CHECK(t.stride(2) == 1, "rotary_embedding: ", name, " must have a contiguous last dim, got strides ",
-                t.strides());
-    l.num_heads = t.size(1);
-    l.head_stride = t.stride(1);
-  }
-  return l;
-}
 
 template <typename T, bool kNeox>
 inline void rotate_head(T* h,             // [head_size], rotated in its first 2 * embed dims
@@ -107,27 +71,14 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, std::optio
   TORCH_CHECK(positions.device().is_cpu() && cos_sin_cache.device().is_cpu(),
               "rotary_embedding: positions and cos_sin_cache must be on the CPU, got ", positions.device(),
               " and ", cos_sin_cache.device());
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1,
-              "rotary_embedding: positions must be a 1-D int64 tensor [num_tokens], got ",
-              positions.scalar_type(), " ", positions.sizes());
-  TORCH_CHECK(head_size > 0, "rotary_embedding: head_size must be positive, got ", head_size);
-  const int64_t num_tokens = positions.size(0);
+  TORCH_CHECK(query.device().is_cpu(), "rotary_embedding: query must be on the CPU, got ", query.device());
+  if (key.has_value()) {
+    TORCH_CHECK(key->device().is_cpu(), "rotary_embedding: key must be on the CPU, got ", key->device());
+  }
+  const RotaryLayout layout = check_rotary_embedding(positions, query, key, head_size, cos_sin_cache);
+  const HeadLayout q = layout.query, k = layout.key;
+  const int64_t num_tokens = positions.size(0), rot_dim = layout.rot_dim, max_position = cos_sin_cache.size(0);
   const at::ScalarType dtype = query.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "rotary_embedding: query must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(cos_sin_cache.scalar_type() == dtype, "rotary_embedding: cos_sin_cache dtype ",
-              cos_sin_cache.scalar_type(), " must equal the query dtype ", dtype,
-              " (cast the cache once, e.g. cos_sin_cache.to(query.dtype))");
-  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.is_contiguous(),
-              "rotary_embedding: cos_sin_cache must be a contiguous [max_position, rot_dim] tensor, got ",
-              cos_sin_cache.sizes(), " with strides ", cos_sin_cache.strides());
-  const int64_t rot_dim = cos_sin_cache.size(1), max_position = cos_sin_cache.size(0);
-  TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size,
-              "rotary_embedding: rot_dim (cos_sin_cache.size(1) = ", rot_dim,
-              ") must be even, positive and <= head_size ", head_size);
-  const HeadLayout q = check_heads(query, "query", num_tokens, head_size, dtype);
-  HeadLayout k;
-  if (key.has_value()) k = check_heads(*key, "key", num_tokens, head_size, dtype);
   const at::Tensor pos = positions.contiguous();
   const int64_t* p = pos.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < num_tokens; ++t) {

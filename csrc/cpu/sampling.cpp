@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "op_checks.h"
 #include "ops.h"
 
 namespace pagedllm::cpu {
@@ -235,37 +236,14 @@ int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_
   return argmax_first(logits, vocab);
 }
 
-void check_param(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t batch,
-                 const at::Tensor& logits) {
-  TORCH_CHECK(t.device() == logits.device(), "sample_tokens: ", name, " must be on the logits' device (",
-              logits.device(), "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "sample_tokens: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, "sample_tokens: ", name, " must have shape [", batch,
-              "] (one value per logits row), got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "sample_tokens: ", name, " must be contiguous");
-}
-
 }  // namespace
 
 void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature,
                    const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
                    const at::Tensor& seeds, const at::Tensor& offsets) {
   TORCH_CHECK(logits.device().is_cpu(), "sample_tokens (cpu): logits must be on the CPU, got ", logits.device());
-  TORCH_CHECK(logits.dim() == 2, "sample_tokens: logits must be 2-D [batch, vocab], got ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat, "sample_tokens: logits must be float32, got ",
-              logits.scalar_type());
+  check_sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
-  TORCH_CHECK(vocab > 0, "sample_tokens: vocab (logits.size(1)) must be > 0");
-  TORCH_CHECK(vocab == 1 || logits.stride(1) == 1, "sample_tokens: the last dim of logits must be contiguous");
-  TORCH_CHECK(logits.stride(0) >= 0, "sample_tokens: negative row stride");
-  check_param(out, "out", at::kLong, batch, logits);
-  check_param(temperature, "temperature", at::kFloat, batch, logits);
-  check_param(top_k, "top_k", at::kInt, batch, logits);
-  check_param(top_p, "top_p", at::kFloat, batch, logits);
-  check_param(min_p, "min_p", at::kFloat, batch, logits);
-  check_param(seeds, "seeds", at::kLong, batch, logits);
-  check_param(offsets, "offsets", at::kLong, batch, logits);
 
   const float* temperature_p = temperature.data_ptr<float>();  // [batch]
   const int32_t* top_k_p = top_k.data_ptr<int32_t>();          // [batch]

@@ -8,65 +8,15 @@
 
 #include "cuda/attention_decode_kernels.h"
 #include "cuda/torch_utils.h"
+#include "op_checks.h"
 #include "ops.h"
 
 namespace pagedllm::cuda {
-namespace {
-
-void check_inputs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-                  const at::Tensor& value_cache, const at::Tensor& block_tables,
-                  const at::Tensor& seq_lens) {
-  TORCH_CHECK(query.dim() == 3, "paged_attention: query must be [num_seqs, num_heads, head_size], got ",
-              query.sizes());
-  TORCH_CHECK(out.sizes() == query.sizes(), "paged_attention: out shape ", out.sizes(),
-              " does not match query shape ", query.sizes());
-  TORCH_CHECK(key_cache.dim() == 4,
-              "paged_attention: key_cache must be [num_blocks, num_kv_heads, block_size, head_size], got ",
-              key_cache.sizes());
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "paged_attention: value_cache shape ",
-              value_cache.sizes(), " does not match key_cache shape ", key_cache.sizes());
-  const auto dt = query.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "paged_attention: query dtype must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(out.scalar_type() == dt, "paged_attention: out dtype ", out.scalar_type(),
-              " does not match query dtype ", dt);
-  TORCH_CHECK(key_cache.scalar_type() == dt, "paged_attention: key_cache dtype ",
-              key_cache.scalar_type(), " does not match query dtype ", dt);
-  TORCH_CHECK(value_cache.scalar_type() == dt, "paged_attention: value_cache dtype ",
-              value_cache.scalar_type(), " does not match query dtype ", dt);
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt, "paged_attention: block_tables must be int32, got ",
-              block_tables.scalar_type());
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt, "paged_attention: seq_lens must be int32, got ",
-              seq_lens.scalar_type());
-  const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_size = query.size(2);
-  const int64_t num_kv_heads = key_cache.size(1), block_size = key_cache.size(2);
-  TORCH_CHECK(key_cache.size(3) == head_size, "paged_attention: key_cache head_size ", key_cache.size(3),
-              " does not match query head_size ", head_size);
-  TORCH_CHECK(head_size == 64 || head_size == 80 || head_size == 96 || head_size == 128 || head_size == 256,
-              "Unsupported head size: ", head_size);
-  TORCH_CHECK(block_size == 16 || block_size == 32, "Unsupported block size: ", block_size);
-  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "paged_attention: num_heads (", num_heads,
-              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
-  TORCH_CHECK(query.stride(2) == 1, "paged_attention: query's last dim must be contiguous");
-  TORCH_CHECK(out.stride(2) == 1, "paged_attention: out's last dim must be contiguous");
-  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(),
-              "paged_attention: key_cache and value_cache must be contiguous");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs,
-              "paged_attention: block_tables must be [num_seqs = ", num_seqs, ", max_blocks], got ",
-              block_tables.sizes());
-  TORCH_CHECK(block_tables.size(1) <= 1 || block_tables.stride(1) == 1,
-              "paged_attention: block_tables' last dim must be contiguous");
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == num_seqs && seq_lens.is_contiguous(),
-              "paged_attention: seq_lens must be a contiguous [num_seqs = ", num_seqs, "] tensor, got ",
-              seq_lens.sizes());
-}
-
-}  // namespace
 
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                      const at::Tensor& value_cache, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, double scale, int64_t sliding_window) {
-  check_inputs(out, query, key_cache, value_cache, block_tables, seq_lens);
+  check_paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &key_cache, &value_cache,
                               &block_tables, &seq_lens}) {
     TORCH_CHECK(t->device() == query.device(), "paged_attention (cuda): every tensor must be on ",

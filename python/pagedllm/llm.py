@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.inputs import PromptType
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import ChatCompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -50,6 +50,27 @@ class LLM:
         else:
             params_list = [sampling_params] * len(prompts)
         return self._run(prompts, params_list, use_tqdm)
+
+    def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True, chat_template=None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: Optional[list] = None, documents: Optional[list] = None,
+             chat_template_kwargs: Optional[dict] = None, tool_parser: Optional[str] = None,
+             mm_processor_kwargs: Optional[dict] = None) -> list[ChatCompletionOutput]:
+        """Answers one conversation (a list of {"role", "content"} messages) or a list of conversations, in
+        order: each is rendered with the chat template (the chat_template argument: a template, a path to a
+        .jinja file or a shipped template's name; else the tokenizer's; else pagedllm's for GPT-2 / DialoGPT),
+        generated with sampling_params (one, or a list with one per conversation), and read back as a
+        ChatCompletionOutput: .message (content, tool_calls, reasoning_content), .finish_reason ("tool_calls"
+        when tool calls were parsed) and vLLM's .outputs. tools (OpenAI function format) and documents
+        ([{"title", "text"}]) reach the template; chat_template_kwargs are further template variables
+        (e.g. enable_thinking); tool_parser names the parser ("hermes", "llama3_json", "mistral",
+        "pythonic"), else the template's format picks one when tools are given."""
+        from pagedllm.chat.chat import chat
+        return chat(self, messages, sampling_params, use_tqdm=use_tqdm, chat_template=chat_template,
+                    chat_template_content_format=chat_template_content_format,
+                    add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                    tools=tools, documents=documents, chat_template_kwargs=chat_template_kwargs,
+                    tool_parser=tool_parser, mm_processor_kwargs=mm_processor_kwargs)
 
     def _run(self, prompts: list, params_list: list, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -4,7 +4,6 @@ so small that sequences get preempted."""
 import random
 
 import pytest
-import torch
 
 from hf_reference import hf_greedy, hf_model
 from model_factory import ARCHS, make_tiny_model

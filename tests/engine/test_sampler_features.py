@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from model_factory import make_tiny_model
 from pagedllm import LLM, SamplingParams

@@ -31,6 +31,13 @@ def _config_max_len(hf_config) -> Optional[int]:
     return None
 
 
+@torch.no_grad()
+def _init_dummy_weights(model: torch.nn.Module) -> None:
+    """load_format="dummy": small uniform weights (vLLM's range), for throughput runs without a checkpoint."""
+    for p in model.parameters():
+        p.uniform_(-1e-3, 1e-3)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         from pagedllm.models import loader
@@ -39,13 +46,17 @@ class LLMEngine:
         self.device = args.resolve_device()
         source = loader.resolve_model(args.model, download_dir=args.download_dir, revision=args.revision)
         self.hf_config = loader.load_config(source)
-        self.tokenizer = loader.load_tokenizer(source, args.tokenizer)
+        self.tokenizer = None if args.skip_tokenizer_init else loader.load_tokenizer(source, args.tokenizer)
         self.generation_config = loader.load_generation_config(source)
         self.dtype = args.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
         if args.seed is not None:
             torch.manual_seed(args.seed)
         self._rng = random.Random(args.seed)
-        model = loader.load_model(source, self.hf_config, self.dtype, self.device)
+        if args.load_format == "dummy":
+            model = loader.build_model(self.hf_config, self.dtype, self.device)
+            _init_dummy_weights(model)
+        else:
+            model = loader.load_model(source, self.hf_config, self.dtype, self.device)
         self.model_config_max_len = _config_max_len(self.hf_config)
         self.max_model_len = self._max_model_len(args.max_model_len)
         self.vocab_size = getattr(model, "vocab_size", None) or self.hf_config.vocab_size
@@ -96,7 +107,8 @@ class LLMEngine:
         if self.args.num_gpu_blocks_override is not None:
             return self.args.num_gpu_blocks_override
         if self.device.type == "cuda":
-            return self.runner.profile_num_blocks(self.args.gpu_memory_utilization, max_num_batched_tokens)
+            return self.runner.profile_num_blocks(self.args.gpu_memory_utilization, max_num_batched_tokens,
+                                                  self.max_model_len)
         return self.runner.cpu_num_blocks(self.args.kv_cache_space or 4)
 
     def _eos_ids(self) -> frozenset:
@@ -104,6 +116,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         eos = self.generation_config.get("eos_token_id")
+        if eos is None and self.tokenizer is None:
+            eos = getattr(self.hf_config, "eos_token_id", None)
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return frozenset(ids)
 
@@ -118,6 +132,9 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int], Optional[str]]:
+        if self.tokenizer is None and not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
+            raise ValueError("With skip_tokenizer_init=True a prompt must be a TokensPrompt "
+                             "({'prompt_token_ids': [...]}).")
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt), None
         if isinstance(prompt, dict):
@@ -241,7 +258,7 @@ class LLMEngine:
             if seq.logprobs is None:
                 seq.logprobs = []
             seq.logprobs.append(entry)
-        new_text = detokenize_incrementally(self.tokenizer, seq) if params.detokenize else ""
+        new_text = detokenize_incrementally(self.tokenizer, seq) if params.detokenize and self.tokenizer else ""
         stop = check_stop(seq, new_text, self.eos_token_ids, self.max_model_len)
         if stop is not None:
             self.scheduler.finish(seq, *stop)

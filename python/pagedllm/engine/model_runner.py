@@ -46,18 +46,21 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_size * elem
 
-    def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
+    def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int,
+                           max_model_len: int) -> int:
         """GPU: blocks that fit in utilization x total memory minus weights and the activation peak
-        of a full-budget prefill (measured by running one)."""
+        of a full-budget prefill (measured by running one, as sequences no longer than max_model_len)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        lens = [max_num_batched_tokens]
-        needed = -(-max_num_batched_tokens // self.block_size)
+        full, rest = divmod(max_num_batched_tokens, max_model_len)
+        lens = [max_model_len] * full + ([rest] if rest else [])
+        needed = sum(-(-n // self.block_size) for n in lens)
         self.allocate_kv_cache(needed)
         md = make_prefill_metadata(lens, self.block_size, self.device)
         ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         with torch.inference_mode(), set_attention_metadata(md):
-            hidden = self.model(ids, torch.arange(max_num_batched_tokens, device=self.device))
+            hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-min(256, len(hidden)):])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - needed * self.bytes_per_block
@@ -155,13 +158,19 @@ class ModelRunner:
         # position of a sequence that asked for prompt logprobs.
         sample_idx, rows, owners = [], [], []
         prompt_lp: dict[int, tuple[int, list[int], list[int]]] = {}
+        claimed: dict[str, int] = {}  # request id -> prompt positions already taken this step
         offset = 0
         for item in sched.scheduled:
             seq = item.seq
             if seq.request.params.prompt_logprobs is not None:
                 plen = len(seq.prompt_token_ids)
-                positions_here = [p for p in range(item.start, item.start + item.num_new_tokens) if p < plen - 1]
+                # Positions already reported (a recompute after preemption, or a forked sample) are skipped.
+                done = len(seq.request.prompt_logprobs) - 1 if seq.request.prompt_logprobs else 0
+                done = max(done, claimed.get(seq.request.request_id, 0))
+                positions_here = [p for p in range(item.start, item.start + item.num_new_tokens)
+                                  if done <= p < plen - 1]
                 if positions_here:
+                    claimed[seq.request.request_id] = positions_here[-1] + 1
                     prompt_lp[seq.seq_id] = (offset + positions_here[0] - item.start, positions_here,
                                              [seq.prompt_token_ids[p + 1] for p in positions_here])
             if item.samples and seq.seq_id in sample_rows:
