@@ -1,0 +1,1 @@
+"""Entry points: the `pagedllm` command (cli.py) and the OpenAI-compatible server (openai/)."""

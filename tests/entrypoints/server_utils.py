@@ -1,0 +1,91 @@
+"""A real uvicorn server in a thread on 127.0.0.1 (a socket bound to a free port first, so no race), the tiny
+models the server tests use, and a logits processor that makes the model say a given text."""
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from typing import Optional
+
+import torch
+import uvicorn
+
+# Small: the tiny models' context is 512 tokens and their tokenizer spends a token on most characters.
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+class ServerThread:
+    def __init__(self, app):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+def forcing(token_ids: list[int], eos_id: int):
+    """A logits processor that lets through only the next of token_ids, then EOS: the model says exactly them."""
+    def processor(output_ids, logits):
+        step = len(output_ids)
+        target = token_ids[step] if step < len(token_ids) else eos_id
+        masked = torch.full_like(logits, float("-inf"))
+        masked[target] = 0.0
+        return masked
+    return processor
+
+
+class ForcedOutputs:
+    """Wraps LLMEngine.add_request: a prompt that holds a registered marker gets a forcing logits processor, so
+    the model answers the text registered for that marker (how the tests make a random model call a tool)."""
+
+    def __init__(self, llm_engine):
+        self.engine = llm_engine
+        self.tokenizer = llm_engine.get_tokenizer()
+        self.texts: dict[str, str] = {}
+        self._real = llm_engine.add_request
+        llm_engine.add_request = self.add_request
+
+    def add_request(self, request_id, prompt, params=None, **kwargs):
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        for marker, forced in self.texts.items():
+            if text and marker in text:
+                ids = self.tokenizer.encode(forced, add_special_tokens=False)
+                params = params.clone()
+                params.logits_processors = [forcing(ids, self.tokenizer.eos_token_id)]
+                params.max_tokens = max(params.max_tokens or 0, len(ids) + 2)
+                break
+        return self._real(request_id, prompt, params, **kwargs)
+
+
+def scrape(text: str, name: str, default: Optional[float] = None) -> float:
+    """The value of metric `name` (any labels) in Prometheus text; summed when several label sets match."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if m:
+            total += float(m.group(2))
+            found = True
+    if not found:
+        if default is None:
+            raise KeyError(name)
+        return default
+    return total
