@@ -22,6 +22,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "ChatCompletionOutput", "ChatMessage", "ToolCall", "FunctionCall", "Logprob",
-           "TextPrompt", "TokensPrompt"]
+__all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "SamplingParams",
+           "RequestOutput", "CompletionOutput", "ChatCompletionOutput", "ChatMessage", "ToolCall", "FunctionCall",
+           "Logprob", "TextPrompt", "TokensPrompt"]

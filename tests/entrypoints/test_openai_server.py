@@ -98,7 +98,8 @@ def test_tokenize_detokenize(http, engine):
     assert http.post("/detokenize", json={"model": MODEL, "tokens": r["tokens"]}).json()["prompt"] == "Hello world!"
     chat = http.post("/tokenize", json={"messages": chat_messages("Hi")}).json()
     text = tok.decode(chat["tokens"])
-    assert text.startswith("<|im_start|>system\nYou are helpful.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\nYou are helpful.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
     bad = http.post("/detokenize", json={"tokens": [1, 10 ** 7]})
     assert bad.status_code == 400 and "out of vocabulary" in bad.json()["error"]["message"]
 
@@ -412,3 +413,54 @@ def test_20_clients_disconnecting_mid_stream_leave_nothing(server, http):
     assert scrape(text, "pagedllm:num_kv_blocks_used") == 0
     # None of the 21 requests ran to its end (400+ tokens each): they were aborted.
     assert scrape(text, "pagedllm:request_success_total", 0) == done_before
+
+
+BAD_BODIES = [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 123}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [1, 2]}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "no role"}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"messages": 1}}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "chat_template": "{{ raise_exception('no') }}"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "chat_template": "{{ ''.__class__.__mro__ }}"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
+                              "n": 2, "best_of": 3}),
+    ("/v1/completions", {"model": MODEL, "prompt": []}),
+    ("/v1/completions", {"model": MODEL, "prompt": [[]]}),
+    ("/v1/completions", {"model": MODEL, "prompt": [-1, 5]}),
+    ("/v1/completions", {"model": MODEL, "prompt": {"a": 1}}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": 5}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 1, "n": 2}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 1.5}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True, "min_tokens": 5, "max_tokens": 2}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "allowed_token_ids": []}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "truncate_prompt_tokens": 0}),
+    ("/v1/completions", [1, 2, 3]),
+    ("/tokenize", {"model": MODEL}),
+    ("/detokenize", {"model": MODEL, "tokens": "abc"}),
+]
+
+
+@pytest.mark.parametrize("path,body", BAD_BODIES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(BAD_BODIES)])
+def test_bad_input_is_a_400_never_a_500(http, path, body):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]

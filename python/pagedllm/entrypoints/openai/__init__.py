@@ -1,1 +1,2 @@
-"""The OpenAI-compatible server: api_server (app + routes), protocol (pydantic models), serving_* (handlers), metrics."""
+"""The OpenAI-compatible server: api_server (app, routes, middleware), protocol (pydantic models), serving_*
+(request handlers), metrics (Prometheus)."""

@@ -105,7 +105,7 @@ class OpenAIServingChat:
         """A ChatCompletionResponse, or (stream) an async iterator of SSE strings. Raises OpenAIError."""
         try:
             prompt, params, parser, think_in_prompt = self._prepare(req)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:   # TypeError: message parts / template variables of the wrong kind
             raise bad_request(e) from None
         request_id = random_id("chatcmpl")
         gen = self.engine.generate(prompt, params, request_id)

@@ -78,7 +78,7 @@ class OpenAIServingCompletion:
         """A CompletionResponse, or (stream) an async iterator of SSE strings. Raises OpenAIError."""
         try:
             requests = self._requests(req)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise bad_request(e) from None
         request_id = random_id("cmpl")
         gens = [self.engine.generate(prompt, params, f"{request_id}-{i}") for i, (prompt, params) in
