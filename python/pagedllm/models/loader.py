@@ -142,8 +142,10 @@ def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None, **kwarg
 
 def load_generation_config(source: ModelSource) -> dict[str, Any]:
     """generation_config.json's fields (vLLM turns them into default SamplingParams); {} if none."""
+    from pagedllm.default_model import DEFAULT_MODEL_NAME, GENERATION_DEFAULTS
+
     if source.is_gguf:
-        return {}
+        return dict(GENERATION_DEFAULTS) if source.name == DEFAULT_MODEL_NAME else {}
     path = source.path / "generation_config.json"
     if not path.is_file():
         return {}
