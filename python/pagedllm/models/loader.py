@@ -216,7 +216,7 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.fl
 
 def checkpoint_dtype(config) -> Optional[torch.dtype]:
     """The dtype the checkpoint declares (config.dtype / torch_dtype), None if it declares none."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    value = getattr(config, "dtype", None)  # transformers >= 4.56 (torch_dtype is its deprecated alias)
     if isinstance(value, str):
         value = _DTYPES.get(value.lower().removeprefix("torch."))
     return value if isinstance(value, torch.dtype) else None
