@@ -6,10 +6,6 @@ from typing import Optional
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16}
-
-
 @dataclass
 class EngineArgs:
     model: Optional[str] = None
@@ -54,8 +50,6 @@ class EngineArgs:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
         if self.tensor_parallel_size != 1:
             raise ValueError(f"pagedllm runs on one device: tensor_parallel_size must be 1, got {self.tensor_parallel_size}.")
-        if self.dtype != "auto" and self.dtype not in _DTYPES and not isinstance(self.dtype, torch.dtype):
-            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}, got {self.dtype!r}.")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         if self.preemption_mode not in (None, "recompute", "swap"):
@@ -75,16 +69,6 @@ class EngineArgs:
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} was requested but torch sees no CUDA device.")
         return torch.device(self.device)
-
-    def resolve_dtype(self, device: torch.device, checkpoint_dtype: Optional[torch.dtype]) -> torch.dtype:
-        """auto: fp32 on CPU; on GPU the checkpoint's half type, else bf16."""
-        if isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
-        if device.type == "cpu":
-            return torch.float32
-        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 @dataclass

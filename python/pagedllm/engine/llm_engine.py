@@ -23,14 +23,6 @@ _GENERATION_CONFIG_KEYS = {"repetition_penalty": "repetition_penalty", "temperat
                            "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_new_tokens": "max_tokens"}
 
 
-def _config_max_len(hf_config) -> Optional[int]:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(hf_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 @torch.no_grad()
 def _init_dummy_weights(model: torch.nn.Module) -> None:
     """load_format="dummy": small uniform weights (vLLM's range), for throughput runs without a checkpoint."""
@@ -48,7 +40,7 @@ class LLMEngine:
         self.hf_config = loader.load_config(source)
         self.tokenizer = None if args.skip_tokenizer_init else loader.load_tokenizer(source, args.tokenizer)
         self.generation_config = loader.load_generation_config(source)
-        self.dtype = args.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
+        self.dtype = loader.resolve_dtype(args.dtype, self.hf_config, self.device)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         self._rng = random.Random(args.seed)
@@ -57,8 +49,7 @@ class LLMEngine:
             _init_dummy_weights(model)
         else:
             model = loader.load_model(source, self.hf_config, self.dtype, self.device)
-        self.model_config_max_len = _config_max_len(self.hf_config)
-        self.max_model_len = self._max_model_len(args.max_model_len)
+        self.max_model_len = self._max_model_len(args.max_model_len, loader.max_model_len_of(self.hf_config))
         self.vocab_size = getattr(model, "vocab_size", None) or self.hf_config.vocab_size
 
         self.runner = ModelRunner(model, self.hf_config, self.device, self.dtype, args.block_size, self.tokenizer)
@@ -92,13 +83,11 @@ class LLMEngine:
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
         return cls(engine_args)
 
-    def _max_model_len(self, requested: Optional[int]) -> int:
-        derived = self.model_config_max_len
+    @staticmethod
+    def _max_model_len(requested: Optional[int], derived: int) -> int:
         if requested is None:
-            if derived is None:
-                raise ValueError("The model config has no maximum length; pass max_model_len.")
             return derived
-        if derived is not None and requested > derived:
+        if requested > derived:
             raise ValueError(f"User-specified max_model_len ({requested}) is greater than the derived max_model_len "
                              f"(max_position_embeddings={derived} in model's config.json).")
         return requested

@@ -142,8 +142,10 @@ def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None, **kwarg
 
 def load_generation_config(source: ModelSource) -> dict[str, Any]:
     """generation_config.json's fields (vLLM turns them into default SamplingParams); {} if none."""
+    from pagedllm.default_model import DEFAULT_MODEL_NAME, GENERATION_DEFAULTS
+
     if source.is_gguf:
-        return {}
+        return dict(GENERATION_DEFAULTS) if source.name == DEFAULT_MODEL_NAME else {}
     path = source.path / "generation_config.json"
     if not path.is_file():
         return {}
@@ -214,7 +216,7 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.fl
 
 def checkpoint_dtype(config) -> Optional[torch.dtype]:
     """The dtype the checkpoint declares (config.dtype / torch_dtype), None if it declares none."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    value = getattr(config, "dtype", None)  # transformers >= 4.56 (torch_dtype is its deprecated alias)
     if isinstance(value, str):
         value = _DTYPES.get(value.lower().removeprefix("torch."))
     return value if isinstance(value, torch.dtype) else None
