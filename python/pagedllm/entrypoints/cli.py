@@ -30,6 +30,7 @@ _ENGINE_OPTIONS = {
     "revision": (str, "model revision on the hub"),
     "download_dir": (str, "where hub models are downloaded"),
     "preemption_mode": (str, "recompute or swap"),
+    "load_format": (str, "auto, or dummy: random weights from the model's config.json (benchmarks)"),
     "trust_remote_code": (bool, "accepted for vLLM compatibility (pagedllm runs no remote code)"),
     "enforce_eager": (bool, "accepted for vLLM compatibility"),
 }
