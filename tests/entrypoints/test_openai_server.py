@@ -26,6 +26,7 @@ NUM_BLOCKS = 400
 TOOL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TWO_CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
              '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call>')
+THINKING = "<think>\nThe capital is Paris.\n</think>\n\nParis."
 GREEDY = {"temperature": 0}
 
 
@@ -39,6 +40,7 @@ def engine(tmp_path_factory):
     forced = ForcedOutputs(eng.engine)
     forced.texts["FORCE_ONE_CALL"] = TOOL_TEXT
     forced.texts["FORCE_TWO_CALLS"] = TWO_CALLS
+    forced.texts["FORCE_THINKING"] = THINKING
     yield eng
     eng.shutdown()
 
@@ -257,6 +259,33 @@ def test_tool_choice_none_and_unsupported(client):
     with pytest.raises(openai.BadRequestError, match="not supported yet"):
         client.chat.completions.create(model=MODEL, messages=chat_messages(), tools=[WEATHER_TOOL],
                                        tool_choice="required", max_tokens=4)
+
+
+def test_tool_history_renders(http, engine):
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = http.post("/tokenize", json={"messages": messages, "tools": [WEATHER_TOOL]})
+    text = engine.get_tokenizer().decode(r.json()["tokens"])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text and "<tools>" in text
+
+
+def test_reasoning_parser(engine):
+    app = build_app(engine, served_model_names=[MODEL], chat_template="chatml_hermes_tools", reasoning_parser="qwen3")
+    with ServerThread(app) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "FORCE_THINKING"}], **GREEDY)
+        msg = client.chat.completions.create(**kwargs).choices[0].message
+        assert msg.model_extra["reasoning_content"] == "The capital is Paris." and msg.content == "Paris."
+        reasoning = content = ""
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            if chunk.choices:
+                reasoning += chunk.choices[0].delta.model_extra.get("reasoning_content") or ""
+                content += chunk.choices[0].delta.content or ""
+        assert (reasoning, content) == ("The capital is Paris.", "Paris.")
 
 
 # --- errors ---------------------------------------------------------------------------------------------
