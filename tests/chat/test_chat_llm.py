@@ -142,7 +142,6 @@ TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris",
 
 
 def test_tool_call_parsed_end_to_end(llm):
-    pytest.importorskip("pagedllm.chat.tool_parsers.registry")
     out = forced_chat(llm, TOOL_CALL, tools=[WEATHER_TOOL], chat_template="chatml_hermes_tools")
     assert "<tools>\n" + json.dumps(WEATHER_TOOL) in out.prompt  # the tools reached the template
     [call] = out.message.tool_calls
@@ -154,7 +153,6 @@ def test_tool_call_parsed_end_to_end(llm):
 
 
 def test_tool_call_with_text_before_it_and_an_explicit_parser(llm):
-    pytest.importorskip("pagedllm.chat.tool_parsers.registry")
     out = forced_chat(llm, "Let me check.\n" + TOOL_CALL, tool_parser="hermes")  # no tools, parser named
     assert out.message.content.strip() == "Let me check."
     assert [c.function.name for c in out.message.tool_calls] == ["get_weather"]
@@ -167,7 +165,6 @@ def test_no_tools_no_parser_leaves_the_text_alone(llm):
 
 
 def test_malformed_tool_call_stays_content(llm):
-    pytest.importorskip("pagedllm.chat.tool_parsers.registry")
     text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
     out = forced_chat(llm, text, tools=[WEATHER_TOOL], chat_template="chatml_hermes_tools")
     assert out.message.tool_calls == [] and out.finish_reason == "stop"
@@ -175,7 +172,6 @@ def test_malformed_tool_call_stays_content(llm):
 
 
 def test_reasoning_is_split_off(llm):
-    pytest.importorskip("pagedllm.chat.reasoning")
     out = forced_chat(llm, "<think>\nFrance's capital is Paris.\n</think>\n\nParis.")
     assert out.message.reasoning_content == "France's capital is Paris."
     assert out.message.content == "Paris."

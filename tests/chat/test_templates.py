@@ -455,10 +455,10 @@ def test_gpt2_fallback_renders_with_eos(tok):
     assert got == "Hi</s>"
 
 
-# --- the parser each shipped template calls for (needs the tool-parser registry) ----------------------
+# --- the parser each shipped template calls for ---------------------------------------------------------
 
 def test_pick_tool_parser_for_shipped_templates():
-    registry = pytest.importorskip("pagedllm.chat.tool_parsers.registry")
+    from pagedllm.chat.tool_parsers import registry
     assert registry.pick_tool_parser(shipped_template("chatml_hermes_tools")) == "hermes"
     assert registry.pick_tool_parser(shipped_template("llama3_json_tools")) == "llama3_json"
     assert registry.pick_tool_parser(shipped_template("gpt2_eos")) is None

@@ -2,7 +2,6 @@
 batch of prefills then decodes on a paged KV cache, and writing GGUF files the way llama.cpp does."""
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import torch
@@ -54,27 +53,6 @@ def make_hf_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
             else:
                 p.normal_(0.0, 0.1)
     return model.to(dtype).eval()
-
-
-@functools.lru_cache(maxsize=None)
-def kernels_available() -> bool:
-    """True when pagedllm._C is built and its norm / rope / cache / attention ops are written."""
-    try:
-        from pagedllm import _ops
-        from pagedllm.layers.attention_metadata import make_prefill_metadata
-
-        x = torch.ones(1, 64)
-        _ops.rms_norm(x, torch.ones(64), 1e-6)
-        _ops.rotary_embedding(torch.zeros(1, dtype=torch.long), x.clone(), x.clone(), 64, torch.ones(4, 64), True)
-        kc = torch.zeros(1, 1, 16, 64)
-        md = make_prefill_metadata([1], 16, "cpu")
-        _ops.reshape_and_cache(x.view(1, 1, 64), x.view(1, 1, 64), kc, kc.clone(), md.slot_mapping)
-        _ops.paged_prefill_attention(x.view(1, 1, 64), kc, kc.clone(), md.prefill_block_tables,
-                                     md.prefill_query_start_loc, md.prefill_seq_lens, 1, 1.0)
-        _ops.paged_attention(x.view(1, 1, 64), kc, kc.clone(), md.prefill_block_tables, md.prefill_seq_lens, 1.0)
-        return True
-    except Exception:
-        return False
 
 
 class PagedRunner:
