@@ -3,7 +3,6 @@ request with n outputs, the answer read back with the tool-call parser (pagedllm
 the server runs with --reasoning-parser, the <think> split (pagedllm.chat.reasoning), whole or streamed."""
 from __future__ import annotations
 
-import asyncio
 from typing import AsyncIterator, Optional
 
 from pagedllm.chat.reasoning import ReasoningStreamer, split_reasoning
@@ -18,7 +17,7 @@ from pagedllm.entrypoints.openai.protocol import (ChatCompletionLogProbs, ChatCo
                                                   FunctionCallModel, ToolCallModel, UsageInfo, random_id)
 from pagedllm.entrypoints.openai.serving_common import (DeltaTracker, OpenAIError, bad_request, chained,
                                                         check_lengths, merge_async_iterators, not_supported, prime,
-                                                        sampled_and_top, sse, sse_error, token_text)
+                                                        sampled_and_top, sse, sse_stream, token_text)
 from pagedllm.outputs import RequestOutput
 
 _MIN_LOGPROB = -9999.0
@@ -111,8 +110,8 @@ class OpenAIServingChat:
         gen = self.engine.generate(prompt, params, request_id)
         if req.stream:
             first = await prime([gen])
-            return self._stream(req, request_id, params, chained([gen], first)[0], self._parser_factory(parser),
-                                think_in_prompt)
+            return sse_stream(self._stream(req, request_id, params, chained([gen], first)[0],
+                                           self._parser_factory(parser), think_in_prompt))
         final: Optional[RequestOutput] = None
         try:
             async for _, out in merge_async_iterators([gen]):
@@ -200,72 +199,64 @@ class OpenAIServingChat:
                 resp.usage = usage()
             return sse(resp)
 
-        try:
-            async for _, out in merge_async_iterators([gen]):
-                prompt_tokens = len(out.prompt_token_ids)
-                for o in out.outputs:
-                    i = o.index
-                    if i not in trackers:
-                        trackers[i] = DeltaTracker.for_stops(params.stop, params.include_stop_str_in_output)
-                        if new_parser is not None:
-                            parsers[i] = new_parser()
-                        if self.reasoning:
-                            reasoners[i] = ReasoningStreamer(think_in_prompt)
-                        yield chunk(i, DeltaMessageModel(role="assistant", content=""))
-                    tracker = trackers[i]
-                    if tracker.finished:
-                        continue
-                    new_text, a, b = tracker.advance(o)
-                    completion_tokens[i] = len(o.token_ids)
-                    done = o.finish_reason is not None
-                    reasoning_delta, content_delta = None, new_text
-                    if i in reasoners:
-                        reasoning_delta, content_delta = reasoners[i].feed(new_text)
-                        if done:
-                            r2, c2 = reasoners[i].finish()
-                            reasoning_delta = _cat(reasoning_delta, r2)
-                            content_delta = _cat(content_delta, c2)
-                    tool_deltas = []
-                    if i in parsers:
-                        parser = parsers[i]
-                        msgs = [parser.extract_streaming(content_delta or "")]
-                        if done:
-                            msgs.append(parser.finish())
-                        content_delta = None
-                        for msg in msgs:
-                            if msg is None:
-                                continue
-                            content_delta = _cat(content_delta, msg.content)
-                            for d in msg.tool_calls:
-                                called[i] = True
-                                tool_deltas.append(DeltaToolCallModel(
-                                    index=d.index, id=d.id, type="function" if d.id is not None else None,
-                                    function=DeltaFunctionCall(name=d.name, arguments=d.arguments_delta)))
-                    delta = DeltaMessageModel()
-                    if content_delta:
-                        delta.content = content_delta
-                    if reasoning_delta:
-                        delta.reasoning_content = reasoning_delta
-                    if tool_deltas:
-                        delta.tool_calls = tool_deltas
-                    logprobs = None
-                    if req.logprobs and b > a:
-                        logprobs = self._logprobs(o.token_ids[a:b], (o.logprobs or [])[a:b],
-                                                  req.top_logprobs or 0)
-                    if not done and not delta.model_fields_set and logprobs is None:
-                        continue
-                    finish_reason = ("tool_calls" if called.get(i) else o.finish_reason) if done else None
-                    yield chunk(i, delta, logprobs, finish_reason, o.stop_reason if done else None)
-            if include_usage:
-                yield sse(ChatCompletionStreamResponse(id=request_id, model=self.model_name, choices=[],
-                                                       usage=usage()))
-        except ValueError as e:
-            yield sse_error(bad_request(e))
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as e:  # noqa: BLE001 - the status is sent already: report in the stream
-            yield sse_error(OpenAIError(f"{type(e).__name__}: {e}", 500, "server_error"))
-        yield "data: [DONE]\n\n"
+        async for _, out in merge_async_iterators([gen]):
+            prompt_tokens = len(out.prompt_token_ids)
+            for o in out.outputs:
+                i = o.index
+                if i not in trackers:
+                    trackers[i] = DeltaTracker.for_stops(params.stop, params.include_stop_str_in_output)
+                    if new_parser is not None:
+                        parsers[i] = new_parser()
+                    if self.reasoning:
+                        reasoners[i] = ReasoningStreamer(think_in_prompt)
+                    yield chunk(i, DeltaMessageModel(role="assistant", content=""))
+                tracker = trackers[i]
+                if tracker.finished:
+                    continue
+                new_text, a, b = tracker.advance(o)
+                completion_tokens[i] = len(o.token_ids)
+                done = o.finish_reason is not None
+                reasoning_delta, content_delta = None, new_text
+                if i in reasoners:
+                    reasoning_delta, content_delta = reasoners[i].feed(new_text)
+                    if done:
+                        r2, c2 = reasoners[i].finish()
+                        reasoning_delta = _cat(reasoning_delta, r2)
+                        content_delta = _cat(content_delta, c2)
+                tool_deltas = []
+                if i in parsers:
+                    parser = parsers[i]
+                    msgs = [parser.extract_streaming(content_delta or "")]
+                    if done:
+                        msgs.append(parser.finish())
+                    content_delta = None
+                    for msg in msgs:
+                        if msg is None:
+                            continue
+                        content_delta = _cat(content_delta, msg.content)
+                        for d in msg.tool_calls:
+                            called[i] = True
+                            tool_deltas.append(DeltaToolCallModel(
+                                index=d.index, id=d.id, type="function" if d.id is not None else None,
+                                function=DeltaFunctionCall(name=d.name, arguments=d.arguments_delta)))
+                delta = DeltaMessageModel()
+                if content_delta:
+                    delta.content = content_delta
+                if reasoning_delta:
+                    delta.reasoning_content = reasoning_delta
+                if tool_deltas:
+                    delta.tool_calls = tool_deltas
+                logprobs = None
+                if req.logprobs and b > a:
+                    logprobs = self._logprobs(o.token_ids[a:b], (o.logprobs or [])[a:b],
+                                              req.top_logprobs or 0)
+                if not done and not delta.model_fields_set and logprobs is None:
+                    continue
+                finish_reason = ("tool_calls" if called.get(i) else o.finish_reason) if done else None
+                yield chunk(i, delta, logprobs, finish_reason, o.stop_reason if done else None)
+        if include_usage:
+            yield sse(ChatCompletionStreamResponse(id=request_id, model=self.model_name, choices=[],
+                                                   usage=usage()))
 
 
 def _cat(a: Optional[str], b: Optional[str]) -> Optional[str]:

@@ -141,6 +141,21 @@ def sse_error(e: OpenAIError) -> str:
     return f"data: {json.dumps(e.body())}\n\n"
 
 
+async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """What every SSE response shares: the events, then `data: [DONE]`. The 200 is sent already, so an
+    error after it is reported in the stream (400 for a request error, 500 otherwise)."""
+    try:
+        async for event in events:
+            yield event
+    except ValueError as e:
+        yield sse_error(bad_request(e))
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - see above
+        yield sse_error(OpenAIError(f"{type(e).__name__}: {e}", 500, "server_error"))
+    yield "data: [DONE]\n\n"
+
+
 async def prime(gens: list) -> list:
     """The first output of every request, so errors (bad request, queue full) come back before the HTTP status is
     sent. On any error every request is closed (aborted) and the first error raised."""

@@ -2,7 +2,6 @@
 streamed as SSE or answered whole; echo and logprobs in OpenAI's completion format."""
 from __future__ import annotations
 
-import asyncio
 from typing import AsyncIterator, Optional
 
 from pagedllm.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
@@ -10,7 +9,7 @@ from pagedllm.entrypoints.openai.protocol import (CompletionLogProbs, Completion
                                                   random_id)
 from pagedllm.entrypoints.openai.serving_common import (DeltaTracker, OpenAIError, bad_request, check_lengths,
                                                         chained, merge_async_iterators, not_supported, prime,
-                                                        sampled_and_top, sse, sse_error, token_text)
+                                                        sampled_and_top, sse, sse_stream, token_text)
 from pagedllm.outputs import RequestOutput
 
 _MIN_LOGPROB = -9999.0   # JSON has no -inf (vLLM clamps the same way)
@@ -85,7 +84,7 @@ class OpenAIServingCompletion:
                 enumerate(requests)]
         if req.stream:
             first = await prime(gens)
-            return self._stream(req, request_id, requests, gens, first)
+            return sse_stream(self._stream(req, request_id, requests, gens, first))
         final: list[Optional[RequestOutput]] = [None] * len(gens)
         try:
             async for i, out in merge_async_iterators(gens):
@@ -155,51 +154,43 @@ class OpenAIServingCompletion:
         offsets: dict[tuple[int, int], int] = {}
         prompt_tokens = [len(p["prompt_token_ids"]) for p, _ in requests]
         completion_tokens: dict[tuple[int, int], int] = {}
-        try:
-            async for i, out in merge_async_iterators(chained(gens, first)):
-                params = requests[i][1]
-                for o in out.outputs:
-                    key = (i, o.index)
-                    tracker = trackers.get(key)
-                    first_chunk = tracker is None
-                    if first_chunk:
-                        tracker = trackers[key] = DeltaTracker.for_stops(params.stop, params.include_stop_str_in_output)
-                    if tracker.finished:
-                        continue
-                    new_text, a, b = tracker.advance(o)
-                    completion_tokens[key] = len(o.token_ids)
-                    logprobs = None
-                    if req.logprobs is not None:
-                        logprobs = CompletionLogProbs()
-                        offset = offsets.get(key, 0)
-                        if first_chunk and req.echo:
-                            offset = self._add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs,
-                                                        req.logprobs, offset)
-                        offsets[key] = self._add_logprobs(logprobs, o.token_ids[a:b],
-                                                          (o.logprobs or [])[a:b] if o.logprobs else None,
-                                                          req.logprobs, offset)
+        async for i, out in merge_async_iterators(chained(gens, first)):
+            params = requests[i][1]
+            for o in out.outputs:
+                key = (i, o.index)
+                tracker = trackers.get(key)
+                first_chunk = tracker is None
+                if first_chunk:
+                    tracker = trackers[key] = DeltaTracker.for_stops(params.stop, params.include_stop_str_in_output)
+                if tracker.finished:
+                    continue
+                new_text, a, b = tracker.advance(o)
+                completion_tokens[key] = len(o.token_ids)
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = CompletionLogProbs()
+                    offset = offsets.get(key, 0)
                     if first_chunk and req.echo:
-                        new_text = (out.prompt or "") + new_text
-                    if not new_text and a == b and o.finish_reason is None:
-                        continue
-                    chunk = CompletionStreamResponse(
-                        id=request_id, model=self.model_name,
-                        choices=[CompletionResponseChoice(index=i * n + o.index, text=new_text, logprobs=logprobs,
-                                                          finish_reason=o.finish_reason,
-                                                          stop_reason=o.stop_reason)])
-                    if continuous:
-                        chunk.usage = _usage(prompt_tokens, completion_tokens)
-                    yield sse(chunk)
-            if include_usage:
-                yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[],
-                                                   usage=_usage(prompt_tokens, completion_tokens)))
-        except ValueError as e:
-            yield sse_error(bad_request(e))
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as e:  # noqa: BLE001 - the status is sent already: report in the stream
-            yield sse_error(OpenAIError(f"{type(e).__name__}: {e}", 500, "server_error"))
-        yield "data: [DONE]\n\n"
+                        offset = self._add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs,
+                                                    req.logprobs, offset)
+                    offsets[key] = self._add_logprobs(logprobs, o.token_ids[a:b],
+                                                      (o.logprobs or [])[a:b] if o.logprobs else None,
+                                                      req.logprobs, offset)
+                if first_chunk and req.echo:
+                    new_text = (out.prompt or "") + new_text
+                if not new_text and a == b and o.finish_reason is None:
+                    continue
+                chunk = CompletionStreamResponse(
+                    id=request_id, model=self.model_name,
+                    choices=[CompletionResponseChoice(index=i * n + o.index, text=new_text, logprobs=logprobs,
+                                                      finish_reason=o.finish_reason,
+                                                      stop_reason=o.stop_reason)])
+                if continuous:
+                    chunk.usage = _usage(prompt_tokens, completion_tokens)
+                yield sse(chunk)
+        if include_usage:
+            yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[],
+                                               usage=_usage(prompt_tokens, completion_tokens)))
 
 
 def _next_offset(lp: CompletionLogProbs, default: int) -> int:
