@@ -10,13 +10,15 @@ from pagedllm import _C, _ops  # noqa: F401
 
 OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "reshape_and_cache", "paged_attention",
        "paged_prefill_attention", "sample_tokens"]
+# The fp32 decode GEMM on packed weights: on CUDA the layers use cuBLAS (F.linear) instead.
+CPU_ONLY_OPS = ["pack_linear_weight", "packed_linear"]
 
 
 def registrations(op: str) -> str:
     return torch._C._dispatch_dump(f"_C::{op}")
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS + CPU_ONLY_OPS)
 def test_op_has_cpu_kernel(op):
     assert "CPU: registered" in registrations(op)
 
@@ -24,6 +26,11 @@ def test_op_has_cpu_kernel(op):
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_kernel_registered_iff_compiled(op):
     assert ("CUDA: registered" in registrations(op)) == bool(_C.cuda_compiled)
+
+
+@pytest.mark.parametrize("op", CPU_ONLY_OPS)
+def test_cpu_only_op_has_no_cuda_kernel(op):
+    assert "CUDA: registered" not in registrations(op)
 
 
 def test_cuda_build_requested_means_compiled():

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include "cpu/fast_math.h"
 #include "dispatch_utils.h"
 #include "op_checks.h"
 #include "ops.h"
@@ -52,9 +53,18 @@ inline float dot(const float* __restrict__ a, const float* __restrict__ b) {
   for (int d = 0; d < D; d += 16) {
     for (int j = 0; j < 16; ++j) part[j] += a[d + j] * b[d + j];
   }
-  float s = 0.f;
-  for (int j = 0; j < 16; ++j) s += part[j];
-  return s;
+  // Pairwise (tree) sum: a sequential sum would be a 16-add dependency chain per key, which
+  // was the slowest part of the whole kernel.
+  for (int j = 0; j < 8; ++j) part[j] += part[j + 8];
+  for (int j = 0; j < 4; ++j) part[j] += part[j + 4];
+  return (part[0] + part[2]) + (part[1] + part[3]);
+}
+
+// Brings `count` contiguous elements into the cache ahead of use.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(c + b);
 }
 
 // n rows of D elements (contiguous) as floats: the rows themselves for fp32, else converted
@@ -105,6 +115,13 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
     const int off = pos % BS;
     const int n = std::min(BS - off, item.k1 - pos);  // keys of this block in range
     const int64_t base = bt[pos / BS] * block_stride + head_offset + static_cast<int64_t>(off) * D;
+    if (pos + n < item.k1) {
+      // Blocks are scattered in memory (one page each at head size 64), so the hardware
+      // prefetcher starts over at every block: fetch the next block's K and V rows now.
+      const int64_t next = bt[(pos + n) / BS] * block_stride + head_offset;
+      prefetch_rows(key_cache + next, BS * D);
+      prefetch_rows(value_cache + next, BS * D);
+    }
     const float* kf = rows_as_float<scalar_t, D>(key_cache + base, n, s.kbuf.data());
     for (int g = 0; g < G; ++g) {
       for (int t = 0; t < n; ++t) scores[g * BS + t] = dot<D>(q + g * D, kf + t * D);
@@ -115,12 +132,10 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
       float mb = kNegInf;
       for (int t = 0; t < n; ++t) mb = std::max(mb, sg[t]);
       const float m_new = std::max(s.m[g], mb);
-      const float corr = std::exp(s.m[g] - m_new);  // 0 on the first block (m = -inf)
+      const float corr = exp_nonpositive(s.m[g] - m_new);  // 0 on the first block (m = -inf)
+      for (int t = 0; t < n; ++t) sg[t] = exp_nonpositive(sg[t] - m_new);  // vectorized
       float sum = 0.f;
-      for (int t = 0; t < n; ++t) {
-        sg[t] = std::exp(sg[t] - m_new);
-        sum += sg[t];
-      }
+      for (int t = 0; t < n; ++t) sum += sg[t];
       s.l[g] = s.l[g] * corr + sum;
       s.m[g] = m_new;
       float* __restrict__ ag = acc + g * D;

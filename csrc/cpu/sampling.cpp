@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "cpu/fast_math.h"
 #include "op_checks.h"
 #include "ops.h"
 
@@ -43,31 +44,6 @@ inline float float_of(uint32_t k) {
   float v;
   std::memcpy(&v, &k, sizeof(v));
   return v;
-}
-
-// exp(x) for x <= 0 (Cephes expf polynomial after reduction by ln 2; <= 1.4 ulp); 0 below -87.3
-// (where exp leaves the normal floats) and for NaN. Branch-free, no floor() and no float->int
-// conversion (either blocks GCC's vectorizer here): n = round(x / ln 2) by the 1.5 * 2^23 trick,
-// whose bits also give 2^n.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.3f ? -87.3f : x;
-  const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // integer-valued
-  const float n = shifted - 12582912.0f;                           // in [-126, 0]
-  int32_t n_bits;
-  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
-  const int32_t scale_bits = (n_bits - 0x4B400000 + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof(scale));
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return x >= -87.3f ? p * scale : 0.0f;  // false for NaN
 }
 
 // GCC does not keep scalar "lane" accumulators in registers for these reductions (nor reorder

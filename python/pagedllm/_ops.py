@@ -62,3 +62,14 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     ops.sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets)
     return out
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """CPU, float32: weight [N, K] -> the panel layout packed_linear reads ([ceil(N / 32), K, 32])."""
+    return ops.pack_linear_weight(weight)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                  out_features: int) -> torch.Tensor:
+    """CPU, float32: x [..., K] @ W^T (+ bias) -> [..., out_features], W packed by pack_linear_weight."""
+    return ops.packed_linear(x, packed, bias, out_features)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from typing import Iterable, Optional, Union
 
@@ -15,9 +16,12 @@ from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.engine.stop_checker import check_stop
 from pagedllm.inputs import PromptType
+from pagedllm.layers.linear import pack_linear_weights
 from pagedllm.layers.logits_processing import SampleRow, wants_logprob
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 _GENERATION_CONFIG_KEYS = {"repetition_penalty": "repetition_penalty", "temperature": "temperature",
                            "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_new_tokens": "max_tokens"}
@@ -49,6 +53,9 @@ class LLMEngine:
             _init_dummy_weights(model)
         else:
             model = loader.load_model(source, self.hf_config, self.dtype, self.device)
+        packed = pack_linear_weights(model)  # CPU fp32: packed weights for the decode GEMMs
+        if packed:
+            logger.info("Packed %.0f MiB of linear weights for the CPU decode kernel", packed / (1 << 20))
         self.max_model_len = self._max_model_len(args.max_model_len, loader.max_model_len_of(self.hf_config))
         self.vocab_size = getattr(model, "vocab_size", None) or self.hf_config.vocab_size
 

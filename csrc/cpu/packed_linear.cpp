@@ -1,0 +1,205 @@
+// packed_linear on the CPU: y = x W^T (+ bias) in fp32 for the small-M GEMMs of decode steps.
+//
+// Why: a decode step multiplies a few dozen rows by every weight of the model. MKL's sgemm
+// runs those shapes at 100-150 GFLOP/s here (M = 4..32: slower than M = 1 by the row count),
+// while the cores peak near 400 and the weights stream at ~27 GB/s. This kernel streams the
+// weight once per step from a layout packed at load time (32 output features per panel,
+// [panels, K, 32], contiguous along k) and keeps a 12 x 32 output tile in 24 AVX-512
+// registers: per k, two weight vectors, one broadcast per row, two FMAs per row.
+// Each output is one FMA chain over k in order (MKL sums in blocks: results differ in the
+// last bits, as between any two GEMMs).
+//
+// CPU only, fp32 only: on CUDA and for other dtypes the layers call F.linear (cuBLAS / oneDNN).
+// Large M (prefill) stays on MKL, whose cache blocking wins once a panel is reused by many rows
+// (the threshold lives in python/pagedllm/layers/linear.py).
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace pagedllm::cpu {
+namespace {
+
+constexpr int64_t kPanel = 32;  // output features per packed panel
+constexpr int kTileRows = 12;   // rows of x per register tile (24 accumulators + 2 weight vectors)
+constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead: measured best of 1, 4 and 16 KB
+
+#if defined(__AVX512F__)
+// Rows [0, M) of x against one panel; writes y[:, 0:n_valid] (+ bias). M is a template
+// constant so the accumulators stay in registers.
+template <int M>
+void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restrict__ panel, int64_t K,
+                const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
+                bool near, const float* pf_next, int64_t pf_lines) {
+  __m512 c0[M], c1[M];
+#pragma GCC unroll 12
+  for (int m = 0; m < M; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    // The weight stream must overlap the FMAs (the hardware prefetcher alone leaves them in
+    // series). The first tile of a panel streams it from memory: fetch its two lines per k a
+    // few KB ahead. Later tiles re-read it from L2 and fetch the next panel into L2 instead,
+    // one line per k (pf_next; null when the lines are already covered).
+    if (near) {
+      _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats + 16), _MM_HINT_T0);
+    }
+    if (k < pf_lines) _mm_prefetch(reinterpret_cast<const char*>(pf_next + k * 16), _MM_HINT_T1);
+    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel);
+    const __m512 w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+#pragma GCC unroll 12
+    for (int m = 0; m < M; ++m) {
+      const __m512 b = _mm512_set1_ps(x[m * ldx + k]);
+      c0[m] = _mm512_fmadd_ps(w0, b, c0[m]);
+      c1[m] = _mm512_fmadd_ps(w1, b, c1[m]);
+    }
+  }
+  const __mmask16 mask0 = n_valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n_valid) - 1);
+  const __mmask16 mask1 = n_valid >= 32 ? 0xFFFF
+                          : n_valid <= 16 ? 0
+                                          : static_cast<__mmask16>((1u << (n_valid - 16)) - 1);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(mask0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 12
+  for (int m = 0; m < M; ++m) {
+    _mm512_mask_storeu_ps(y + m * ldy, mask0, _mm512_add_ps(c0[m], b0));
+    _mm512_mask_storeu_ps(y + m * ldy + 16, mask1, _mm512_add_ps(c1[m], b1));
+  }
+}
+#else
+// Portable twin (same order of summation): the compiler vectorizes the j loop.
+template <int M>
+void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restrict__ panel, int64_t K,
+                const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
+                bool /*near*/, const float* /*pf_next*/, int64_t /*pf_lines*/) {
+  float c[M][kPanel] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int m = 0; m < M; ++m) {
+      const float b = x[m * ldx + k];
+      for (int j = 0; j < kPanel; ++j) c[m][j] += panel[k * kPanel + j] * b;
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < n_valid; ++j) y[m * ldy + j] = c[m][j] + (bias ? bias[j] : 0.f);
+  }
+}
+#endif
+
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
+                       bool, const float*, int64_t);
+
+template <int... Ms>
+constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
+  return std::array<TileFn, sizeof...(Ms)>{&panel_tile<Ms + 1>...};
+}
+// kTiles[r - 1] handles a tile of r rows.
+constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kTileRows>{});
+
+}  // namespace
+
+// weight [N, K] float32 -> packed [ceil(N / 32), K, 32]: packed[p, k, j] = weight[32 p + j, k],
+// zero past N.
+at::Tensor pack_linear_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu(), "pack_linear_weight: the weight must be on the CPU, got ",
+              weight.device());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "pack_linear_weight: only float32 weights are packed, got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, "pack_linear_weight: weight must be [out_features, in_features], got ",
+              weight.dim(), " dims");
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  at::Tensor packed = at::zeros({P, K, kPanel}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t j = 0; j < kPanel && p * kPanel + j < N; ++j) {
+        const float* row = src + (p * kPanel + j) * K;
+        float* out = dst + p * K * kPanel + j;
+        for (int64_t k = 0; k < K; ++k) out[k * kPanel] = row[k];
+      }
+    }
+  });
+  return packed;
+}
+
+// x [..., K] float32 (last dim contiguous); packed from pack_linear_weight of a [N, K] weight;
+// bias [N] or None. Returns y [..., N].
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                         int64_t out_features) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(),
+              "packed_linear: x and the packed weight must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
+              "packed_linear: float32 only, got x ", x.scalar_type(), " and weight ", packed.scalar_type());
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous(),
+              "packed_linear: the weight must come from pack_linear_weight ([panels, K, 32], contiguous)");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == packed.size(1), "packed_linear: x has ", x.size(-1),
+              " features, the weight expects ", packed.size(1));
+  const int64_t N = out_features, K = packed.size(1);
+  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == packed.size(0), "packed_linear: out_features ", N,
+              " does not match the packed weight's ", packed.size(0), " panels");
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == N && bias->is_contiguous(),
+                "packed_linear: bias must be a contiguous float32 CPU tensor of ", N, " elements");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  at::Tensor x2 = x.reshape({-1, K});
+  if (K > 0 && x2.stride(1) != 1) x2 = x2.contiguous();
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (M == 0) return y;
+
+  const float* xp = x2.data_ptr<float>();
+  const int64_t ldx = x2.stride(0);
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t P = packed.size(0);
+  // Threads split the panels: each weight byte is read by one thread, once per step; the rows
+  // of x (a few KB each) are shared from cache.
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel;
+      const int64_t n_valid = std::min(kPanel, N - n0);
+      const float* panel = wp + p * K * kPanel;
+      const float* next = panel + K * kPanel;  // the next panel's 2K cache lines
+      const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+      for (int64_t m0 = 0, t = 0; m0 < M; m0 += kTileRows, ++t) {
+        const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
+        // With T tiles, tile t prefetches lines [t * 2K / T, (t + 1) * 2K / T) of the next panel.
+        const int64_t lo = tiles > 1 ? t * 2 * K / tiles : 0, hi = tiles > 1 ? (t + 1) * 2 * K / tiles : 0;
+        kTiles[rows - 1](xp + m0 * ldx, ldx, panel, K, bias_ptr ? bias_ptr + n0 : nullptr,
+                         yp + m0 * N + n0, N, n_valid, t == 0, next + lo * 16, hi - lo);
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(_C, m) {
+  // CPU-only ops (fp32 decode GEMM). weight [N, K] -> packed [ceil(N / 32), K, 32].
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  // x [..., K], packed from pack_linear_weight, bias [N] or None -> [..., N].
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(_C, CPU, m) {
+  m.impl("pack_linear_weight", &pack_linear_weight);
+  m.impl("packed_linear", &packed_linear);
+}
+
+}  // namespace pagedllm::cpu

@@ -1,0 +1,105 @@
+"""packed_linear (the CPU fp32 decode GEMM on weights packed once) against F.linear in float64,
+and the layers' use of it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from testing_utils import non_contiguous_rows
+
+from pagedllm import _ops
+from pagedllm.layers import linear as linear_mod
+from pagedllm.layers.linear import LMHead, Linear, VocabEmbedding, pack_linear_weights
+
+# One fp32 FMA chain over k per output against a float64 reference: the error grows like
+# sqrt(K) ulps of the partial sums (|x| |w| ~ 1 here): 1e-4 absolute is ~100x that at K = 1536.
+TOL = dict(atol=1e-4, rtol=1e-5)
+
+
+def reference(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+# N: one partial panel (83), exact panels (576), a single short panel (5). K: odd, small, the model's.
+# M: 1 row, one partial register tile (5), a full tile (12), tiles + remainder (13, 25), 64, and 130
+# (more tiles than any decode uses).
+@pytest.mark.parametrize("n,k", [(83, 769), (576, 576), (5, 16), (1536, 64)])
+@pytest.mark.parametrize("m", [1, 5, 12, 13, 25, 64, 130])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_reference(n, k, m, bias):
+    torch.manual_seed(n * 7 + k + m)
+    w, x = torch.randn(n, k), torch.randn(m, k)
+    b = torch.randn(n) if bias else None
+    out = _ops.packed_linear(x, _ops.pack_linear_weight(w), b, n)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(x, w, b), **TOL)
+
+
+def test_packed_linear_strided_and_batched_input():
+    torch.manual_seed(0)
+    w = torch.randn(70, 96)
+    packed = _ops.pack_linear_weight(w)
+    x = non_contiguous_rows(torch.randn(9, 96))  # row stride 99, NaN in the gaps
+    torch.testing.assert_close(_ops.packed_linear(x, packed, None, 70).double(), reference(x, w, None), **TOL)
+    x3 = torch.randn(2, 7, 96)
+    out = _ops.packed_linear(x3, packed, None, 70)
+    assert out.shape == (2, 7, 70)
+    torch.testing.assert_close(out.double(), reference(x3, w, None), **TOL)
+    assert _ops.packed_linear(torch.empty(0, 96), packed, None, 70).shape == (0, 70)
+
+
+def test_pack_layout():
+    w = torch.arange(40 * 3, dtype=torch.float32).view(40, 3)
+    p = _ops.pack_linear_weight(w)
+    assert p.shape == (2, 3, 32)
+    for n in range(40):
+        assert torch.equal(p[n // 32, :, n % 32], w[n])
+    assert torch.count_nonzero(p[1, :, 8:]) == 0  # past N: zeros
+
+
+def test_packed_linear_errors():
+    w = torch.randn(40, 8)
+    p = _ops.pack_linear_weight(w)
+    with pytest.raises(RuntimeError, match="only float32 weights"):
+        _ops.pack_linear_weight(w.bfloat16())
+    with pytest.raises(RuntimeError, match="float32 only"):
+        _ops.packed_linear(torch.randn(2, 8).bfloat16(), p, None, 40)
+    with pytest.raises(RuntimeError, match="x has 9 features, the weight expects 8"):
+        _ops.packed_linear(torch.randn(2, 9), p, None, 40)
+    with pytest.raises(RuntimeError, match="does not match the packed weight"):
+        _ops.packed_linear(torch.randn(2, 8), p, None, 70)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        _ops.packed_linear(torch.randn(2, 8), p, torch.randn(39), 40)
+    with pytest.raises(RuntimeError, match="must come from pack_linear_weight"):
+        _ops.packed_linear(torch.randn(2, 8), w, None, 40)
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.embed = VocabEmbedding(100, 48, dtype)
+        self.proj = Linear(48, 70, bias=True, dtype=dtype)
+        self.head = LMHead(100, 48, dtype, tie_to=self.embed)
+        for p in self.parameters():
+            torch.nn.init.normal_(p)
+
+
+def test_layers_use_the_packed_weight_for_small_batches(monkeypatch):
+    torch.manual_seed(0)
+    model = TinyModel(torch.float32)
+    assert pack_linear_weights(model) == (70 * 48 + 100 * 48) * 4
+    assert model.proj.packed is not None and model.head.packed is not None
+    calls = []
+    real = _ops.packed_linear
+    monkeypatch.setattr(linear_mod._ops, "packed_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for m in (3, linear_mod.PACKED_MAX_ROWS, linear_mod.PACKED_MAX_ROWS + 1):
+        x = torch.randn(m, 48)
+        torch.testing.assert_close(model.proj(x).double(), reference(x, model.proj.weight, model.proj.bias), **TOL)
+        torch.testing.assert_close(model.head(x).double(), reference(x, model.embed.weight, None), **TOL)
+    # Above PACKED_MAX_ROWS the layers go back to F.linear (MKL).
+    assert calls == [3, 3, linear_mod.PACKED_MAX_ROWS, linear_mod.PACKED_MAX_ROWS]
+
+
+def test_only_float32_cpu_weights_are_packed():
+    model = TinyModel(torch.bfloat16)
+    assert pack_linear_weights(model) == 0
+    assert model.proj.packed is None and model.head.packed is None
