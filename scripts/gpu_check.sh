@@ -19,7 +19,7 @@ echo "build: $(( $(date +%s) - start )) s"
 grep -E "ptxas info *: (Used|Compiling)|spill" "$out/build.log" >"$out/ptxas.txt" || true
 python -m pagedllm.env | tee "$out/env.txt"
 
-timeout 240 python -m pytest -m cuda tests/kernels -q -x -p no:cacheprovider >"$out/tests.log" 2>&1
+timeout 240 python -m pytest -m cuda tests/kernels tests/engine/test_cuda_graph.py -q -x -p no:cacheprovider >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -3 "$out/tests.log"
 
@@ -30,6 +30,7 @@ for bench in benchmarks/kernels/bench_*.py; do
 done
 # End to end, issue 5's workload: 256 prompts (100..1024 random tokens, 100..1024 outputs, temperature 0.6,
 # ignore_eos) on random bf16 weights with Qwen3-0.6B's config.
+# Decode steps replay CUDA graphs (the default; --enforce-eager would turn them off).
 timeout 240 python benchmarks/throughput.py --device cuda --model benchmarks/configs/qwen3-0.6b --load-format dummy \
   --num-prompts 256 --concurrency 256 --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 \
   --temperature 0.6 --max-model-len 4096 --skip-hf >"$out/throughput.log" 2>&1 || echo "throughput failed (rc $?)"

@@ -51,6 +51,10 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   p.sliding_window = sliding_window > 0 ? static_cast<int>(std::min<int64_t>(sliding_window, kIntMax)) : 0;
 
   const DType dtype = to_dtype(query.scalar_type());
+  // The plan (partitions, grid, workspace size) depends on shapes only: num_seqs and the block table
+  // width, never on seq_lens values (no device sync). CUDA graphs rely on it: the decode graphs pass
+  // block tables ceil(max_model_len / block_size) wide, so the captured launch covers every replay
+  // (python/pagedllm/engine/cuda_graph.py). Under capture the workspace below comes from the graph's pool.
   PagedAttentionPlan plan;
   PAGEDLLM_CUDA_CHECK(plan_paged_attention(dtype, p, &plan));
 

@@ -74,6 +74,8 @@ class LLMEngine:
                 f"be stored in KV cache ({num_blocks * args.block_size}). Try increasing {where} or decreasing "
                 "`max_model_len` when initializing the engine.")
         self.runner.allocate_kv_cache(num_blocks)
+        if not args.enforce_eager:  # decode steps replay CUDA graphs (on a CUDA device; a no-op elsewhere)
+            self.runner.capture_decode_graphs(args.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         swap_blocks = 0
         use_swap = args.preemption_mode == "swap" or (args.preemption_mode is None and self.device.type == "cuda")

@@ -2,18 +2,22 @@
 decodes) and its attention metadata, keeps the paged KV cache, samples, computes logprobs."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
+from pagedllm.engine.cuda_graph import CudaGraphBackend, DecodeGraphRunner, GraphBackend, capture_sizes
 from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
 from pagedllm.layers.logits_processing import SampleResult, SampleRow, StepSampler
+from pagedllm.models.utils import use_native_ops
 from pagedllm.outputs import Logprob
 
 _GiB = 1 << 30
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +43,7 @@ class ModelRunner:
         self.key_cache: Optional[torch.Tensor] = None      # [layers, blocks, kv_heads, block_size, head]
         self.value_cache: Optional[torch.Tensor] = None
         self.host_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # swapped-out sequences
+        self.graphs: Optional[DecodeGraphRunner] = None  # decode-step CUDA graphs (capture_decode_graphs)
 
     # -- the KV cache ---------------------------------------------------------------------------
     @property
@@ -79,6 +84,31 @@ class ModelRunner:
         self.value_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attn_layers):
             layer.kv_cache = (self.key_cache[i], self.value_cache[i])
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int,
+                              backend: Optional[GraphBackend] = None) -> None:
+        """Captures the decode forward for the batch sizes of capture_sizes(max_num_seqs), after the KV
+        cache is allocated (the graphs hold its address). Without a backend: CUDA graphs on a CUDA
+        device, nothing elsewhere (the CPU never captures)."""
+        if self.key_cache is None:
+            raise RuntimeError("capture_decode_graphs runs after allocate_kv_cache")
+        if backend is None:
+            if self.device.type != "cuda":
+                return
+            if use_native_ops():
+                logger.info("CUDA graphs off: the plain-torch ops (PAGEDLLM_NATIVE_OPS) cannot be captured")
+                return
+            backend = CudaGraphBackend(self.device)
+        sizes = capture_sizes(max_num_seqs)
+        runner = DecodeGraphRunner(self.model, sizes, -(-max_model_len // self.block_size), self.device, backend)
+        try:
+            seconds = runner.capture()
+        except Exception as e:
+            raise RuntimeError("capturing the decode CUDA graphs failed (enforce_eager=True runs without "
+                               f"them): {e}") from e
+        self.graphs = runner
+        logger.info("captured decode graphs for %d batch sizes (%d..%d) in %.2f s", len(sizes), sizes[0],
+                    sizes[-1], seconds)
 
     def _move_blocks(self, sched: SchedulerOutput) -> None:
         """Swap-outs first (their blocks may be reused this very step), then copy-on-write, then swap-ins."""
@@ -151,8 +181,11 @@ class ModelRunner:
         """sample_rows: for each scheduled seq that samples this step, its rows (n rows at a fork point)."""
         self._move_blocks(sched)
         input_ids, positions, md = self._build_batch(sched, block_tables)
-        with set_attention_metadata(md):
-            hidden = self.model(input_ids, positions)
+        if self.graphs is not None and self.graphs.can_run(md):
+            hidden = self.graphs.run(input_ids, positions, md)
+        else:
+            with set_attention_metadata(md):
+                hidden = self.model(input_ids, positions)
 
         # Which hidden rows need logits: each sampling sequence's last token, and every prompt
         # position of a sequence that asked for prompt logprobs.

@@ -32,7 +32,8 @@ _ENGINE_OPTIONS = {
     "preemption_mode": (str, "recompute or swap"),
     "load_format": (str, "auto, or dummy: random weights from the model's config.json (benchmarks)"),
     "trust_remote_code": (bool, "accepted for vLLM compatibility (pagedllm runs no remote code)"),
-    "enforce_eager": (bool, "accepted for vLLM compatibility"),
+    "enforce_eager": (bool, "run every step eagerly: no CUDA graphs (by default decode steps of up to "
+                            "max_num_seqs sequences replay graphs captured at start-up, on CUDA)"),
 }
 
 
