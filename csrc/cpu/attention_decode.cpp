@@ -12,6 +12,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -59,6 +63,79 @@ inline float dot(const float* __restrict__ a, const float* __restrict__ b) {
   for (int j = 0; j < 4; ++j) part[j] += part[j + 4];
   return (part[0] + part[2]) + (part[1] + part[3]);
 }
+
+#if defined(__AVX512F__)
+// GCC 12 warns inside its own unmasked AVX-512 intrinsics (their pass-through operand is
+// _mm512_undefined_ps(): GCC bug 105593), a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// r[t] = sum of the 16 lanes of v[t], for 16 vectors at once (a transpose-and-add tree:
+// ~3 shuffles/adds per key instead of a full horizontal reduction per key).
+inline __m512 transpose_sum16(const __m512 (&v)[16]) {
+  __m512 u[8], w[4], x[2];
+  // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for a = v[2i], b = v[2i+1].
+  for (int i = 0; i < 8; ++i)
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  // Per lane: the lane sums of keys 4i .. 4i+3.
+  for (int i = 0; i < 4; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // Across lanes: x[j] = [w0.l0+l1, w0.l2+l3, w1.l0+l1, w1.l2+l3] for w0 = w[2j], w1 = w[2j+1].
+  for (int j = 0; j < 2; ++j)
+    x[j] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores[t] = q . k[t] for the n <= 16 key rows k ([n, D], contiguous).
+template <int D>
+inline void qk16(const float* __restrict__ q, const float* __restrict__ k, int n, float* __restrict__ scores) {
+  __m512 acc[16];
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  for (int c = 0; c < D; c += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + c);
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) {
+      if (t < n) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(k + t * D + c), qv, acc[t]);
+    }
+  }
+  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << n) - 1), transpose_sum16(acc));
+}
+
+// acc = acc * corr + sum_t p[t] v[t] over n value rows v ([n, D], contiguous); the accumulator
+// row stays in registers, in two interleaved sets when D is small (more independent FMA chains).
+template <int D>
+inline void pv_update(float* __restrict__ acc, const float* __restrict__ p, const float* __restrict__ v, int n,
+                      float corr) {
+  constexpr int C = D / 16;
+  constexpr int S = C <= 8 ? 2 : 1;
+  __m512 a[S][C];
+  const __m512 cv = _mm512_set1_ps(corr);
+  for (int c = 0; c < C; ++c) {
+    a[0][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), cv);
+    if constexpr (S == 2) a[1][c] = _mm512_setzero_ps();
+  }
+  int t = 0;
+  for (; t + S <= n; t += S) {
+#pragma GCC unroll 2
+    for (int s = 0; s < S; ++s) {
+      const __m512 pb = _mm512_set1_ps(p[t + s]);
+      for (int c = 0; c < C; ++c) a[s][c] = _mm512_fmadd_ps(pb, _mm512_loadu_ps(v + (t + s) * D + 16 * c), a[s][c]);
+    }
+  }
+  for (; t < n; ++t) {
+    const __m512 pb = _mm512_set1_ps(p[t]);
+    for (int c = 0; c < C; ++c) a[0][c] = _mm512_fmadd_ps(pb, _mm512_loadu_ps(v + t * D + 16 * c), a[0][c]);
+  }
+  for (int c = 0; c < C; ++c) {
+    if constexpr (S == 2) a[0][c] = _mm512_add_ps(a[0][c], a[1][c]);
+    _mm512_storeu_ps(acc + 16 * c, a[0][c]);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
 
 // Brings `count` contiguous elements into the cache ahead of use.
 template <typename scalar_t>
@@ -124,7 +201,11 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
     }
     const float* kf = rows_as_float<scalar_t, D>(key_cache + base, n, s.kbuf.data());
     for (int g = 0; g < G; ++g) {
+#if defined(__AVX512F__)
+      for (int t = 0; t < n; t += 16) qk16<D>(q + g * D, kf + t * D, std::min(16, n - t), scores + g * BS + t);
+#else
       for (int t = 0; t < n; ++t) scores[g * BS + t] = dot<D>(q + g * D, kf + t * D);
+#endif
     }
     const float* vf = rows_as_float<scalar_t, D>(value_cache + base, n, s.vbuf.data());
     for (int g = 0; g < G; ++g) {
@@ -139,6 +220,9 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
       s.l[g] = s.l[g] * corr + sum;
       s.m[g] = m_new;
       float* __restrict__ ag = acc + g * D;
+#if defined(__AVX512F__)
+      pv_update<D>(ag, sg, vf, n, corr);
+#else
       if (corr != 1.f) {
         for (int d = 0; d < D; ++d) ag[d] *= corr;
       }
@@ -147,6 +231,7 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
         const float* __restrict__ vt = vf + t * D;
         for (int d = 0; d < D; ++d) ag[d] += p * vt[d];
       }
+#endif
     }
     pos += n;
   }
