@@ -91,12 +91,13 @@ def test_layers_use_the_packed_weight_for_small_batches(monkeypatch):
     calls = []
     real = _ops.packed_linear
     monkeypatch.setattr(linear_mod._ops, "packed_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    for m in (3, linear_mod.PACKED_MAX_ROWS, linear_mod.PACKED_MAX_ROWS + 1):
+    lo, hi = linear_mod.PACKED_MIN_ROWS, linear_mod.PACKED_MAX_ROWS
+    for m in (lo - 1, lo, hi, hi + 1):
         x = torch.randn(m, 48)
         torch.testing.assert_close(model.proj(x).double(), reference(x, model.proj.weight, model.proj.bias), **TOL)
         torch.testing.assert_close(model.head(x).double(), reference(x, model.embed.weight, None), **TOL)
-    # Above PACKED_MAX_ROWS the layers go back to F.linear (MKL).
-    assert calls == [3, 3, linear_mod.PACKED_MAX_ROWS, linear_mod.PACKED_MAX_ROWS]
+    # Outside [PACKED_MIN_ROWS, PACKED_MAX_ROWS] the layers use F.linear (MKL).
+    assert calls == [lo, lo, hi, hi]
 
 
 def test_only_float32_cpu_weights_are_packed():

@@ -17,15 +17,16 @@ from torch import nn
 
 from pagedllm import _ops
 
-# Up to this many rows, a CPU fp32 GEMM goes through our packed-weight kernel
-# (csrc/cpu/packed_linear.cpp); above, MKL's cache blocking wins (measured on 2 cores, the
-# default model's 30 layers + head: 64 rows 63 vs 82 ms, 32 rows 36 vs 55 ms, 8 rows 28 vs 48 ms).
-PACKED_MAX_ROWS = 64
+# CPU fp32 GEMMs of PACKED_MIN_ROWS..PACKED_MAX_ROWS rows go through our packed-weight kernel
+# (csrc/cpu/packed_linear.cpp); MKL's GEMV is as fast for one row, and its cache blocking wins
+# above 64 (benchmarks/kernels/bench_packed_linear.py, 2 cores, the default model's decode step:
+# 1 row x0.95, 8 rows x1.80, 32 rows x1.50, 64 rows x1.35 against F.linear).
+PACKED_MIN_ROWS, PACKED_MAX_ROWS = 2, 64
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             packed: Optional[torch.Tensor]) -> torch.Tensor:
-    if packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
+    if packed is not None and PACKED_MIN_ROWS * x.shape[-1] <= x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
         return _ops.packed_linear(x, packed, bias, weight.shape[0])
     return F.linear(x, weight, bias)
 

@@ -1,0 +1,64 @@
+"""packed_linear (CPU, fp32): every GEMM of one decode step of the default model (SmolLM2-135M: 30 layers of
+qkv 576->960, o 576->576, gate_up 576->3072, down 1536->576, and the 576->49152 head), each layer with its own
+weights so that they stream from memory as in the engine, against F.linear (MKL sgemm) on the same weights.
+
+Floor per step: max(weight bytes / copy bandwidth, FLOPs / the fp32 matmul peak). "x native" is the speedup
+over F.linear.
+
+    python benchmarks/kernels/bench_packed_linear.py [--quick]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import matmul_peak_flops, parse_args, report, time_fn  # noqa: E402
+
+from pagedllm import _ops  # noqa: E402
+
+LAYERS = 30
+LAYER_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out)
+HEAD = (576, 49152)
+ROWS = [1, 2, 4, 8, 16, 32, 48, 64]
+QUICK_ROWS = [1, 8, 32]
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    if args.device != "cpu" or args.dtype != torch.float32:
+        raise SystemExit("packed_linear is the CPU float32 kernel: run with --device cpu --dtype float32")
+    torch.manual_seed(0)
+    shapes = [s for _ in range(LAYERS) for s in LAYER_SHAPES] + [HEAD]
+    weights = [torch.randn(n, k) * k ** -0.5 for k, n in shapes]
+    packed = [_ops.pack_linear_weight(w) for w in weights]
+    weight_bytes = sum(w.numel() * 4 for w in weights)
+    peak = matmul_peak_flops("cpu", torch.float32)
+    inputs = {k: torch.randn(max(ROWS), k) for k in {k for k, _ in shapes}}
+    for m in QUICK_ROWS if args.quick else ROWS:
+        xs = [inputs[k][:m] for k, _ in shapes]
+        for x, w, p in zip(xs[:5], weights[:5], packed[:5]):  # validate against float64 first
+            ref = F.linear(x.double(), w.double())
+            torch.testing.assert_close(_ops.packed_linear(x, p, None, w.shape[0]).double(), ref, atol=1e-4, rtol=1e-5)
+
+        def mkl():
+            for x, w in zip(xs, weights):
+                F.linear(x, w)
+
+        def ours():
+            for x, w, p in zip(xs, weights, packed):
+                _ops.packed_linear(x, p, None, w.shape[0])
+
+        iters = 3 if args.quick else 10
+        native = time_fn(mkl, "cpu", iters, warmup=1)
+        op = time_fn(ours, "cpu", iters, warmup=1)
+        flops = 2.0 * m * sum(w.numel() for w in weights)
+        report("packed_linear", f"decode step, {m} rows (30 layers + head)", op, bytes_moved=weight_bytes,
+               flops=flops, native_seconds=native, device="cpu", peak_flops=peak)
+
+
+if __name__ == "__main__":
+    main()
