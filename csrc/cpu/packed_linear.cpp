@@ -33,7 +33,7 @@ namespace {
 
 constexpr int64_t kPanel = 32;  // output features per packed panel
 constexpr int kTileRows = 12;   // rows of x per register tile (24 accumulators + 2 weight vectors)
-constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead: measured best of 1, 4 and 16 KB
+constexpr int64_t kLine = 16;   // floats per 64-byte cache line
 
 #if defined(__AVX512F__)
 // Rows [0, M) of x against one panel; writes y[:, 0:n_valid] (+ bias). M is a template
@@ -41,20 +41,18 @@ constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead: measured best of 1, 4 
 template <int M>
 void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restrict__ panel, int64_t K,
                 const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                bool near, const float* pf_next, int64_t pf_lines) {
+                const float* pf_next, int64_t pf_lines, int64_t pf_stride) {
   __m512 c0[M], c1[M];
 #pragma GCC unroll 12
   for (int m = 0; m < M; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     // The weight stream must overlap the FMAs (the hardware prefetcher alone leaves them in
-    // series). The first tile of a panel streams it from memory: fetch its two lines per k a
-    // few KB ahead. Later tiles re-read it from L2 and fetch the next panel into L2 instead,
-    // one line per k (pf_next; null when the lines are already covered).
-    if (near) {
-      _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats + 16), _MM_HINT_T0);
+    // series): while a panel is computed, the next one is fetched into L2, its 2K lines spread
+    // evenly over the panel's tiles (pf_stride floats per k; front-loading them measured slower).
+    if (k < pf_lines) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf_next + k * pf_stride), _MM_HINT_T1);
+      if (pf_stride == 2 * kLine) _mm_prefetch(reinterpret_cast<const char*>(pf_next + k * pf_stride + kLine), _MM_HINT_T1);
     }
-    if (k < pf_lines) _mm_prefetch(reinterpret_cast<const char*>(pf_next + k * 16), _MM_HINT_T1);
     const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel);
     const __m512 w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
 #pragma GCC unroll 12
@@ -81,7 +79,7 @@ void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restric
 template <int M>
 void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restrict__ panel, int64_t K,
                 const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                bool /*near*/, const float* /*pf_next*/, int64_t /*pf_lines*/) {
+                const float* /*pf_next*/, int64_t /*pf_lines*/, int64_t /*pf_stride*/) {
   float c[M][kPanel] = {};
   for (int64_t k = 0; k < K; ++k) {
     for (int m = 0; m < M; ++m) {
@@ -96,7 +94,7 @@ void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restric
 #endif
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
-                       bool, const float*, int64_t);
+                       const float*, int64_t, int64_t);
 
 template <int... Ms>
 constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
@@ -180,10 +178,11 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
       const int64_t tiles = (M + kTileRows - 1) / kTileRows;
       for (int64_t m0 = 0, t = 0; m0 < M; m0 += kTileRows, ++t) {
         const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
-        // With T tiles, tile t prefetches lines [t * 2K / T, (t + 1) * 2K / T) of the next panel.
-        const int64_t lo = tiles > 1 ? t * 2 * K / tiles : 0, hi = tiles > 1 ? (t + 1) * 2 * K / tiles : 0;
-        kTiles[rows - 1](xp + m0 * ldx, ldx, panel, K, bias_ptr ? bias_ptr + n0 : nullptr,
-                         yp + m0 * N + n0, N, n_valid, t == 0, next + lo * 16, hi - lo);
+        // One tile: two lines of the next panel per k. T tiles: tile t fetches lines
+        // [t * 2K / T, (t + 1) * 2K / T), at most one per k.
+        const int64_t lo = t * 2 * K / tiles, hi = (t + 1) * 2 * K / tiles;
+        kTiles[rows - 1](xp + m0 * ldx, ldx, panel, K, bias_ptr ? bias_ptr + n0 : nullptr, yp + m0 * N + n0, N,
+                         n_valid, next + lo * kLine, tiles == 1 ? K : hi - lo, tiles == 1 ? 2 * kLine : kLine);
       }
     }
   });
