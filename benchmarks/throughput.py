@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
 import time
 
 import torch
@@ -74,6 +76,35 @@ def run_pagedllm(args, prompts, out_lens):
     return produced / seconds, seconds, llm
 
 
+def decode_floor_seconds(prompt_lens, out_lens, concurrency, weight_bytes, kv_bytes_per_token, bandwidth):
+    """The memory floor of the decode steps: each step reads every weight once and the KV of every running
+    sequence, at the measured copy bandwidth. Requests run FCFS in `concurrency` slots, one token per step;
+    prefills (compute-bound) are not counted."""
+    waiting = list(zip(prompt_lens, out_lens))[::-1]
+    running, seconds = [], 0.0  # running: [context length, tokens left]
+    while waiting or running:
+        while waiting and len(running) < concurrency:
+            p, n = waiting.pop()
+            running.append([p, n])
+        seconds += (weight_bytes + kv_bytes_per_token * sum(c for c, _ in running)) / bandwidth
+        for r in running:
+            r[0] += 1
+            r[1] -= 1
+        running = [r for r in running if r[1] > 0]
+    return seconds
+
+
+def streamed_weight_bytes(model) -> int:
+    """Bytes of the weights a decode step reads: every parameter except an untied input embedding (only
+    the step's rows of it are read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    head = getattr(model, "lm_head", None)
+    embed = next((m for m in model.modules() if type(m).__name__ == "VocabEmbedding"), None)
+    if embed is not None and not getattr(head, "tied", False):
+        total -= embed.weight.numel() * embed.weight.element_size()
+    return total
+
+
 def run_transformers(args, prompts, out_lens, llm):
     """transformers' generate in batches of --concurrency, left-padded; a batch runs to its longest
     max_tokens, and only the requested tokens are counted."""
@@ -119,6 +150,16 @@ def main():
           f"{torch.get_num_threads()})")
     row = {"bench": "throughput", "device": args.device, "num_prompts": args.num_prompts,
            "concurrency": args.concurrency, "pagedllm_tok_s": tps, "output_tokens": total_out}
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels"))
+    from common import copy_bandwidth
+    runner = llm.llm_engine.runner
+    bandwidth = copy_bandwidth(args.device)
+    floor = decode_floor_seconds([len(p) for p in prompts], out_lens, args.concurrency,
+                                 streamed_weight_bytes(runner.model), runner.bytes_per_block // runner.block_size,
+                                 bandwidth)
+    print(f"memory floor: {total_out / floor:.1f} tok/s (weights + KV of each decode step over the {bandwidth / 1e9:.0f} "
+          f"GB/s copy bandwidth, {floor:.2f} s; prefills not counted): pagedllm at {100 * floor / seconds:.0f}%")
+    row.update(floor_tok_s=total_out / floor, copy_gbps=bandwidth / 1e9)
     if not args.skip_hf:
         hf_tps, hf_seconds = run_transformers(args, prompts, out_lens, llm)
         print(f"transformers: {total_out} output tokens in {hf_seconds:.2f} s = {hf_tps:.1f} tok/s")

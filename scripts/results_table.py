@@ -20,8 +20,10 @@ def main(path: str) -> None:
     if rows and "copy_gbps" in rows[0]:
         print(f"\ncopy bandwidth measured first: {rows[0]['copy_gbps']:.0f} GB/s")
     for r in end_to_end:
+        floor = (f" (memory floor {r['floor_tok_s']:.0f} tok/s: {100 * r['pagedllm_tok_s'] / r['floor_tok_s']:.0f}%)"
+                 if r.get("floor_tok_s") else "")
         print(f"end to end ({r['num_prompts']} prompts, concurrency {r['concurrency']}, {r['device']}): "
-              f"{r['pagedllm_tok_s']:.0f} output tok/s")
+              f"{r['pagedllm_tok_s']:.0f} output tok/s{floor}")
 
 
 if __name__ == "__main__":
