@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/fast_math.h"
 #include "dispatch_utils.h"
 #include "op_checks.h"
 #include "ops.h"
@@ -78,14 +79,7 @@ inline VF exp2_vec(VF x) {
   const VI underflow = x < -125.f;  // also -inf
   x = underflow ? splat(-125.f) : x;
   const VF n = (x + 12582912.f) - 12582912.f;
-  const VF r = (x - n) * 0.6931471805599453f;
-  VF p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const VF p = exp_reduced((x - n) * 0.6931471805599453f);
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
   const VF y = p * (VF)bits;  // same-size vector cast = bit reinterpretation
   return underflow ? splat(0.f) : y;

@@ -11,6 +11,18 @@ namespace pagedllm::cpu {
 // (where exp leaves the normal floats), for -inf and for NaN. Branch-free, no floor() and no
 // float->int conversion (either blocks GCC's vectorizer): n = round(x / ln 2) by the
 // 1.5 * 2^23 trick, whose bits also give 2^n.
+// e^r for r in [-0.35, 0.35] (|r| <= ln(2) / 2): the Cephes expf polynomial, for a float or a
+// GCC vector of floats (scalar constants broadcast).
+template <typename T>
+inline T exp_reduced(T r) {
+  T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 inline float exp_nonpositive(float x) {
   const float xc = x < -87.3f ? -87.3f : x;
   const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // integer-valued
@@ -22,14 +34,7 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &scale_bits, sizeof(scale));
   float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return x >= -87.3f ? p * scale : 0.0f;  // false for NaN
+  return x >= -87.3f ? exp_reduced(r) * scale : 0.0f;  // false for NaN
 }
 
 }  // namespace pagedllm::cpu
