@@ -10,6 +10,7 @@ import torch
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.cpu_malloc import keep_freed_memory
 from pagedllm.engine.detokenizer import detokenize_incrementally
 from pagedllm.engine.model_runner import ModelRunner
 from pagedllm.engine.scheduler import Scheduler
@@ -53,6 +54,8 @@ class LLMEngine:
             _init_dummy_weights(model)
         else:
             model = loader.load_model(source, self.hf_config, self.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # glibc: no page faults on every step's activations (cpu_malloc.py)
         packed = pack_linear_weights(model)  # CPU fp32: packed weights for the decode GEMMs
         if packed:
             logger.info("Packed %.0f MiB of linear weights for the CPU decode kernel", packed / (1 << 20))
