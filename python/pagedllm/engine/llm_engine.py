@@ -63,7 +63,12 @@ class LLMEngine:
         self.vocab_size = getattr(model, "vocab_size", None) or self.hf_config.vocab_size
 
         self.runner = ModelRunner(model, self.hf_config, self.device, self.dtype, args.block_size, self.tokenizer)
-        mnbt = args.max_num_batched_tokens or (8192 if args.enable_chunked_prefill else max(self.max_model_len, 2048))
+        # Chunked prefill's default step budget. On the CPU, 2048 tokens already run the GEMMs at their peak;
+        # larger steps only delay first tokens and grow activations past glibc's largest heap block (32 MiB,
+        # cpu_malloc.py), which then page-fault on every step.
+        chunk_default = 2048 if self.device.type == "cpu" else 8192
+        mnbt = args.max_num_batched_tokens or (chunk_default if args.enable_chunked_prefill
+                                               else max(self.max_model_len, 2048))
         if not args.enable_chunked_prefill and mnbt < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({mnbt}) is smaller than max_model_len ({self.max_model_len}). "
                              "This effectively limits the maximum sequence length to max_num_batched_tokens and makes "
