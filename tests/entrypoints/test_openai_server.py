@@ -185,6 +185,29 @@ def test_chat_whole_and_streamed(client):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_chat_echo(client):
+    """vLLM's `echo`: the answer starts with the last message when it has the response's role."""
+    partial = [*chat_messages("Name a city."), {"role": "assistant", "content": "The city is"}]
+    kwargs = dict(model=MODEL, max_completion_tokens=6, extra_body={"ignore_eos": True, "add_generation_prompt": False,
+                                                                    "continue_final_message": True}, **GREEDY)
+    plain = client.chat.completions.create(messages=partial, **kwargs).choices[0].message.content
+    kwargs["extra_body"]["echo"] = True
+    echoed = client.chat.completions.create(messages=partial, **kwargs).choices[0].message.content
+    assert echoed == "The city is" + plain
+    chunks = list(client.chat.completions.create(messages=partial, stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == echoed
+    # Content parts are joined a line each; a last message of another role is not echoed.
+    parts = [*partial[:-1], {"role": "assistant", "content": [{"type": "text", "text": "The city"},
+                                                               {"type": "text", "text": "is"}]}]
+    assert client.chat.completions.create(messages=parts, **kwargs).choices[0].message.content.startswith(
+        "The city\nis")
+    kwargs["extra_body"] = {"ignore_eos": True, "echo": True}
+    user_last = client.chat.completions.create(messages=chat_messages("Name a city."), **kwargs)
+    del kwargs["extra_body"]["echo"]
+    assert user_last.choices[0].message.content == client.chat.completions.create(
+        messages=chat_messages("Name a city."), **kwargs).choices[0].message.content
+
+
 def test_chat_sampling_knobs_seed_n_logprobs(client):
     kwargs = dict(model=MODEL, messages=chat_messages("Tell me a story"), max_tokens=10, temperature=1.0,
                   top_p=0.9, presence_penalty=0.5, frequency_penalty=0.3, seed=1234,

@@ -204,6 +204,9 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # The answer starts with the last message's content when that message has the response's role
+    # ("assistant", or the last message's own role when add_generation_prompt is off).
+    echo: bool = False
     add_special_tokens: bool = False
     documents: Optional[list[dict[str, str]]] = None
     chat_template: Optional[str] = None

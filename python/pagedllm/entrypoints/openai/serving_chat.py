@@ -108,10 +108,11 @@ class OpenAIServingChat:
             raise bad_request(e) from None
         request_id = random_id("chatcmpl")
         gen = self.engine.generate(prompt, params, request_id)
+        echo = _echoed_text(req)
         if req.stream:
             first = await prime([gen])
             return sse_stream(self._stream(req, request_id, params, chained([gen], first)[0],
-                                           self._parser_factory(parser), think_in_prompt))
+                                           self._parser_factory(parser), think_in_prompt, echo))
         final: Optional[RequestOutput] = None
         try:
             async for _, out in merge_async_iterators([gen]):
@@ -120,7 +121,7 @@ class OpenAIServingChat:
             raise bad_request(e) from None
         if final is None or not final.finished:
             raise OpenAIError("The request was aborted.", 500, "server_error")
-        return self._response(req, request_id, final, parser, think_in_prompt)
+        return self._response(req, request_id, final, parser, think_in_prompt, echo)
 
     @staticmethod
     def _parser_factory(parser):
@@ -130,7 +131,7 @@ class OpenAIServingChat:
         return lambda: cls(tokenizer)
 
     # -- whole response -------------------------------------------------------------------------------------
-    def _response(self, req, request_id: str, final: RequestOutput, parser, think_in_prompt: bool):
+    def _response(self, req, request_id: str, final: RequestOutput, parser, think_in_prompt: bool, echo: str):
         choices = []
         for o in final.outputs:
             reasoning, content = None, o.text
@@ -146,6 +147,8 @@ class OpenAIServingChat:
                     content = result.content if result.content and result.content.strip() else None
                     finish_reason = "tool_calls"
             logprobs = self._logprobs(o.token_ids, o.logprobs, req.top_logprobs or 0) if req.logprobs else None
+            if echo:
+                content = echo + (content or "")
             choices.append(ChatCompletionResponseChoice(
                 index=o.index, message=ChatMessageModel(role="assistant", content=content,
                                                         reasoning_content=reasoning, tool_calls=tool_calls),
@@ -174,7 +177,7 @@ class OpenAIServingChat:
         return ChatCompletionLogProbs(content=content)
 
     # -- streaming ------------------------------------------------------------------------------------------
-    async def _stream(self, req, request_id: str, params, gen, new_parser, think_in_prompt: bool) \
+    async def _stream(self, req, request_id: str, params, gen, new_parser, think_in_prompt: bool, echo: str) \
             -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -210,6 +213,8 @@ class OpenAIServingChat:
                     if self.reasoning:
                         reasoners[i] = ReasoningStreamer(think_in_prompt)
                     yield chunk(i, DeltaMessageModel(role="assistant", content=""))
+                    if echo:
+                        yield chunk(i, DeltaMessageModel(content=echo))
                 tracker = trackers[i]
                 if tracker.finished:
                     continue
@@ -257,6 +262,20 @@ class OpenAIServingChat:
         if include_usage:
             yield sse(ChatCompletionStreamResponse(id=request_id, model=self.model_name, choices=[],
                                                    usage=usage()))
+
+
+def _echoed_text(req: ChatCompletionRequest) -> str:
+    """What `echo` puts before the answer: the last message's text when it has the response's role."""
+    if not req.echo or not req.messages:
+        return ""
+    last = req.messages[-1]
+    role = "assistant" if req.add_generation_prompt else last.get("role")
+    if last.get("role") != role:
+        return ""
+    content = last.get("content") or ""
+    if isinstance(content, list):  # content parts: their text, one part a line (as vLLM)
+        content = "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
 
 
 def _cat(a: Optional[str], b: Optional[str]) -> Optional[str]:
