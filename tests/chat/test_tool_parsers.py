@@ -232,6 +232,25 @@ def test_one_shot(parser_name, text, content, calls):
     assert one_shot(parser_name, text) == (content, calls)
 
 
+def test_mistral_call_id_is_the_calls_id():
+    """Mistral's "[CALL_ID]" form: the model's id becomes the tool call's id, one shot and streamed in any chunks."""
+    text = 'Sure.[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris"}[TOOL_CALLS]f[ARGS]{}'
+    result = get_tool_parser("mistral")().extract_tool_calls(text)
+    assert result.content == "Sure."
+    assert [(c.id, c.function.name, c.function.arguments) for c in result.tool_calls][0] == (
+        "a1B2c3D4e", "get_weather", '{"city": "Paris"}')
+    assert ID_RE.match(result.tool_calls[1].id)  # no [CALL_ID]: a generated id
+    for chunks in chunkings(text):
+        parser = get_tool_parser("mistral")()
+        deltas = [d for m in [*map(parser.extract_streaming, chunks), parser.finish()] if m for d in m.tool_calls]
+        firsts = [(d.id, d.name) for d in deltas if d.id is not None]
+        assert firsts[0] == ("a1B2c3D4e", "get_weather") and firsts[1][1] == "f" and ID_RE.match(firsts[1][0])
+        assert "".join(d.arguments_delta for d in deltas if d.index == 0) == '{"city": "Paris"}'
+    for bad in ["[TOOL_CALLS]f[CALL_ID][ARGS]{}", "[TOOL_CALLS]f[CALL_ID]ab", "[TOOL_CALLS]f[CALL_ID]a-b[ARGS]{}"]:
+        assert one_shot("mistral", bad) == (bad, [])
+        assert streamed("mistral", list(bad)) == (bad, [])
+
+
 @pytest.mark.parametrize("parser_name,text,content,calls", [c for c in ALL_CASES if not c[3]])
 def test_no_call_keeps_the_whole_text(parser_name, text, content, calls):
     # Malformed calls are never dropped: with no call parsed the content is the output itself (None if blank).

@@ -69,9 +69,11 @@ def make_tool_call_id() -> str:
 
 @dataclass
 class ParsedCall:
-    """A well-formed call found by a parser's _scan: a name and its arguments as a JSON object string."""
+    """A well-formed call found by a parser's _scan: a name and its arguments as a JSON object string, and the
+    call's id when the model wrote one (mistral's [CALL_ID]); else the parser makes one."""
     name: str
     arguments: str
+    id: Optional[str] = None
 
 
 Event = Union[str, ParsedCall]
@@ -274,7 +276,7 @@ class ToolParser(abc.ABC):
         deltas: list[DeltaToolCall] = []
         for event in events:
             if isinstance(event, ParsedCall):
-                deltas.append(DeltaToolCall(index=self._num_calls, id=make_tool_call_id(), name=event.name,
+                deltas.append(DeltaToolCall(index=self._num_calls, id=event.id or make_tool_call_id(), name=event.name,
                                             arguments_delta=event.arguments))
                 self._num_calls += 1
             elif event:

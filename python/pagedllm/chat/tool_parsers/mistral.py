@@ -2,7 +2,9 @@
 
     Some text[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "f", "arguments": {}}]
 
-or, Mistral's v11 tokenizer form, one call per marker: "[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}".
+or, Mistral's v11 tokenizer form, one call per marker: "[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}", with
+the model's own call id in later versions: "[TOOL_CALLS]get_weather[CALL_ID]a1b2C3d4E[ARGS]{...}" (that id is
+the call's id).
 A single JSON object after the marker is accepted too. Text before the marker (and after the calls) is content; a
 marker not followed by well-formed calls (bad JSON, wrong shape, nothing) is content with what follows it.
 """
@@ -15,7 +17,9 @@ from pagedllm.chat.tool_parsers.base import (JSON_DECODER, MALFORMED, TaggedTool
 from pagedllm.chat.tool_parsers.registry import register_tool_parser
 
 ARGS = "[ARGS]"
+CALL_ID = "[CALL_ID]"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_ID_RE = re.compile(r"[A-Za-z0-9]+")
 
 
 def _decode_at(text: str, pos: int, final: bool):
@@ -45,13 +49,19 @@ class MistralToolParser(TaggedToolParser):
                 return MALFORMED
             return calls, end
 
-        # v11: name[ARGS]{...}
+        # v11: name[ARGS]{...} or name[CALL_ID]id[ARGS]{...}
         m = _NAME_RE.match(text, pos)
         if m is None:
             return MALFORMED
-        after = m.end()
-        if after == len(text) or (not final and ARGS.startswith(text[after:])):
-            return MALFORMED if final else None     # the name, or "[ARGS]", may still be growing
+        after, call_id = m.end(), None
+        if text.startswith(CALL_ID, after):
+            id_match = _ID_RE.match(text, after + len(CALL_ID))
+            if id_match is None:
+                return MALFORMED if final or after + len(CALL_ID) < len(text) else None
+            after, call_id = id_match.end(), id_match.group(0)
+        rest = text[after:]
+        if after == len(text) or (not final and (ARGS.startswith(rest) or (call_id is None and CALL_ID.startswith(rest)))):
+            return MALFORMED if final else None     # the name, the id or a marker may still be growing
         if not text.startswith(ARGS, after):
             return MALFORMED
         pos = skip_ws(text, after + len(ARGS))
@@ -66,4 +76,4 @@ class MistralToolParser(TaggedToolParser):
         arguments = arguments_to_json(value)
         if arguments is None:
             return MALFORMED
-        return [ParsedCall(m.group(0), arguments)], end
+        return [ParsedCall(m.group(0), arguments, call_id)], end
