@@ -104,3 +104,20 @@ def test_only_float32_cpu_weights_are_packed():
     model = TinyModel(torch.bfloat16)
     assert pack_linear_weights(model) == 0
     assert model.proj.packed is None and model.head.packed is None
+
+
+def test_reloading_weights_repacks(tmp_path):
+    """New weights loaded into an engine's model (load_weights) reach the packed copies too."""
+    from model_factory import make_tiny_model
+    from pagedllm.models import loader
+
+    first = loader.resolve_model(str(make_tiny_model(tmp_path, "qwen2", seed=0)))
+    second = loader.resolve_model(str(make_tiny_model(tmp_path / "b", "qwen2", seed=1)))
+    model = loader.load_model(first, dtype=torch.float32)
+    assert pack_linear_weights(model) > 0
+    model.load_weights(loader.iter_weights(second, model))
+    layers = [m for m in model.modules() if isinstance(m, (Linear, LMHead))]
+    assert layers
+    for m in layers:
+        weight = m.head_weight if isinstance(m, LMHead) else m.weight
+        assert torch.equal(m.packed, _ops.pack_linear_weight(weight))

@@ -149,6 +149,13 @@ def pack_linear_weights(model: nn.Module) -> int:
     return needed
 
 
+def repack_linear_weights(model: nn.Module) -> None:
+    """After new weights were loaded into a model that has packed copies: pack them again."""
+    for m in model.modules():
+        if isinstance(m, (Linear, LMHead)) and m.packed is not None:
+            m.packed = _ops.pack_linear_weight(m.head_weight if isinstance(m, LMHead) else m.weight)
+
+
 def _available_memory() -> int:
     """MemAvailable (free + reclaimable page cache); free pages alone where /proc is absent."""
     try:

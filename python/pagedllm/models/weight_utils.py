@@ -18,6 +18,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from pagedllm.layers.linear import repack_linear_weights
+
 logger = logging.getLogger(__name__)
 
 
@@ -86,6 +88,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     if unexpected:
         logger.warning("Ignored %d checkpoint tensor(s) that %s has no parameter for: %s", len(unexpected),
                        type(model).__name__, ", ".join(unexpected[:10]))
+    repack_linear_weights(model)  # a reload into a running CPU engine: its packed copies follow
     return set(shards_loaded)
 
 
