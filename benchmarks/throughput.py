@@ -12,6 +12,7 @@ Prints output tokens/s for both and their ratio, and one RESULT json line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -105,16 +106,16 @@ def streamed_weight_bytes(model) -> int:
     return total
 
 
-def run_transformers(args, prompts, out_lens, llm):
+def run_transformers(args, prompts, out_lens, hf_config, dtype):
     """transformers' generate in batches of --concurrency, left-padded; a batch runs to its longest
     max_tokens, and only the requested tokens are counted."""
     from pagedllm.models import loader
     if args.load_format == "dummy":
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_config(llm.llm_engine.hf_config, dtype=llm.llm_engine.dtype)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         model = model.to(args.device).eval()
     else:
-        model = loader.load_hf_reference(args.model, llm.llm_engine.dtype, args.device)
+        model = loader.load_hf_reference(args.model, dtype, args.device)
     pad = 0
     t0 = time.perf_counter()
     produced = 0
@@ -161,7 +162,12 @@ def main():
           f"GB/s copy bandwidth, {floor:.2f} s; prefills not counted): pagedllm at {100 * floor / seconds:.0f}%")
     row.update(floor_tok_s=total_out / floor, copy_gbps=bandwidth / 1e9)
     if not args.skip_hf:
-        hf_tps, hf_seconds = run_transformers(args, prompts, out_lens, llm)
+        hf_config, dtype = llm.llm_engine.hf_config, llm.llm_engine.dtype
+        del llm, runner  # on a GPU the engine's KV cache would leave transformers no memory
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        hf_tps, hf_seconds = run_transformers(args, prompts, out_lens, hf_config, dtype)
         print(f"transformers: {total_out} output tokens in {hf_seconds:.2f} s = {hf_tps:.1f} tok/s")
         print(f"ratio pagedllm / transformers: {tps / hf_tps:.2f}x")
         row.update(transformers_tok_s=hf_tps, ratio=tps / hf_tps)

@@ -2,7 +2,7 @@
 # One command for a lent GPU machine: rebuild pagedllm._C against its torch, run the CUDA tests,
 # then every kernel benchmark, and print a short table last. Logs go to $OUT (or /tmp/gpu_check).
 # Budget: under 8 minutes on an H100 (build ~2-3 min with 16 jobs, tests ~1 min, kernel benchmarks ~2 min,
-# end to end ~1 min).
+# end to end ~1 min; GPU_CHECK_HF=1 adds transformers' generate on 64 prompts, 2-4 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -35,5 +35,12 @@ timeout 240 python benchmarks/throughput.py --device cuda --model benchmarks/con
   --num-prompts 256 --concurrency 256 --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 \
   --temperature 0.6 --max-model-len 4096 --skip-hf >"$out/throughput.log" 2>&1 || echo "throughput failed (rc $?)"
 grep -h '^RESULT ' "$out/throughput.log" | sed 's/^RESULT //' >>"$out/results.jsonl"
+# transformers' generate on the same kind of workload, scaled to fit the time (opt-in: +2-4 min).
+if [ -n "${GPU_CHECK_HF:-}" ]; then
+  timeout 300 python benchmarks/throughput.py --device cuda --model benchmarks/configs/qwen3-0.6b --load-format dummy \
+    --num-prompts 64 --concurrency 64 --min-input 100 --max-input 1024 --min-output 100 --max-output 512 \
+    --temperature 0.6 --max-model-len 4096 >"$out/throughput_hf.log" 2>&1 || echo "throughput vs transformers failed (rc $?)"
+  grep -h '^RESULT ' "$out/throughput_hf.log" | sed 's/^RESULT //' >>"$out/results.jsonl"
+fi
 echo "total: $(( $(date +%s) - start )) s; cuda tests rc=$tests_rc"
 python scripts/results_table.py "$out/results.jsonl" | tee "$out/table.md"

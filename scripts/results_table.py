@@ -22,8 +22,10 @@ def main(path: str) -> None:
     for r in end_to_end:
         floor = (f" (memory floor {r['floor_tok_s']:.0f} tok/s: {100 * r['pagedllm_tok_s'] / r['floor_tok_s']:.0f}%)"
                  if r.get("floor_tok_s") else "")
+        hf = (f"; transformers {r['transformers_tok_s']:.0f} tok/s ({r['ratio']:.2f}x)"
+              if r.get("transformers_tok_s") else "")
         print(f"end to end ({r['num_prompts']} prompts, concurrency {r['concurrency']}, {r['device']}): "
-              f"{r['pagedllm_tok_s']:.0f} output tok/s{floor}")
+              f"{r['pagedllm_tok_s']:.0f} output tok/s{floor}{hf}")
 
 
 if __name__ == "__main__":
