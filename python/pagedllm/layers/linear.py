@@ -138,8 +138,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     decode-sized GEMMs (the original stays for prefill-sized ones and for the tied embedding).
     Call once the final weights are loaded. Returns the bytes added (0: nothing to pack).
     Skipped when the copy would take more than half of the memory still available."""
-    layers = [(m, m.head_weight if isinstance(m, LMHead) else m.weight)
-              for m in model.modules() if isinstance(m, (Linear, LMHead))]
+    layers = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
     layers = [(m, w) for m, w in layers if w.device.type == "cpu" and w.dtype == torch.float32]
     needed = sum(w.numel() * 4 for _, w in layers)
     if not layers or needed > _available_memory() // 2:
@@ -153,7 +152,12 @@ def repack_linear_weights(model: nn.Module) -> None:
     """After new weights were loaded into a model that has packed copies: pack them again."""
     for m in model.modules():
         if isinstance(m, (Linear, LMHead)) and m.packed is not None:
-            m.packed = _ops.pack_linear_weight(m.head_weight if isinstance(m, LMHead) else m.weight)
+            m.packed = _ops.pack_linear_weight(_matmul_weight(m))
+
+
+def _matmul_weight(m: nn.Module) -> torch.Tensor:
+    """The [out, in] weight a Linear or LMHead multiplies by (a tied head's is the embedding's)."""
+    return m.head_weight if isinstance(m, LMHead) else m.weight
 
 
 def _available_memory() -> int:
