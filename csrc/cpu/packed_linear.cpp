@@ -24,86 +24,14 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "panel_tile.h"
 
 namespace pagedllm::cpu {
-namespace {
 
-constexpr int64_t kPanel = 32;  // output features per packed panel
-constexpr int kTileRows = 12;   // rows of x per register tile (24 accumulators + 2 weight vectors)
-constexpr int64_t kLine = 16;   // floats per 64-byte cache line
-
-#if defined(__AVX512F__)
-// Rows [0, M) of x against one panel; writes y[:, 0:n_valid] (+ bias). M is a template
-// constant so the accumulators stay in registers.
-template <int M>
-void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restrict__ panel, int64_t K,
-                const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                const float* pf_next, int64_t pf_lines, int64_t pf_stride) {
-  __m512 c0[M], c1[M];
-#pragma GCC unroll 12
-  for (int m = 0; m < M; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    // The weight stream must overlap the FMAs (the hardware prefetcher alone leaves them in
-    // series): while a panel is computed, the next one is fetched into L2, its 2K lines spread
-    // evenly over the panel's tiles (pf_stride floats per k; front-loading them measured slower).
-    if (k < pf_lines) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf_next + k * pf_stride), _MM_HINT_T1);
-      if (pf_stride == 2 * kLine) _mm_prefetch(reinterpret_cast<const char*>(pf_next + k * pf_stride + kLine), _MM_HINT_T1);
-    }
-    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel);
-    const __m512 w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
-#pragma GCC unroll 12
-    for (int m = 0; m < M; ++m) {
-      const __m512 b = _mm512_set1_ps(x[m * ldx + k]);
-      c0[m] = _mm512_fmadd_ps(w0, b, c0[m]);
-      c1[m] = _mm512_fmadd_ps(w1, b, c1[m]);
-    }
-  }
-  const __mmask16 mask0 = n_valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n_valid) - 1);
-  const __mmask16 mask1 = n_valid >= 32 ? 0xFFFF
-                          : n_valid <= 16 ? 0
-                                          : static_cast<__mmask16>((1u << (n_valid - 16)) - 1);
-  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(mask0, bias) : _mm512_setzero_ps();
-  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + 16) : _mm512_setzero_ps();
-#pragma GCC unroll 12
-  for (int m = 0; m < M; ++m) {
-    _mm512_mask_storeu_ps(y + m * ldy, mask0, _mm512_add_ps(c0[m], b0));
-    _mm512_mask_storeu_ps(y + m * ldy + 16, mask1, _mm512_add_ps(c1[m], b1));
-  }
-}
-#else
-// Portable twin (same order of summation): the compiler vectorizes the j loop.
-template <int M>
-void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restrict__ panel, int64_t K,
-                const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                const float* /*pf_next*/, int64_t /*pf_lines*/, int64_t /*pf_stride*/) {
-  float c[M][kPanel] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    for (int m = 0; m < M; ++m) {
-      const float b = x[m * ldx + k];
-      for (int j = 0; j < kPanel; ++j) c[m][j] += panel[k * kPanel + j] * b;
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    for (int64_t j = 0; j < n_valid; ++j) y[m * ldy + j] = c[m][j] + (bias ? bias[j] : 0.f);
-  }
-}
-#endif
-
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
-                       const float*, int64_t, int64_t);
-
-template <int... Ms>
-constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
-  return std::array<TileFn, sizeof...(Ms)>{&panel_tile<Ms + 1>...};
-}
-// kTiles[r - 1] handles a tile of r rows.
-constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kTileRows>{});
-
-}  // namespace
+using panel::kLine;
+using panel::kPanel;
+using panel::kTileRows;
+using panel::kTiles;
 
 // weight [N, K] float32 -> packed [ceil(N / 32), K, 32]: packed[p, k, j] = weight[32 p + j, k],
 // zero past N.
@@ -182,7 +110,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
         // [t * 2K / T, (t + 1) * 2K / T), at most one per k.
         const int64_t lo = t * 2 * K / tiles, hi = (t + 1) * 2 * K / tiles;
         kTiles[rows - 1](xp + m0 * ldx, ldx, panel, K, bias_ptr ? bias_ptr + n0 : nullptr, yp + m0 * N + n0, N,
-                         n_valid, next + lo * kLine, tiles == 1 ? K : hi - lo, tiles == 1 ? 2 * kLine : kLine);
+                         n_valid, next + lo * kLine, tiles == 1 ? K : hi - lo, tiles == 1 ? 2 * kLine : kLine, 0);
       }
     }
   });

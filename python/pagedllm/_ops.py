@@ -73,3 +73,17 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
                   out_features: int) -> torch.Tensor:
     """CPU, float32: x [..., K] @ W^T (+ bias) -> [..., out_features], W packed by pack_linear_weight."""
     return ops.packed_linear(x, packed, bias, out_features)
+
+
+def pack_quantized_linear_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """CPU, float32 weight [N, K] whose every run of 32 inputs is exactly d * q + m (bits 4: GGUF Q4_1)
+    or d * q (bits 8: Q8_0), d and m fp16 -> its codes, uint8 [ceil(N / 32), K / 32, block bytes];
+    an empty tensor when the weight is not exactly of that form."""
+    return ops.pack_quantized_linear_weight(weight, bits)
+
+
+def quantized_linear(x: torch.Tensor, packed: torch.Tensor, bits: int, bias: Optional[torch.Tensor],
+                     out_features: int) -> torch.Tensor:
+    """CPU, float32: x [..., K] @ W^T (+ bias) over the codes of pack_quantized_linear_weight;
+    bit-identical to packed_linear on the fp32 weight."""
+    return ops.quantized_linear(x, packed, bits, bias, out_features)

@@ -142,3 +142,29 @@ def test_other_architectures_from_gguf(tmp_path, arch):
             assert config.head_dim == 64
             torch.testing.assert_close(attn.k_norm.weight, sd["model.layers.1.self_attn.k_norm.weight"], atol=0, rtol=0)
     assert model.lm_head.tied == bool(config.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("qtype,bits", [(Q.Q4_1, 4), (Q.Q8_0, 8)], ids=["Q4_1", "Q8_0"])
+def test_quantized_gguf_decodes_from_its_codes(tmp_path, qtype, bits):
+    """On the CPU every linear weight of a Q4_1 / Q8_0 GGUF is served from its exact codes
+    (quantized_linear); prefill and decode logits still equal HF's on the same file."""
+    from pagedllm.layers.linear import LMHead, Linear, pack_linear_weights
+
+    hf = make_hf_model(gguf_llama_config())
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_llama_gguf(path, hf, qtype)
+    model = load_model(resolve_model(str(path)), dtype=torch.float32)
+    assert pack_linear_weights(model) > 0
+    layers = [m for m in model.modules() if isinstance(m, (Linear, LMHead))]
+    assert len(layers) == 2 * 4 + 1 and all(m.packed.bits == bits for m in layers)
+    hf.load_state_dict(hf_state_from_gguf(path, hf))
+    prompts = [[5, 17, 200, 3, 9, 41, 77], list(range(20, 43))]
+    runner = PagedRunner(model, [len(p) for p in prompts], max_new=3, native=False)
+    for prompt, ours in zip(prompts, runner.prefill(prompts)):  # 7 and 23 rows: the packed path
+        torch.testing.assert_close(ours, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
+    for step in range(3):  # 2 rows a step
+        tokens = [(11 * step + 7 * i) % 256 for i in range(2)]
+        ours = runner.decode(tokens)
+        for i, prompt in enumerate(prompts):
+            prompt.append(tokens[i])
+            torch.testing.assert_close(ours[i], hf_logits(hf, prompt)[-1], atol=1e-4, rtol=1e-4)

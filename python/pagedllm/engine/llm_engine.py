@@ -56,9 +56,9 @@ class LLMEngine:
             model = loader.load_model(source, self.hf_config, self.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # glibc: no page faults on every step's activations (cpu_malloc.py)
-        packed = pack_linear_weights(model)  # CPU fp32: packed weights for the decode GEMMs
+        packed = pack_linear_weights(model)  # CPU fp32: packed weights (or their exact GGUF codes) for decode GEMMs
         if packed:
-            logger.info("Packed %.0f MiB of linear weights for the CPU decode kernel", packed / (1 << 20))
+            logger.info("Packed %.0f MiB of linear weights for the CPU decode kernels", packed / (1 << 20))
         self.max_model_len = self._max_model_len(args.max_model_len, loader.max_model_len_of(self.hf_config))
         self.vocab_size = getattr(model, "vocab_size", None) or self.hf_config.vocab_size
 

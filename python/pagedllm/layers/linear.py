@@ -22,12 +22,48 @@ from pagedllm import _ops
 # above 64 (benchmarks/kernels/bench_packed_linear.py, 2 cores, the default model's decode step:
 # 1 row x0.95, 8 rows x1.80, 32 rows x1.50, 64 rows x1.35 against F.linear).
 PACKED_MIN_ROWS, PACKED_MAX_ROWS = 2, 64
+# Weights that are exactly GGUF Q4_1 / Q8_0 blocks (csrc/cpu/quantized_linear.cpp) stream their
+# codes instead, 5-6x fewer bytes: from one row on, the same result bit for bit.
+QUANTIZED_MIN_ROWS = 1
+# PAGEDLLM_CPU_QUANTIZED_WEIGHTS=0 keeps every packed weight in fp32 (to measure what the codes bring).
+QUANTIZED_ENV = "PAGEDLLM_CPU_QUANTIZED_WEIGHTS"
+
+
+class PackedWeight:
+    """The CPU decode copy of a Linear / LMHead weight: fp32 panels (bits 0) or the exact Q4_1 / Q8_0
+    codes of it (bits 4 / 8)."""
+
+    def __init__(self, data: torch.Tensor, bits: int = 0):
+        self.data, self.bits = data, bits
+        self.min_rows = QUANTIZED_MIN_ROWS if bits else PACKED_MIN_ROWS
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def serves(self, rows: int) -> bool:
+        return self.min_rows <= rows <= PACKED_MAX_ROWS
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+        if self.bits:
+            return _ops.quantized_linear(x, self.data, self.bits, bias, out_features)
+        return _ops.packed_linear(x, self.data, bias, out_features)
+
+
+def pack_weight(weight: torch.Tensor) -> PackedWeight:
+    """The exact Q4_1 codes of weight if it is made of them, else its Q8_0 codes, else fp32 panels."""
+    if os.environ.get(QUANTIZED_ENV, "1") != "0":
+        for bits in (4, 8):
+            codes = _ops.pack_quantized_linear_weight(weight, bits)
+            if codes.numel():
+                return PackedWeight(codes, bits)
+    return PackedWeight(_ops.pack_linear_weight(weight))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            packed: Optional[torch.Tensor]) -> torch.Tensor:
-    if packed is not None and PACKED_MIN_ROWS * x.shape[-1] <= x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
-        return _ops.packed_linear(x, packed, bias, weight.shape[0])
+            packed: Optional[PackedWeight]) -> torch.Tensor:
+    if packed is not None and x.shape[-1] and packed.serves(x.numel() // x.shape[-1]):
+        return packed(x, bias, weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -42,7 +78,7 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 class Linear(nn.Module):
     """y = x W^T + b, W: [output_size, input_size]."""
 
-    packed: Optional[torch.Tensor] = None  # set by pack_linear_weights (CPU fp32 only)
+    packed: Optional[PackedWeight] = None  # set by pack_linear_weights (CPU fp32 only)
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  dtype: Optional[torch.dtype] = None):
@@ -110,7 +146,7 @@ class LMHead(nn.Module):
     tie_to: the embedding whose weight is shared (tie_word_embeddings); then the head has no
     parameter of its own and the checkpoint's lm_head.weight, if any, is skipped."""
 
-    packed: Optional[torch.Tensor] = None  # set by pack_linear_weights (CPU fp32 only)
+    packed: Optional[PackedWeight] = None  # set by pack_linear_weights (CPU fp32 only)
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: Optional[torch.dtype] = None,
                  tie_to: Optional[VocabEmbedding] = None):
@@ -137,22 +173,22 @@ def pack_linear_weights(model: nn.Module) -> int:
     """Give every Linear and LMHead of a CPU float32 model a packed copy of its weight for the
     decode-sized GEMMs (the original stays for prefill-sized ones and for the tied embedding).
     Call once the final weights are loaded. Returns the bytes added (0: nothing to pack).
-    Skipped when the copy would take more than half of the memory still available."""
+    Skipped when an fp32 copy would take more than half of the memory still available."""
     layers = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
     layers = [(m, w) for m, w in layers if w.device.type == "cpu" and w.dtype == torch.float32]
     needed = sum(w.numel() * 4 for _, w in layers)
     if not layers or needed > _available_memory() // 2:
         return 0
     for m, w in layers:
-        m.packed = _ops.pack_linear_weight(w)
-    return needed
+        m.packed = pack_weight(w)
+    return sum(m.packed.nbytes for m, _ in layers)
 
 
 def repack_linear_weights(model: nn.Module) -> None:
     """After new weights were loaded into a model that has packed copies: pack them again."""
     for m in model.modules():
         if isinstance(m, (Linear, LMHead)) and m.packed is not None:
-            m.packed = _ops.pack_linear_weight(_matmul_weight(m))
+            m.packed = pack_weight(_matmul_weight(m))
 
 
 def _matmul_weight(m: nn.Module) -> torch.Tensor:
