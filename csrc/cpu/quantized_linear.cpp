@@ -216,8 +216,15 @@ at::Tensor pack_quantized_linear_weight(const at::Tensor& weight, int64_t bits) 
   const at::Tensor none = at::empty({0}, w.options().dtype(at::kByte));
   if (N == 0 || K == 0 || K % kBlock != 0) return none;
   const int64_t P = (N + kPanel - 1) / kPanel, B = K / kBlock, bb = block_bytes(bits);
-  at::Tensor packed = at::zeros({P, B, bb}, w.options().dtype(at::kByte));
   const float* src = w.data_ptr<float>();
+  {  // most weights that are not codes fail on their first row: no allocation for them
+    float d, m;
+    int8_t q[kBlock];
+    for (int64_t b = 0; b < B; ++b) {
+      if (!quantize_block(src + b * kBlock, bits, d, m, q)) return none;
+    }
+  }
+  at::Tensor packed = at::zeros({P, B, bb}, w.options().dtype(at::kByte));
   uint8_t* dst = packed.data_ptr<uint8_t>();
   std::atomic<bool> exact{true};
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {

@@ -75,6 +75,13 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
     return ops.packed_linear(x, packed, bias, out_features)
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """CPU, float32: x [rows, 2 d] = [gate | up] -> silu(gate) * up, [rows, d]."""
+    out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device=x.device)
+    ops.silu_and_mul(out, x)
+    return out
+
+
 def pack_quantized_linear_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """CPU, float32 weight [N, K] whose every run of 32 inputs is exactly d * q + m (bits 4: GGUF Q4_1)
     or d * q (bits 8: Q8_0), d and m fp16 -> its codes, uint8 [ceil(N / 32), K / 32, block bytes];

@@ -1,7 +1,7 @@
 """Activations, in the model dtype with HF's operation order (so bf16 / fp16 round as HF does).
 
-No kernel of ours backs these: they are plain torch (elementwise ops that torch already fuses well
-enough next to the matmuls around them).
+Plain torch, except SiluAndMul on CPU float32 tensors: one pass of our silu_and_mul kernel
+(csrc/cpu/activation.cpp) instead of two torch ops over the gate/up activations.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagedllm import _ops
+from pagedllm.models.utils import use_native_ops
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +48,12 @@ class SiluAndMul(nn.Module):
         self.act = get_act_fn(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.act is F.silu and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+                and not use_native_ops()):
+            return _ops.silu_and_mul(x)
+        return self.forward_native(x)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
         return self.act(x[..., :d]) * x[..., d:]
 
