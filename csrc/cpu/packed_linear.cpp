@@ -30,7 +30,6 @@ namespace pagedllm::cpu {
 
 using panel::kLine;
 using panel::kPanel;
-using panel::kTileRows;
 using panel::kTiles;
 
 // weight [N, K] float32 -> packed [ceil(N / 32), K, 32]: packed[p, k, j] = weight[32 p + j, k],
@@ -103,9 +102,9 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
       const int64_t n_valid = std::min(kPanel, N - n0);
       const float* panel = wp + p * K * kPanel;
       const float* next = panel + K * kPanel;  // the next panel's 2K cache lines
-      const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-      for (int64_t m0 = 0, t = 0; m0 < M; m0 += kTileRows, ++t) {
-        const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
+      const int64_t tiles = panel::num_tiles(M);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m0 = panel::tile_start(M, t), rows = panel::tile_start(M, t + 1) - m0;
         // One tile: two lines of the next panel per k. T tiles: tile t fetches lines
         // [t * 2K / T, (t + 1) * 2K / T), at most one per k.
         const int64_t lo = t * 2 * K / tiles, hi = (t + 1) * 2 * K / tiles;

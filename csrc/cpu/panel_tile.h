@@ -122,6 +122,12 @@ template <int... Ms>
 constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
   return std::array<TileFn, sizeof...(Ms)>{&panel_tile<Ms + 1>...};
 }
+// The M rows of x split into the fewest tiles of at most kTileRows, of balanced sizes: tile t covers
+// rows [tile_start(M, t), tile_start(M, t + 1)). (12 + 1 rows would leave the last tile's lone FMA
+// chain latency-bound; 7 + 6 keeps both throughput-bound. The sums are the same either way.)
+inline int64_t num_tiles(int64_t M) { return (M + kTileRows - 1) / kTileRows; }
+inline int64_t tile_start(int64_t M, int64_t t) { return t * M / num_tiles(M); }
+
 // kTiles[r - 1] handles a tile of r rows.
 constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kTileRows>{});
 

@@ -305,8 +305,8 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         const int64_t b1 = std::min(B, b0 + kChunkBlocks);
         expand_chunk(codes, b0, b1, bits, chunk, next);
         const int flags = (b0 > 0 ? panel::kResume : 0) | (b1 < B ? panel::kPartial : 0);
-        for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
-          const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
+        for (int64_t t = 0; t < panel::num_tiles(M); ++t) {
+          const int64_t m0 = panel::tile_start(M, t), rows = panel::tile_start(M, t + 1) - m0;
           kTiles[rows - 1](xp + m0 * ldx + b0 * kBlock, ldx, chunk, (b1 - b0) * kBlock, bp, yp + m0 * N + n0, N,
                            n_valid, nullptr, 0, 0, flags);
         }
