@@ -112,6 +112,16 @@ def streamed_weight_bytes(model) -> int:
     return total
 
 
+def compute_floor_seconds(model, prompt_lens, out_lens, peak_flops) -> float:
+    """The GEMM floor of the workload: every prompt token and every fed-back output token through each
+    linear layer, one LM-head row per output token, at the matmul peak; attention FLOPs not counted."""
+    from pagedllm.layers.linear import LMHead, Linear
+    layers = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear))
+    head = sum(m.head_weight.numel() for m in model.modules() if isinstance(m, LMHead))
+    tokens = sum(prompt_lens) + sum(out_lens) - len(out_lens)
+    return (2 * layers * tokens + 2 * head * sum(out_lens)) / peak_flops
+
+
 def run_transformers(args, prompts, out_lens, hf_config, dtype):
     """transformers' generate in batches of --concurrency, left-padded; a batch runs to its longest
     max_tokens, and only the requested tokens are counted."""
@@ -158,7 +168,7 @@ def main():
     row = {"bench": "throughput", "device": args.device, "num_prompts": args.num_prompts,
            "concurrency": args.concurrency, "pagedllm_tok_s": tps, "output_tokens": total_out}
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels"))
-    from common import copy_bandwidth
+    from common import copy_bandwidth, matmul_peak_flops
     runner = llm.llm_engine.runner
     bandwidth = copy_bandwidth(args.device)
     floor = decode_floor_seconds([len(p) for p in prompts], out_lens, args.concurrency,
@@ -167,6 +177,11 @@ def main():
     print(f"memory floor: {total_out / floor:.1f} tok/s (weights + KV of each decode step over the {bandwidth / 1e9:.0f} "
           f"GB/s copy bandwidth, {floor:.2f} s; prefills not counted): pagedllm at {100 * floor / seconds:.0f}%")
     row.update(floor_tok_s=total_out / floor, copy_gbps=bandwidth / 1e9)
+    peak = matmul_peak_flops(args.device, llm.llm_engine.dtype)
+    compute = compute_floor_seconds(runner.model, [len(p) for p in prompts], out_lens, peak)
+    print(f"compute floor: {total_out / compute:.1f} tok/s (the GEMM FLOPs of every token at the {peak / 1e9:.0f} "
+          f"GFLOP/s of a torch matmul, {compute:.2f} s; attention not counted): pagedllm at {100 * compute / seconds:.0f}%")
+    row.update(compute_floor_tok_s=total_out / compute, matmul_gflops=peak / 1e9)
     if not args.skip_hf:
         hf_config, dtype = llm.llm_engine.hf_config, llm.llm_engine.dtype
         del llm, runner  # on a GPU the engine's KV cache would leave transformers no memory

@@ -327,9 +327,20 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Te
   const int64_t partial_floats = 2 * G + static_cast<int64_t>(G) * D;
   std::vector<float> partials(num_partials * partial_floats);
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t stop) {
+  // Threads take contiguous runs of items of equal total work (keys, plus a block's worth for each
+  // item's set-up): split by item count, a batch whose long sequences sit in one half left the other
+  // thread waiting at the barrier.
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  std::vector<int64_t> cost(num_items + 1, 0);
+  for (int64_t w = 0; w < num_items; ++w) cost[w + 1] = cost[w] + (items[w].k1 - items[w].k0) + a.block_size;
+  std::vector<int64_t> bounds(threads + 1, num_items);
+  for (int64_t t = 0; t < threads; ++t) {
+    bounds[t] = std::lower_bound(cost.begin(), cost.end(), cost[num_items] * t / threads) - cost.begin();
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     Scratch s(G, D, a.block_size);
-    for (int64_t w = begin; w < stop; ++w) {
+    for (int64_t w = bounds[t0]; w < bounds[t1]; ++w) {
       const WorkItem& item = items[w];
       attend_range<scalar_t, D>(a, item, q_ptr, k_ptr, v_ptr, bt, s);
       if (item.partial < 0) {

@@ -144,6 +144,12 @@ def test_paged_attention_long_context(device, window, num_heads, num_kv_heads, h
     run_and_check(device, dtype, LONG_LENS, num_heads, num_kv_heads, head_size, block_size, window)
 
 
+@pytest.mark.parametrize("lens", [[250] * 6 + [3] * 20 + [0], [1] * 30 + [900]], ids=["long_first", "long_last"])
+def test_paged_attention_uneven_batch_cpu(lens):
+    # The CPU threads split the items by keys, not by count: all of the work at one end of the batch.
+    run_and_check("cpu", torch.float32, lens, 9, 3, 64, 16)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_attention_batch_one_long(device):
     run_and_check(device, torch.float16, [3001], 8, 1, 80, 16)
