@@ -12,7 +12,7 @@ OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "reshape_and_cache"
        "paged_prefill_attention", "sample_tokens"]
 # The fp32 decode GEMM on packed weights: on CUDA the layers use cuBLAS (F.linear) instead.
 CPU_ONLY_OPS = ["pack_linear_weight", "packed_linear", "pack_quantized_linear_weight", "quantized_linear",
-                "silu_and_mul"]
+                "silu_and_mul", "decoder_layers"]
 
 
 def registrations(op: str) -> str:

@@ -16,6 +16,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "cpu_only_ops.h"
+
 #include "fast_math.h"
 
 namespace pagedllm::cpu {

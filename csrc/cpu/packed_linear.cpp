@@ -24,6 +24,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "cpu_only_ops.h"
+
 #include "panel_tile.h"
 
 namespace pagedllm::cpu {

@@ -34,6 +34,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_only_ops.h"
+
 #include "panel_tile.h"
 
 namespace pagedllm::cpu {

@@ -82,6 +82,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def decoder_layers(hidden: torch.Tensor, positions: torch.Tensor, tensors: list[torch.Tensor], ints: list[int],
+                   floats: list[float], slot_mapping: torch.Tensor, num_prefill_tokens: int,
+                   max_prefill_query_len: int, num_decodes: int, prefill_query_start_loc: Optional[torch.Tensor],
+                   prefill_seq_lens: Optional[torch.Tensor], prefill_block_tables: Optional[torch.Tensor],
+                   decode_seq_lens: Optional[torch.Tensor],
+                   decode_block_tables: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU, float32: every Llama-family decoder layer of one step (argument layout:
+    csrc/cpu/decoder_layers.cpp; built by models/cpu_decoder_layers.py) -> (hidden, residual)."""
+    hidden, residual = ops.decoder_layers(hidden, positions, tensors, ints, floats, slot_mapping, num_prefill_tokens,
+                                          max_prefill_query_len, num_decodes, prefill_query_start_loc,
+                                          prefill_seq_lens, prefill_block_tables, decode_seq_lens,
+                                          decode_block_tables)
+    return hidden, residual
+
+
 def pack_quantized_linear_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """CPU, float32 weight [N, K] whose every run of 32 inputs is exactly d * q + m (bits 4: GGUF Q4_1)
     or d * q (bits 8: Q8_0), d and m fp16 -> its codes, uint8 [ceil(N / 32), K / 32, block bytes];

@@ -169,6 +169,18 @@ class LMHead(nn.Module):
         return f"vocab={self.vocab_size}, tied={self.tied}"
 
 
+_pack_generation = 0  # counts pack / repack calls: what caches of the packed copies compare against
+
+
+def pack_generation() -> int:
+    return _pack_generation
+
+
+def _packed_anew() -> None:
+    global _pack_generation
+    _pack_generation += 1
+
+
 def pack_linear_weights(model: nn.Module) -> int:
     """Give every Linear and LMHead of a CPU float32 model a packed copy of its weight for the
     decode-sized GEMMs (the original stays for prefill-sized ones and for the tied embedding).
@@ -181,6 +193,7 @@ def pack_linear_weights(model: nn.Module) -> int:
         return 0
     for m, w in layers:
         m.packed = pack_weight(w)
+    _packed_anew()
     return sum(m.packed.nbytes for m, _ in layers)
 
 
@@ -189,6 +202,7 @@ def repack_linear_weights(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, (Linear, LMHead)) and m.packed is not None:
             m.packed = pack_weight(_matmul_weight(m))
+    _packed_anew()
 
 
 def _matmul_weight(m: nn.Module) -> torch.Tensor:

@@ -16,10 +16,11 @@ from torch import nn
 
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
+from pagedllm.layers.attention_metadata import get_attention_metadata
 from pagedllm.layers.linear import LMHead, Linear, MergedLinear, QKVLinear, VocabEmbedding
 from pagedllm.layers.rms_norm import RMSNorm
 from pagedllm.layers.rope_scaling import get_rope, rope_parameters
-from pagedllm.models import utils
+from pagedllm.models import cpu_decoder_layers, utils
 from pagedllm.models.weight_utils import load_weights
 
 
@@ -119,8 +120,12 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+        fused = cpu_decoder_layers.for_model(self) if cpu_decoder_layers.supported(self, hidden_states) else None
+        if fused is not None:  # CPU float32: the same layers in one op call (models/cpu_decoder_layers.py)
+            hidden_states, residual = fused(positions, hidden_states, get_attention_metadata())
+        else:
+            for layer in self.layers:
+                hidden_states, residual = layer(positions, hidden_states, residual)
         hidden_states, _ = utils.rms_norm(self.norm, hidden_states, residual)
         return hidden_states
 

@@ -1,0 +1,178 @@
+// decoder_layers on the CPU: every Llama-family decoder layer of one step in a single call.
+//
+// Why: a decode step of the default model runs ~13 small ops per layer, 30 layers. From Python each
+// op costs its dispatch plus the modules' Python around it (~100-150 us a layer, more with the
+// caches cold after the GEMMs); the second core idles meanwhile. This op chains the same kernels
+// in C++, in the same order and with the same arguments as python/pagedllm/models/llama.py
+// (LlamaDecoderLayer with RMSNorm, packed q/k/v, optional q/k bias and Qwen3's q/k norms, RoPE,
+// paged attention, SiLU-and-mul MLP), so its results are the Python path's, bit for bit.
+// python/pagedllm/models/cpu_decoder_layers.py decides when it applies and flattens the layers.
+//
+// tensors: [cos_sin_cache] then kLayerTensors per layer (Slot order; a 0-element tensor = absent).
+// ints: [num_heads, num_kv_heads, head_size, is_neox, fp32 panel min rows, code min rows, max rows]
+//   then per layer [qkv, o, gate_up, down packed kinds (-1 none, 0 fp32 panels, 4 / 8 codes), sliding_window].
+// floats: [rms_norm eps, attention scale]. Returns [hidden, residual] after the last layer.
+#include <optional>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "cpu_only_ops.h"
+#include "ops.h"
+
+namespace pagedllm::cpu {
+namespace {
+
+enum Slot {
+  kInputNorm, kQkvWeight, kQkvPacked, kQkvBias, kQNorm, kKNorm, kOWeight, kOPacked, kOBias, kPostNorm,
+  kGateUpWeight, kGateUpPacked, kGateUpBias, kDownWeight, kDownPacked, kDownBias, kKeyCache, kValueCache,
+  kLayerTensors
+};
+enum LayerInt { kQkvKind, kOKind, kGateUpKind, kDownKind, kSlidingWindow, kLayerInts };
+constexpr int64_t kGlobalInts = 7;
+
+struct Config {
+  int64_t num_heads, num_kv_heads, head_size;
+  bool is_neox;
+  int64_t fp32_min_rows, code_min_rows, max_rows;  // layers/linear.py PackedWeight.serves
+  double eps, scale;
+};
+
+struct Step {  // the AttentionMetadata fields the layers read
+  const at::Tensor& positions;
+  const at::Tensor& slot_mapping;
+  int64_t num_prefill_tokens, max_prefill_query_len, num_decodes;
+  const std::optional<at::Tensor>& prefill_query_start_loc;
+  const std::optional<at::Tensor>& prefill_seq_lens;
+  const std::optional<at::Tensor>& prefill_block_tables;
+  const std::optional<at::Tensor>& decode_seq_lens;
+  const std::optional<at::Tensor>& decode_block_tables;
+};
+
+std::optional<at::Tensor> present(const at::Tensor& t) {
+  return t.numel() > 0 ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Linear.forward: the packed copy for the row counts it serves, else F.linear.
+at::Tensor linear(const at::Tensor& x, const at::Tensor* layer, int weight_slot, int64_t kind, const Config& c) {
+  const at::Tensor& weight = layer[weight_slot];
+  const at::Tensor& packed = layer[weight_slot + 1];
+  const std::optional<at::Tensor> bias = present(layer[weight_slot + 2]);
+  const int64_t k = x.size(-1);
+  if (kind >= 0 && k > 0) {
+    const int64_t rows = x.numel() / k;
+    if (rows >= (kind > 0 ? c.code_min_rows : c.fp32_min_rows) && rows <= c.max_rows) {
+      return kind > 0 ? quantized_linear(x, packed, kind, bias, weight.size(0))
+                      : packed_linear(x, packed, bias, weight.size(0));
+    }
+  }
+  return at::linear(x, weight, bias);
+}
+
+at::Tensor rms_norm_new(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  rms_norm(out, x, weight, eps);
+  return out;
+}
+
+// LlamaAttention.forward after the input norm: [n, hidden] -> [n, num_heads * head_size].
+at::Tensor attention(const at::Tensor& h, const at::Tensor* layer, const int64_t* ints, const at::Tensor& cos_sin,
+                     const Config& c, const Step& s) {
+  const int64_t D = c.head_size, q_size = c.num_heads * D, kv_size = c.num_kv_heads * D;
+  const at::Tensor qkv = linear(h, layer, kQkvWeight, ints[kQkvKind], c);
+  const int64_t n = qkv.size(0);
+  at::Tensor q = qkv.narrow(-1, 0, q_size), k = qkv.narrow(-1, q_size, kv_size);
+  const at::Tensor v = qkv.narrow(-1, q_size + kv_size, kv_size);
+  if (layer[kQNorm].numel() > 0) {  // Qwen3: RMSNorm over each head, before RoPE
+    q = rms_norm_new(q.reshape({-1, D}), layer[kQNorm], c.eps).view({n, -1});
+    k = rms_norm_new(k.reshape({-1, D}), layer[kKNorm], c.eps).view({n, -1});
+  }
+  rotary_embedding(s.positions, q, k, D, cos_sin, c.is_neox);
+  const at::Tensor q3 = q.view({n, c.num_heads, D});
+  at::Tensor out = at::empty_like(q3);
+  at::Tensor key_cache = layer[kKeyCache], value_cache = layer[kValueCache];
+  reshape_and_cache(k.view({n, c.num_kv_heads, D}), v.view({n, c.num_kv_heads, D}), key_cache, value_cache,
+                    s.slot_mapping);
+  const int64_t p = s.num_prefill_tokens, window = ints[kSlidingWindow];
+  if (p > 0) {
+    at::Tensor out_p = out.narrow(0, 0, p);
+    paged_prefill_attention(out_p, q3.narrow(0, 0, p), key_cache, value_cache, *s.prefill_block_tables,
+                            *s.prefill_query_start_loc, *s.prefill_seq_lens, s.max_prefill_query_len, c.scale,
+                            window);
+  }
+  if (s.num_decodes > 0) {
+    at::Tensor out_d = out.narrow(0, p, n - p);
+    paged_attention(out_d, q3.narrow(0, p, n - p), key_cache, value_cache, *s.decode_block_tables,
+                    *s.decode_seq_lens, c.scale, window);
+  }
+  return linear(out.view({n, q_size}), layer, kOWeight, ints[kOKind], c);
+}
+
+// LlamaDecoderLayer.forward: (hidden, residual) in, (hidden, residual) out; residual undefined on
+// the first layer.
+void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* layer, const int64_t* ints,
+                   const at::Tensor& cos_sin, const Config& c, const Step& s) {
+  if (!residual.defined()) {
+    residual = hidden;
+    hidden = rms_norm_new(hidden, layer[kInputNorm], c.eps);
+  } else {
+    fused_add_rms_norm(hidden, residual, layer[kInputNorm], c.eps);
+  }
+  hidden = attention(hidden, layer, ints, cos_sin, c, s);
+  fused_add_rms_norm(hidden, residual, layer[kPostNorm], c.eps);
+  const at::Tensor gate_up = linear(hidden, layer, kGateUpWeight, ints[kGateUpKind], c);
+  at::Tensor act = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  silu_and_mul(act, gate_up);
+  hidden = linear(act, layer, kDownWeight, ints[kDownKind], c);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Tensor& positions,
+                                       at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
+                                       const at::Tensor& slot_mapping, int64_t num_prefill_tokens,
+                                       int64_t max_prefill_query_len, int64_t num_decodes,
+                                       const std::optional<at::Tensor>& prefill_query_start_loc,
+                                       const std::optional<at::Tensor>& prefill_seq_lens,
+                                       const std::optional<at::Tensor>& prefill_block_tables,
+                                       const std::optional<at::Tensor>& decode_seq_lens,
+                                       const std::optional<at::Tensor>& decode_block_tables) {
+  const int64_t num_layers = (static_cast<int64_t>(tensors.size()) - 1) / kLayerTensors;
+  TORCH_CHECK(num_layers >= 1 && static_cast<int64_t>(tensors.size()) == 1 + num_layers * kLayerTensors,
+              "decoder_layers: tensors must be [cos_sin_cache] + ", static_cast<int>(kLayerTensors),
+              " per layer, got ", tensors.size());
+  TORCH_CHECK(static_cast<int64_t>(ints.size()) == kGlobalInts + num_layers * kLayerInts && floats.size() == 2,
+              "decoder_layers: ints must be ", kGlobalInts, " + ", static_cast<int>(kLayerInts),
+              " per layer and floats [eps, scale]");
+  TORCH_CHECK(hidden_in.device().is_cpu() && hidden_in.scalar_type() == at::kFloat && hidden_in.dim() == 2 &&
+                  hidden_in.is_contiguous(),
+              "decoder_layers: hidden must be a contiguous float32 CPU tensor [num_tokens, hidden]");
+  TORCH_CHECK(num_prefill_tokens == 0 || (prefill_query_start_loc && prefill_seq_lens && prefill_block_tables),
+              "decoder_layers: a step with prefill tokens needs the prefill metadata");
+  TORCH_CHECK(num_decodes == 0 || (decode_seq_lens && decode_block_tables),
+              "decoder_layers: a step with decodes needs the decode metadata");
+  const Config c{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], floats[0], floats[1]};
+  const Step s{positions, slot_mapping, num_prefill_tokens, max_prefill_query_len, num_decodes,
+               prefill_query_start_loc, prefill_seq_lens, prefill_block_tables, decode_seq_lens, decode_block_tables};
+  at::Tensor hidden = hidden_in, residual;
+  for (int64_t i = 0; i < num_layers; ++i) {
+    decoder_layer(hidden, residual, tensors.data() + 1 + i * kLayerTensors, ints.data() + kGlobalInts + i * kLayerInts,
+                  tensors[0], c, s);
+  }
+  return {hidden, residual};
+}
+
+TORCH_LIBRARY_FRAGMENT(_C, m) {
+  // CPU-only op: the Llama-family decoder layers of one step (layout: csrc/cpu/decoder_layers.cpp).
+  m.def(
+      "decoder_layers(Tensor hidden, Tensor positions, Tensor[] tensors, int[] ints, float[] floats, "
+      "Tensor slot_mapping, int num_prefill_tokens, int max_prefill_query_len, int num_decodes, "
+      "Tensor? prefill_query_start_loc, Tensor? prefill_seq_lens, Tensor? prefill_block_tables, "
+      "Tensor? decode_seq_lens, Tensor? decode_block_tables) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(_C, CPU, m) { m.impl("decoder_layers", &decoder_layers); }
+
+}  // namespace pagedllm::cpu

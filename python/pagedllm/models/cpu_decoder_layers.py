@@ -1,0 +1,121 @@
+"""All decoder layers of a Llama-family model in one call of the CPU op decoder_layers
+(csrc/cpu/decoder_layers.cpp), for float32 models on the CPU.
+
+The op chains the same kernels as the modules of models/llama.py, in the same order: its results
+are the Python loop's bit for bit, without ~13 Python-dispatched ops a layer (on the default model
+a 32-sequence decode step spent ~10 ms of ~55 in them). It applies when every layer is a
+LlamaDecoderLayer with SiLU, the weights are float32 on the CPU and the kernels (not the plain-torch
+references) run; PAGEDLLM_CPU_FUSED_LAYERS=0 keeps the Python loop. The flattened argument lists are
+built once and rebuilt when the packed weights (layers/linear.py) or the KV caches change.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm import _ops
+from pagedllm.layers import linear as linear_mod
+from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.attention_metadata import AttentionMetadata
+from pagedllm.models.utils import use_native_ops
+
+ENV = "PAGEDLLM_CPU_FUSED_LAYERS"
+_ABSENT = torch.empty(0)
+
+
+def _packed(linear) -> tuple[torch.Tensor, int]:
+    """(packed data, kind): kind -1 without a packed copy, 0 for fp32 panels, 4 / 8 for codes."""
+    p = linear.packed
+    return (_ABSENT, -1) if p is None else (p.data, p.bits)
+
+
+def _linear_tensors(linear) -> tuple[list[torch.Tensor], int]:
+    data, kind = _packed(linear)
+    bias = linear.bias if linear.bias is not None else _ABSENT
+    return [linear.weight, data, bias], kind
+
+
+class CpuDecoderLayers:
+    """The flattened layers of one LlamaModel; call it in place of the layer loop."""
+
+    def __init__(self, model, attns: list):
+        first = model.layers[0]
+        attn = first.self_attn
+        self.attns = attns
+        self.key = self.signature(attns)
+        rope = attn.rotary_emb
+        tensors = [rope.cos_sin_cache]
+        ints = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(rope.is_neox_style),
+                linear_mod.PACKED_MIN_ROWS, linear_mod.QUANTIZED_MIN_ROWS, linear_mod.PACKED_MAX_ROWS]
+        for layer in model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_kind = _linear_tensors(a.qkv_proj)
+            o, o_kind = _linear_tensors(a.o_proj)
+            gate_up, gate_up_kind = _linear_tensors(mlp.gate_up_proj)
+            down, down_kind = _linear_tensors(mlp.down_proj)
+            norms = [a.q_norm.weight, a.k_norm.weight] if a.qk_norm else [_ABSENT, _ABSENT]
+            tensors += [layer.input_layernorm.weight, *qkv, *norms, *o, layer.post_attention_layernorm.weight,
+                        *gate_up, *down, *a.attn.kv_cache]
+            ints += [qkv_kind, o_kind, gate_up_kind, down_kind, a.attn.sliding_window]
+        self.tensors, self.ints = tensors, ints
+        self.floats = [first.input_layernorm.variance_epsilon, attn.attn.scale]
+
+    @staticmethod
+    def signature(attns: list) -> tuple:
+        """What the flattened lists depend on that can change after loading: the packed copies (a
+        reload repacks) and the KV caches (bound by the model runner)."""
+        return (linear_mod.pack_generation(), *(id(a.kv_cache) for a in attns))
+
+    def __call__(self, positions: torch.Tensor, hidden: torch.Tensor,
+                 md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = _ops.decoder_layers(
+            hidden, positions, self.tensors, self.ints, self.floats, md.slot_mapping, md.num_prefill_tokens,
+            md.max_prefill_query_len, md.num_decodes, md.prefill_query_start_loc, md.prefill_seq_lens,
+            md.prefill_block_tables, md.decode_seq_lens, md.decode_block_tables)
+        return hidden, residual
+
+
+def supported(model, hidden: torch.Tensor) -> bool:
+    """Whether decoder_layers can run model's layers on this input (cheap: checked every step)."""
+    if (use_native_ops() or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or hidden.dim() != 2
+            or os.environ.get(ENV, "1") == "0"):
+        return False
+    return getattr(model, "_cpu_layers_ok", None) is not False
+
+
+def _structure_ok(model) -> bool:
+    """Once per model: every layer is the plain Llama decoder layer the op mirrors."""
+    from pagedllm.layers.rms_norm import RMSNorm
+    from pagedllm.models.llama import LlamaDecoderLayer
+
+    eps = {m.variance_epsilon for m in model.modules() if isinstance(m, RMSNorm)}
+    layers = list(model.layers)
+    if not layers or len(eps) != 1:
+        return False
+    first = layers[0].self_attn
+    for layer in layers:
+        a = layer.self_attn
+        if (type(layer) is not LlamaDecoderLayer or not isinstance(layer.mlp.act_fn, SiluAndMul)
+                or layer.mlp.act_fn.act is not F.silu or a.rotary_emb is not first.rotary_emb
+                or a.attn.kv_cache is None or a.attn.scale != first.attn.scale
+                or (a.num_heads, a.num_kv_heads, a.head_dim) != (first.num_heads, first.num_kv_heads, first.head_dim)):
+            return False
+    weights = [p for p in model.layers.parameters()] + [first.rotary_emb.cos_sin_cache]
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in weights)
+
+
+def for_model(model) -> Optional[CpuDecoderLayers]:
+    """The model's CpuDecoderLayers, built (or rebuilt after a repack or a new KV cache) on demand;
+    None when its layers are not of the supported form."""
+    cached = getattr(model, "_cpu_layers", None)
+    if cached is not None and cached.key == CpuDecoderLayers.signature(cached.attns):
+        return cached
+    if not _structure_ok(model):
+        if all(layer.self_attn.attn.kv_cache is not None for layer in model.layers):
+            model._cpu_layers_ok = False  # final: the structure does not change
+        return None
+    model._cpu_layers = CpuDecoderLayers(model, [layer.self_attn.attn for layer in model.layers])
+    return model._cpu_layers

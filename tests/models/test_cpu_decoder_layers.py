@@ -1,0 +1,127 @@
+"""decoder_layers (every Llama-family decoder layer of a step in one CPU op) gives the Python layer
+loop's results bit for bit: prefill and decode steps of every Llama-family architecture, without
+packed weights, with fp32 panels and with GGUF codes; mixed steps through the engine; weights
+reloaded after the first use; and it runs only where it applies."""
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from models_testing import VOCAB, PagedRunner, make_hf_model, tiny_config
+from pagedllm import LLM, SamplingParams, _ops
+from pagedllm.layers.linear import LMHead, Linear, pack_linear_weights
+from pagedllm.models import cpu_decoder_layers, load_model, loader, resolve_model
+
+FUSED_ARCHS = ["llama", "mistral", "qwen2", "qwen3"]  # mistral: sliding window; qwen2: q/k/v bias; qwen3: q/k norm
+PROMPT_LENS = [5, 19, 37]
+
+
+def _q4_1(hf) -> None:
+    """Every matrix of hf made exactly of GGUF Q4_1 blocks (as a Q4_1 checkpoint loads)."""
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                raw = gguf.quants.quantize(p.numpy(), gguf.GGMLQuantizationType.Q4_1)
+                deq = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1).reshape(p.shape)
+                p.copy_(torch.from_numpy(np.ascontiguousarray(deq)))
+
+
+@pytest.fixture(scope="module", params=[(a, w) for a in FUSED_ARCHS for w in ("fp32", "q4_1")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def folder(request, tmp_path_factory):
+    arch, weights = request.param
+    hf = make_hf_model(tiny_config(arch))
+    if weights == "q4_1":
+        _q4_1(hf)
+    path = tmp_path_factory.mktemp(f"{arch}-{weights}")
+    hf.save_pretrained(path)
+    return path
+
+
+def _logits(model, fused: bool, monkeypatch) -> list[torch.Tensor]:
+    """A prefill of three prompts (61 rows), then three decode steps (3 rows), on a fresh paged cache."""
+    monkeypatch.setenv(cpu_decoder_layers.ENV, "1" if fused else "0")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    runner = PagedRunner(model, PROMPT_LENS, max_new=3, native=False)
+    out = runner.prefill(prompts)
+    for step in range(3):
+        out.append(runner.decode([(17 * step + 5 * i) % VOCAB for i in range(3)]))
+    return out
+
+
+def _count_calls(monkeypatch) -> list[int]:
+    calls = []
+    real = _ops.decoder_layers
+    monkeypatch.setattr(_ops, "decoder_layers", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
+def test_same_bits_as_the_layer_loop(folder, pack, monkeypatch):
+    model = load_model(resolve_model(str(folder)), dtype=torch.float32)
+    if pack:
+        assert pack_linear_weights(model) > 0
+        kinds = {m.packed.bits for m in model.modules() if isinstance(m, (Linear, LMHead))}
+        assert kinds == ({4} if "q4_1" in folder.name else {0})
+    calls = _count_calls(monkeypatch)
+    fused = _logits(model, True, monkeypatch)
+    assert calls == [sum(PROMPT_LENS), 3, 3, 3]
+    loop = _logits(model, False, monkeypatch)
+    assert len(calls) == 4
+    for a, b in zip(fused, loop):
+        assert torch.equal(a, b)
+
+
+def test_mixed_steps_through_the_engine(tmp_path, monkeypatch):
+    """Chunked prefill of 16 tokens a step: prefill chunks and decodes share steps. Tokens and
+    logprobs equal with the op and with the layer loop."""
+    hf = make_hf_model(tiny_config("qwen3"))
+    hf.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    prompts = [{"prompt_token_ids": torch.randint(3, VOCAB, (n,), generator=g).tolist()} for n in (3, 40, 9, 27)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv(cpu_decoder_layers.ENV, fused)
+        llm = LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_space=0.01, max_model_len=128,
+                  enable_chunked_prefill=True, max_num_batched_tokens=16)
+        calls = _count_calls(monkeypatch)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert bool(calls) == (fused == "1")
+        results.append([(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs])
+                        for o in outs])
+    assert results[0] == results[1]
+
+
+def test_reloaded_weights_reach_the_op(tmp_path, monkeypatch):
+    paths = []
+    for seed in (0, 1):
+        hf = make_hf_model(tiny_config("llama"), seed=seed)
+        hf.save_pretrained(tmp_path / str(seed))
+        paths.append(resolve_model(str(tmp_path / str(seed))))
+    model = load_model(paths[0], dtype=torch.float32)
+    pack_linear_weights(model)
+    before = _logits(model, True, monkeypatch)
+    model.load_weights(loader.iter_weights(paths[1], model))
+    after = _logits(model, True, monkeypatch)
+    assert not torch.equal(before[0], after[0])
+    for a, b in zip(after, _logits(model, False, monkeypatch)):
+        assert torch.equal(a, b)
+
+
+def test_where_it_does_not_run(tmp_path, monkeypatch):
+    hf = make_hf_model(tiny_config("llama"))
+    hf.save_pretrained(tmp_path)
+    source = resolve_model(str(tmp_path))
+    calls = _count_calls(monkeypatch)
+    model = load_model(source, dtype=torch.float32)
+    runner = PagedRunner(model, [5], max_new=1, native=True)  # the plain-torch references
+    runner.prefill([[5, 6, 7, 8, 9]])
+    bf16 = load_model(source, dtype=torch.bfloat16)
+    PagedRunner(bf16, [5], max_new=1, native=False, dtype=torch.bfloat16).prefill([[5, 6, 7, 8, 9]])
+    assert calls == []
+    assert cpu_decoder_layers.supported(model.model, torch.zeros(1, 128))
+    assert not cpu_decoder_layers.supported(model.model, torch.zeros(1, 128, dtype=torch.bfloat16))
+    monkeypatch.setenv(cpu_decoder_layers.ENV, "0")
+    assert not cpu_decoder_layers.supported(model.model, torch.zeros(1, 128))
