@@ -5,7 +5,7 @@
 // silu(g) = g / (1 + e^-g), evaluated as g / (1 + e) for g >= 0 and g e / (1 + e) for g < 0 with
 // e = e^-|g| <= 1 (fast_math.h, <= 1.4 ulp): no overflow, and within a few ulp of torch's F.silu.
 //
-// CPU only (registered with TORCH_LIBRARY_FRAGMENT like packed_linear): on CUDA and for other dtypes
+// CPU only (cpu_only_bindings.cpp): on CUDA and for other dtypes
 // python/pagedllm/layers/activation.py keeps the plain-torch form.
 #include <algorithm>
 #include <cmath>
@@ -14,7 +14,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include "cpu_only_ops.h"
 
@@ -56,12 +55,5 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
     for (int64_t r = r0; r < r1; ++r) silu_and_mul_row(op + r * ldo, xp + r * ldx, xp + r * ldx + d, d);
   });
 }
-
-TORCH_LIBRARY_FRAGMENT(_C, m) {
-  // CPU-only op. out [rows, d] = silu(x[:, :d]) * x[:, d:], x [rows, 2 d], float32.
-  m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(_C, CPU, m) { m.impl("silu_and_mul", &silu_and_mul); }
 
 }  // namespace pagedllm::cpu

@@ -1,8 +1,9 @@
-// The CPU-only ops (registered with TORCH_LIBRARY_FRAGMENT in their own files, no CUDA twin), for
-// the C++ callers that chain them without the dispatcher (decoder_layers.cpp).
+// The CPU-only ops (no CUDA twin; schemas and registration in cpu_only_bindings.cpp), also called
+// directly, without the dispatcher, by decoder_layers.cpp.
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -15,5 +16,14 @@ at::Tensor pack_quantized_linear_weight(const at::Tensor& weight, int64_t bits);
 at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64_t bits,
                             const std::optional<at::Tensor>& bias, int64_t out_features);
 void silu_and_mul(at::Tensor& out, const at::Tensor& x);
+std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList tensors,
+                                       at::IntArrayRef ints, at::ArrayRef<double> floats,
+                                       const at::Tensor& slot_mapping, int64_t num_prefill_tokens,
+                                       int64_t max_prefill_query_len, int64_t num_decodes,
+                                       const std::optional<at::Tensor>& prefill_query_start_loc,
+                                       const std::optional<at::Tensor>& prefill_seq_lens,
+                                       const std::optional<at::Tensor>& prefill_block_tables,
+                                       const std::optional<at::Tensor>& decode_seq_lens,
+                                       const std::optional<at::Tensor>& decode_block_tables);
 
 }  // namespace pagedllm::cpu

@@ -17,7 +17,6 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include "cpu_only_ops.h"
 #include "ops.h"
@@ -163,16 +162,5 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Te
   }
   return {hidden, residual};
 }
-
-TORCH_LIBRARY_FRAGMENT(_C, m) {
-  // CPU-only op: the Llama-family decoder layers of one step (layout: csrc/cpu/decoder_layers.cpp).
-  m.def(
-      "decoder_layers(Tensor hidden, Tensor positions, Tensor[] tensors, int[] ints, float[] floats, "
-      "Tensor slot_mapping, int num_prefill_tokens, int max_prefill_query_len, int num_decodes, "
-      "Tensor? prefill_query_start_loc, Tensor? prefill_seq_lens, Tensor? prefill_block_tables, "
-      "Tensor? decode_seq_lens, Tensor? decode_block_tables) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(_C, CPU, m) { m.impl("decoder_layers", &decoder_layers); }
 
 }  // namespace pagedllm::cpu

@@ -22,10 +22,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include "cpu_only_ops.h"
 
+#include "panel_linear_io.h"
 #include "panel_tile.h"
 
 namespace pagedllm::cpu {
@@ -71,30 +71,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
               "packed_linear: float32 only, got x ", x.scalar_type(), " and weight ", packed.scalar_type());
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous(),
               "packed_linear: the weight must come from pack_linear_weight ([panels, K, 32], contiguous)");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == packed.size(1), "packed_linear: x has ", x.size(-1),
-              " features, the weight expects ", packed.size(1));
   const int64_t N = out_features, K = packed.size(1);
-  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == packed.size(0), "packed_linear: out_features ", N,
-              " does not match the packed weight's ", packed.size(0), " panels");
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == N && bias->is_contiguous(),
-                "packed_linear: bias must be a contiguous float32 CPU tensor of ", N, " elements");
-    bias_ptr = bias->data_ptr<float>();
-  }
-  at::Tensor x2 = x.reshape({-1, K});
-  if (K > 0 && x2.stride(1) != 1) x2 = x2.contiguous();
-  const int64_t M = x2.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (M == 0) return y;
-
-  const float* xp = x2.data_ptr<float>();
-  const int64_t ldx = x2.stride(0);
+  const panel::LinearIO io = panel::linear_io("packed_linear", x, K, N, packed.size(0), bias);
+  if (io.M == 0) return io.y;
   const float* wp = packed.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   const int64_t P = packed.size(0);
   // Threads split the panels: each weight byte is read by one thread, once per step; the rows
   // of x (a few KB each) are shared from cache.
@@ -104,30 +84,18 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
       const int64_t n_valid = std::min(kPanel, N - n0);
       const float* panel = wp + p * K * kPanel;
       const float* next = panel + K * kPanel;  // the next panel's 2K cache lines
-      const int64_t tiles = panel::num_tiles(M);
+      const int64_t tiles = panel::num_tiles(io.M);
       for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t m0 = panel::tile_start(M, t), rows = panel::tile_start(M, t + 1) - m0;
+        const int64_t m0 = panel::tile_start(io.M, t), rows = panel::tile_start(io.M, t + 1) - m0;
         // One tile: two lines of the next panel per k. T tiles: tile t fetches lines
         // [t * 2K / T, (t + 1) * 2K / T), at most one per k.
         const int64_t lo = t * 2 * K / tiles, hi = (t + 1) * 2 * K / tiles;
-        kTiles[rows - 1](xp + m0 * ldx, ldx, panel, K, bias_ptr ? bias_ptr + n0 : nullptr, yp + m0 * N + n0, N,
+        kTiles[rows - 1](io.xp + m0 * io.ldx, io.ldx, panel, K, io.bias ? io.bias + n0 : nullptr, io.yp + m0 * N + n0, N,
                          n_valid, next + lo * kLine, tiles == 1 ? K : hi - lo, tiles == 1 ? 2 * kLine : kLine, 0);
       }
     }
   });
-  return y;
-}
-
-TORCH_LIBRARY_FRAGMENT(_C, m) {
-  // CPU-only ops (fp32 decode GEMM). weight [N, K] -> packed [ceil(N / 32), K, 32].
-  m.def("pack_linear_weight(Tensor weight) -> Tensor");
-  // x [..., K], packed from pack_linear_weight, bias [N] or None -> [..., N].
-  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(_C, CPU, m) {
-  m.impl("pack_linear_weight", &pack_linear_weight);
-  m.impl("packed_linear", &packed_linear);
+  return io.y;
 }
 
 }  // namespace pagedllm::cpu

@@ -32,10 +32,10 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include "cpu_only_ops.h"
 
+#include "panel_linear_io.h"
 #include "panel_tile.h"
 
 namespace pagedllm::cpu {
@@ -265,28 +265,10 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
                   packed.is_contiguous(),
               "quantized_linear: the weight must come from pack_quantized_linear_weight with bits=", bits);
   const int64_t K = packed.size(1) * kBlock, N = out_features;
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "quantized_linear: x has ", x.size(-1), " features, the weight expects ", K);
-  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == packed.size(0), "quantized_linear: out_features ", N,
-              " does not match the packed weight's ", packed.size(0), " panels");
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == N && bias->is_contiguous(),
-                "quantized_linear: bias must be a contiguous float32 CPU tensor of ", N, " elements");
-    bias_ptr = bias->data_ptr<float>();
-  }
-  at::Tensor x2 = x.reshape({-1, K});
-  if (x2.stride(1) != 1) x2 = x2.contiguous();
-  const int64_t M = x2.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (M == 0) return y;
-
-  const float* xp = x2.data_ptr<float>();
-  const int64_t ldx = x2.stride(0), P = packed.size(0), panel_bytes = packed.size(1) * packed.size(2);
+  const panel::LinearIO io = panel::linear_io("quantized_linear", x, K, N, packed.size(0), bias);
+  if (io.M == 0) return io.y;
+  const int64_t P = packed.size(0), panel_bytes = packed.size(1) * packed.size(2);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
   const int64_t B = packed.size(1);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     // More rows: the panel is expanded kChunkBlocks blocks at a time into an L1-sized buffer that
@@ -296,10 +278,10 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
       const uint8_t* codes = wp + p * panel_bytes;
       const uint8_t* next = p + 1 < p1 ? codes + panel_bytes : nullptr;
       const int64_t n0 = p * kPanel, n_valid = std::min(kPanel, N - n0);
-      const float* bp = bias_ptr ? bias_ptr + n0 : nullptr;
+      const float* bp = io.bias ? io.bias + n0 : nullptr;
 #if defined(__AVX512F__)
-      if (M <= kFusedRows) {
-        (bits == 4 ? kFused4 : kFused8)[M - 1](xp, ldx, codes, K, bp, yp + n0, N, n_valid, next);
+      if (io.M <= kFusedRows) {
+        (bits == 4 ? kFused4 : kFused8)[io.M - 1](io.xp, io.ldx, codes, K, bp, io.yp + n0, N, n_valid, next);
         continue;
       }
 #endif
@@ -307,28 +289,15 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         const int64_t b1 = std::min(B, b0 + kChunkBlocks);
         expand_chunk(codes, b0, b1, bits, chunk, next);
         const int flags = (b0 > 0 ? panel::kResume : 0) | (b1 < B ? panel::kPartial : 0);
-        for (int64_t t = 0; t < panel::num_tiles(M); ++t) {
-          const int64_t m0 = panel::tile_start(M, t), rows = panel::tile_start(M, t + 1) - m0;
-          kTiles[rows - 1](xp + m0 * ldx + b0 * kBlock, ldx, chunk, (b1 - b0) * kBlock, bp, yp + m0 * N + n0, N,
+        for (int64_t t = 0; t < panel::num_tiles(io.M); ++t) {
+          const int64_t m0 = panel::tile_start(io.M, t), rows = panel::tile_start(io.M, t + 1) - m0;
+          kTiles[rows - 1](io.xp + m0 * io.ldx + b0 * kBlock, io.ldx, chunk, (b1 - b0) * kBlock, bp, io.yp + m0 * N + n0, N,
                            n_valid, nullptr, 0, 0, flags);
         }
       }
     }
   });
-  return y;
-}
-
-TORCH_LIBRARY_FRAGMENT(_C, m) {
-  // CPU-only ops (decode GEMM over GGUF-style block-quantized fp32 weights, bit-exact).
-  // weight [N, K] -> uint8 [ceil(N / 32), K / 32, block bytes], or empty when not exactly quantized.
-  m.def("pack_quantized_linear_weight(Tensor weight, int bits) -> Tensor");
-  // x [..., K], packed from pack_quantized_linear_weight, bias [N] or None -> [..., N].
-  m.def("quantized_linear(Tensor x, Tensor packed, int bits, Tensor? bias, int out_features) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(_C, CPU, m) {
-  m.impl("pack_quantized_linear_weight", &pack_quantized_linear_weight);
-  m.impl("quantized_linear", &quantized_linear);
+  return io.y;
 }
 
 }  // namespace pagedllm::cpu

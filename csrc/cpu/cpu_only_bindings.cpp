@@ -1,0 +1,34 @@
+// Schemas and CPU registrations of the CPU-only ops (no CUDA twin: on CUDA the layers use cuBLAS,
+// torch's elementwise ops and the module loop). Prototypes: cpu_only_ops.h.
+#include <torch/library.h>
+
+#include "cpu_only_ops.h"
+
+TORCH_LIBRARY_FRAGMENT(_C, m) {
+  // fp32 decode GEMM (packed_linear.cpp). weight [N, K] -> packed [ceil(N / 32), K, 32].
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  // x [..., K], packed from pack_linear_weight, bias [N] or None -> [..., N].
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  // Decode GEMM over the exact GGUF codes of fp32 weights (quantized_linear.cpp, bit-identical to packed_linear).
+  // weight [N, K] -> uint8 [ceil(N / 32), K / 32, block bytes], or empty when not exactly quantized.
+  m.def("pack_quantized_linear_weight(Tensor weight, int bits) -> Tensor");
+  // x [..., K], packed from pack_quantized_linear_weight, bias [N] or None -> [..., N].
+  m.def("quantized_linear(Tensor x, Tensor packed, int bits, Tensor? bias, int out_features) -> Tensor");
+  // out [rows, d] = silu(x[:, :d]) * x[:, d:], x [rows, 2 d], float32 (activation.cpp).
+  m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
+  // The Llama-family decoder layers of one step (argument layout: decoder_layers.cpp).
+  m.def(
+      "decoder_layers(Tensor hidden, Tensor positions, Tensor[] tensors, int[] ints, float[] floats, "
+      "Tensor slot_mapping, int num_prefill_tokens, int max_prefill_query_len, int num_decodes, "
+      "Tensor? prefill_query_start_loc, Tensor? prefill_seq_lens, Tensor? prefill_block_tables, "
+      "Tensor? decode_seq_lens, Tensor? decode_block_tables) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(_C, CPU, m) {
+  m.impl("pack_linear_weight", &pagedllm::cpu::pack_linear_weight);
+  m.impl("packed_linear", &pagedllm::cpu::packed_linear);
+  m.impl("pack_quantized_linear_weight", &pagedllm::cpu::pack_quantized_linear_weight);
+  m.impl("quantized_linear", &pagedllm::cpu::quantized_linear);
+  m.impl("silu_and_mul", &pagedllm::cpu::silu_and_mul);
+  m.impl("decoder_layers", &pagedllm::cpu::decoder_layers);
+}
