@@ -45,7 +45,8 @@ class CpuDecoderLayers:
         first = model.layers[0]
         attn = first.self_attn
         self.attns = attns
-        self.key = self.signature(attns)
+        self.generation = linear_mod.pack_generation()
+        self.caches = [a.kv_cache for a in attns]  # held, so that an identity check cannot be fooled by reuse
         rope = attn.rotary_emb
         tensors = [rope.cos_sin_cache]
         ints = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(rope.is_neox_style),
@@ -63,11 +64,11 @@ class CpuDecoderLayers:
         self.tensors, self.ints = tensors, ints
         self.floats = [first.input_layernorm.variance_epsilon, attn.attn.scale]
 
-    @staticmethod
-    def signature(attns: list) -> tuple:
-        """What the flattened lists depend on that can change after loading: the packed copies (a
-        reload repacks) and the KV caches (bound by the model runner)."""
-        return (linear_mod.pack_generation(), *(id(a.kv_cache) for a in attns))
+    def current(self) -> bool:
+        """Whether what the flattened lists depend on, and can change after loading, is unchanged: the
+        packed copies (a reload repacks) and the KV caches (bound by the model runner)."""
+        return (self.generation == linear_mod.pack_generation()
+                and all(a.kv_cache is c for a, c in zip(self.attns, self.caches)))
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor,
                  md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,7 @@ def for_model(model) -> Optional[CpuDecoderLayers]:
     """The model's CpuDecoderLayers, built (or rebuilt after a repack or a new KV cache) on demand;
     None when its layers are not of the supported form."""
     cached = getattr(model, "_cpu_layers", None)
-    if cached is not None and cached.key == CpuDecoderLayers.signature(cached.attns):
+    if cached is not None and cached.current():
         return cached
     if not _structure_ok(model):
         if all(layer.self_attn.attn.kv_cache is not None for layer in model.layers):
