@@ -129,3 +129,19 @@ def test_layer_uses_the_codes_from_one_row(monkeypatch):
         x = torch.randn(m, 96)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
     assert calls == [1, hi]  # above PACKED_MAX_ROWS: F.linear
+
+
+def test_codes_are_packed_even_when_fp32_panels_would_not_fit(monkeypatch):
+    """Low memory: no fp32 panels (a full copy of the weights), but the codes (<= 9/32 of them) still."""
+    torch.manual_seed(0)
+    coded, plain = Linear(64, 40, dtype=torch.float32), Linear(64, 40, dtype=torch.float32)
+    with torch.no_grad():
+        coded.weight.copy_(gguf_round_trip(torch.randn(40, 64), Q.Q4_1))
+        plain.weight.normal_()
+    model = torch.nn.ModuleList([coded, plain])
+    monkeypatch.setattr(linear_mod, "_available_memory", lambda: 2 * 40 * 64 * 4 - 1)
+    assert pack_linear_weights(model) == coded.packed.nbytes
+    assert coded.packed.bits == 4 and plain.packed is None
+    monkeypatch.setattr(linear_mod, "_available_memory", lambda: 4 * 40 * 64 * 4)
+    pack_linear_weights(model)
+    assert coded.packed.bits == 4 and plain.packed.bits == 0

@@ -50,14 +50,15 @@ class PackedWeight:
         return _ops.packed_linear(x, self.data, bias, out_features)
 
 
-def pack_weight(weight: torch.Tensor) -> PackedWeight:
-    """The exact Q4_1 codes of weight if it is made of them, else its Q8_0 codes, else fp32 panels."""
+def pack_weight(weight: torch.Tensor, fp32_panels: bool = True) -> Optional[PackedWeight]:
+    """The exact Q4_1 codes of weight if it is made of them, else its Q8_0 codes, else fp32 panels
+    (None when fp32_panels is False)."""
     if os.environ.get(QUANTIZED_ENV, "1") != "0":
         for bits in (4, 8):
             codes = _ops.pack_quantized_linear_weight(weight, bits)
             if codes.numel():
                 return PackedWeight(codes, bits)
-    return PackedWeight(_ops.pack_linear_weight(weight))
+    return PackedWeight(_ops.pack_linear_weight(weight)) if fp32_panels else None
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -185,16 +186,15 @@ def pack_linear_weights(model: nn.Module) -> int:
     """Give every Linear and LMHead of a CPU float32 model a packed copy of its weight for the
     decode-sized GEMMs (the original stays for prefill-sized ones and for the tied embedding).
     Call once the final weights are loaded. Returns the bytes added (0: nothing to pack).
-    Skipped when an fp32 copy would take more than half of the memory still available."""
+    Codes (at most 9/32 of the weight) are always taken; fp32 panels only when a full fp32 copy
+    takes at most half of the memory still available."""
     layers = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
     layers = [(m, w) for m, w in layers if w.device.type == "cpu" and w.dtype == torch.float32]
-    needed = sum(w.numel() * 4 for _, w in layers)
-    if not layers or needed > _available_memory() // 2:
-        return 0
+    fp32_panels = sum(w.numel() * 4 for _, w in layers) <= _available_memory() // 2
     for m, w in layers:
-        m.packed = pack_weight(w)
+        m.packed = pack_weight(w, fp32_panels)
     _packed_anew()
-    return sum(m.packed.nbytes for m, _ in layers)
+    return sum(m.packed.nbytes for m, _ in layers if m.packed is not None)
 
 
 def repack_linear_weights(model: nn.Module) -> None:
