@@ -6,7 +6,8 @@
 // feature, w = d * q + m with d, m fp16 and q a 4-bit code (Q4_1), or w = d * q with q int8 (Q8_0).
 // pack_quantized_linear_weight finds those d, m, q and checks that d * q + m gives back every fp32
 // weight bit for bit (d * q is exact in fp32: 11 + 8 significant bits at most); a weight that is
-// not exactly of that form is not packed (the caller keeps the fp32 path). The kernel streams the
+// not exactly of that form is not packed (the caller keeps the fp32 path; Q4_0 is not taken: its
+// dequantized zeros are -0.0 where d < 0, which fl(d * q + m) never gives). The kernel streams the
 // codes (6 or 9 bits a weight) and expands them into the exact fp32 weights: for up to 12 rows in
 // registers right before the FMAs, for more rows 64 inputs at a time into an L1-resident chunk that
 // the fp32 packed_linear tile (panel_tile.h) reads. Each output is the same FMA chain over k as in
