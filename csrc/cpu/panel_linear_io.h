@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "panel_tile.h"
+
 namespace pagedllm::cpu::panel {
 
 struct LinearIO {
@@ -25,7 +27,7 @@ struct LinearIO {
 inline LinearIO linear_io(const char* op, const at::Tensor& x, int64_t K, int64_t N, int64_t panels,
                           const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weight expects ", K);
-  TORCH_CHECK(N > 0 && (N + 31) / 32 == panels, op, ": out_features ", N, " does not match the packed weight's ",
+  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == panels, op, ": out_features ", N, " does not match the packed weight's ",
               panels, " panels");
   LinearIO io;
   if (bias.has_value()) {

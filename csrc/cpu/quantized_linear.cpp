@@ -270,7 +270,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
   if (io.M == 0) return io.y;
   const int64_t P = packed.size(0), panel_bytes = packed.size(1) * packed.size(2);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const int64_t B = packed.size(1);
+  const int64_t B = packed.size(1), tiles = panel::num_tiles(io.M);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     // More rows: the panel is expanded kChunkBlocks blocks at a time into an L1-sized buffer that
     // every row tile reads; the tiles carry their sums across chunks through y (kResume / kPartial).
@@ -290,7 +290,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         const int64_t b1 = std::min(B, b0 + kChunkBlocks);
         expand_chunk(codes, b0, b1, bits, chunk, next);
         const int flags = (b0 > 0 ? panel::kResume : 0) | (b1 < B ? panel::kPartial : 0);
-        for (int64_t t = 0; t < panel::num_tiles(io.M); ++t) {
+        for (int64_t t = 0; t < tiles; ++t) {
           const int64_t m0 = panel::tile_start(io.M, t), rows = panel::tile_start(io.M, t + 1) - m0;
           kTiles[rows - 1](io.xp + m0 * io.ldx + b0 * kBlock, io.ldx, chunk, (b1 - b0) * kBlock, bp, io.yp + m0 * N + n0, N,
                            n_valid, nullptr, 0, 0, flags);

@@ -41,12 +41,12 @@ def _linear_tensors(linear) -> tuple[list[torch.Tensor], int]:
 class CpuDecoderLayers:
     """The flattened layers of one LlamaModel; call it in place of the layer loop."""
 
-    def __init__(self, model, attns: list):
+    def __init__(self, model):
         first = model.layers[0]
         attn = first.self_attn
-        self.attns = attns
+        self.attns = [layer.self_attn.attn for layer in model.layers]
         self.generation = linear_mod.pack_generation()
-        self.caches = [a.kv_cache for a in attns]  # held, so that an identity check cannot be fooled by reuse
+        self.caches = [a.kv_cache for a in self.attns]  # held, so that an identity check cannot be fooled by reuse
         rope = attn.rotary_emb
         tensors = [rope.cos_sin_cache]
         ints = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(rope.is_neox_style),
@@ -118,5 +118,5 @@ def for_model(model) -> Optional[CpuDecoderLayers]:
         if all(layer.self_attn.attn.kv_cache is not None for layer in model.layers):
             model._cpu_layers_ok = False  # final: the structure does not change
         return None
-    model._cpu_layers = CpuDecoderLayers(model, [layer.self_attn.attn for layer in model.layers])
+    model._cpu_layers = CpuDecoderLayers(model)
     return model._cpu_layers
