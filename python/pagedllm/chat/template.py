@@ -17,6 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union
 
+from pagedllm.chat.render_pool import RenderLimits, default_pool
+from pagedllm.chat.sandbox import TemplateFailure
+
 ChatTemplateContentFormatOption = Literal["auto", "string", "openai"]
 ChatTemplateContentFormat = Literal["string", "openai"]
 
@@ -119,80 +122,13 @@ def resolve_chat_template(tokenizer, chat_template: Union[str, os.PathLike, None
         f"({', '.join(t[:-len('.jinja')] for t in shipped_templates())}).")
 
 
-# --- the sandbox ------------------------------------------------------------------------------------
+# --- the sandbox (chat/sandbox.py; renders run in worker processes: chat/render_pool.py) ----------------
 
 @functools.lru_cache(maxsize=None)
 def _environment():
-    import jinja2
-    import jinja2.ext
-    from jinja2 import nodes
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Environment(ImmutableSandboxedEnvironment):
-        # The stock sandbox hands back an Undefined for an unsafe attribute (''.__class__ renders as "");
-        # here the attempt itself fails, so such a template never renders.
-        def unsafe_undefined(self, obj, attribute):
-            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe.")
-
-    class GenerationTag(jinja2.ext.Extension):
-        # {% generation %}...{% endgeneration %} marks assistant text for transformers' training masks;
-        # rendering only needs its body.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    class Namespace(jinja2.utils.Namespace):
-        # namespace() objects refuse underscore-prefixed names: no dunder ever gets stored on one.
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                Namespace._check(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise SecurityError(f"a chat template cannot store {name!r} on a namespace")
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Not jinja's own tojson: that one HTML-escapes <, >, & and ' (templates want the raw JSON).
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.globals["namespace"] = Namespace
-    return env
-
-
-@functools.lru_cache(maxsize=64)
-def compile_template(template: str):
-    """The compiled template (cached); a syntax error is a ValueError."""
-    import jinja2
-    try:
-        return _environment().from_string(template)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ValueError(f"The chat template does not parse (line {e.lineno}): {e.message}") from e
+    """The sandbox environment, in this process for parsing only (content-format detection)."""
+    from pagedllm.chat.sandbox import make_environment
+    return make_environment()
 
 
 # --- content format: does the template want a string or the list of parts? ----------------------------
@@ -341,7 +277,9 @@ def prepare_messages(messages: Iterable, content_format: ChatTemplateContentForm
         raise ValueError(f"content_format must be 'string' or 'openai', got {content_format!r}")
     prepared = []
     for raw in messages:
-        message = copy.deepcopy(_as_dict(raw))
+        message = _as_dict(raw)
+        check_nesting(message)
+        message = copy.deepcopy(message)
         role = message.get("role")
         if not isinstance(role, str):
             raise ValueError(f"Every chat message needs a 'role' (a string), got {raw!r}")
@@ -367,9 +305,33 @@ def prepare_messages(messages: Iterable, content_format: ChatTemplateContentForm
     return prepared
 
 
-def _plain(value: Any) -> Any:
+MAX_NESTING = 100   # levels of dicts / lists in a message, a tool or a template variable
+_NESTING_ERROR = f"A chat message, tool or template variable is nested more than {MAX_NESTING} levels deep."
+
+
+def check_nesting(value: Any) -> None:
+    """ValueError when value holds dicts / lists nested deeper than MAX_NESTING (checked without recursion, so
+    600 levels fail cleanly instead of exhausting the interpreter's stack later)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth >= MAX_NESTING:
+            raise ValueError(_NESTING_ERROR)
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
     """What a template may see: plain JSON-like data only (str/int/float/bool/None, dicts, lists, tuples).
-    Anything else becomes an inert "<TypeName>" string, so no object with methods reaches the sandbox."""
+    Anything else becomes an inert "<TypeName>" string, so no object with methods reaches the sandbox.
+    Data nested deeper than MAX_NESTING levels is a ValueError."""
+    if depth > MAX_NESTING:
+        raise ValueError(_NESTING_ERROR)
     if value is None or type(value) in (str, int, float, bool):
         return value
     if isinstance(value, str):
@@ -378,18 +340,19 @@ def _plain(value: Any) -> Any:
         return int.__int__(value)
     if isinstance(value, float):
         return float.__float__(value)
+    depth += 1
     if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {_plain(k, depth): _plain(v, depth) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_plain(v, depth) for v in value]
     if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
+        return tuple(_plain(v, depth) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name), depth) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
+        return _plain(value.model_dump(), depth)
     if callable(getattr(value, "item", None)) and getattr(value, "shape", None) == ():  # numpy / torch scalars
-        return _plain(value.item())
+        return _plain(value.item(), depth)
     return f"<{type(value).__name__}>"
 
 
@@ -444,12 +407,13 @@ def _cut_after_final_message(rendered: str, final_text: str) -> str:
 
 def render_chat_template(template: str, messages: Iterable, *, tools: Optional[list] = None,
                          documents: Optional[list] = None, add_generation_prompt: bool = False,
-                         continue_final_message: bool = False, **template_vars) -> str:
+                         continue_final_message: bool = False, limits: Optional[RenderLimits] = None,
+                         **template_vars) -> str:
     """Renders one conversation as transformers' tokenizer.apply_chat_template(..., tokenize=False) does.
     template_vars are further template variables (bos_token, eos_token, enable_thinking, ...).
-    Every template failure (raise_exception, undefined values, sandbox violations) is a ValueError."""
-    import jinja2
-
+    The render runs in a worker process under limits (time, memory, output size: RenderLimits' defaults when
+    None). Every template failure (raise_exception, undefined values, sandbox violations, a limit reached) is a
+    ValueError whose message names the problem, never a Python exception name."""
     if continue_final_message and add_generation_prompt:
         raise ValueError(CONTINUE_GENERATION_ERROR)
     if tools is not None:
@@ -463,16 +427,16 @@ def render_chat_template(template: str, messages: Iterable, *, tools: Optional[l
     reserved = {"messages", "tools", "documents", "add_generation_prompt"} & set(template_vars)
     if reserved:
         raise ValueError(f"template variable {sorted(reserved)[0]!r} is set by chat() itself")
+    for value in (tools, documents, template_vars):
+        check_nesting(value)
     chat = _template_messages(messages)
     final_text = _tag_final_message(chat) if continue_final_message else None
-    compiled = compile_template(template)
+    variables = {"messages": chat, "tools": _plain(tools), "documents": _plain(documents),
+                 "add_generation_prompt": add_generation_prompt, **_plain(template_vars)}
     try:
-        rendered = compiled.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                                   add_generation_prompt=add_generation_prompt, **_plain(template_vars))
-    except jinja2.exceptions.SecurityError as e:
-        raise ValueError(f"The chat template tried something the sandbox forbids: {e}") from e
-    except jinja2.exceptions.TemplateError as e:
-        raise ValueError(f"The chat template failed: {e}") from e
+        rendered = default_pool().render(template, variables, limits)
+    except TemplateFailure as e:
+        raise ValueError(e.message) from None
     if final_text is not None:
         rendered = _cut_after_final_message(rendered, final_text)
     return rendered
@@ -490,7 +454,7 @@ def apply_chat_template(tokenizer, messages: Iterable, chat_template: Union[str,
                         content_format: ChatTemplateContentFormatOption = "auto", tools: Optional[list] = None,
                         documents: Optional[list] = None, add_generation_prompt: bool = True,
                         continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None,
-                        model_type: Optional[str] = None) -> str:
+                        model_type: Optional[str] = None, limits: Optional[RenderLimits] = None) -> str:
     """The prompt text of one conversation: resolve the template, prepare the messages for its content
     format, render with the tokenizer's special tokens and chat_template_kwargs as variables."""
     template = resolve_chat_template(tokenizer, chat_template, tools=tools, model_type=model_type)
@@ -498,4 +462,4 @@ def apply_chat_template(tokenizer, messages: Iterable, chat_template: Union[str,
     variables = {**special_token_vars(tokenizer), **(chat_template_kwargs or {})}
     return render_chat_template(template, prepare_messages(messages, fmt), tools=tools, documents=documents,
                                 add_generation_prompt=add_generation_prompt,
-                                continue_final_message=continue_final_message, **variables)
+                                continue_final_message=continue_final_message, limits=limits, **variables)
