@@ -122,6 +122,7 @@ class RenderPool:
         self.max_workers = max_workers
         self.max_idle = max_idle
         self._idle: list[_Worker] = []
+        self._running: set[_Worker] = set()   # handed out to a render
         self._busy = 0
         self._closed = False
         self._cond = threading.Condition()
@@ -143,6 +144,8 @@ class RenderPool:
                                              f"{limits.timeout_s:g} seconds to render.") from None
         except EOFError:
             worker.kill()
+            if self._closed:
+                raise RenderWorkerError("the chat template renderer is shut down") from None
             raise TemplateFailure("memory", _memory_message(limits)) from None
         finally:
             self._release(worker)
@@ -164,6 +167,7 @@ class RenderPool:
                 for i, w in enumerate(self._idle):
                     if w.memory == limits.max_memory_bytes and w.alive():
                         self._busy += 1
+                        self._running.add(w)
                         return self._idle.pop(i)
                 if self._busy + len(self._idle) < self.max_workers or self._idle:
                     if self._busy + len(self._idle) >= self.max_workers:
@@ -176,16 +180,23 @@ class RenderPool:
                                                      f"the limit of {limits.timeout_s:g} seconds.")
                 self._cond.wait(left)
         try:
-            return _Worker(limits.max_memory_bytes)
+            worker = _Worker(limits.max_memory_bytes)
         except BaseException:
             with self._cond:
                 self._busy -= 1
                 self._cond.notify()
             raise
+        with self._cond:
+            self._running.add(worker)
+            closed = self._closed
+        if closed:
+            worker.kill()
+        return worker
 
     def _release(self, worker: _Worker) -> None:
         with self._cond:
             self._busy -= 1
+            self._running.discard(worker)
             keep = worker.alive() and not self._closed and len(self._idle) < self.max_idle
             if keep:
                 self._idle.append(worker)
@@ -194,13 +205,17 @@ class RenderPool:
             worker.kill()
 
     def close(self) -> None:
-        """Kill every idle worker; busy ones are killed when their render returns."""
+        """Kill every worker (a render in progress then fails); later renders are refused."""
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
+            running = list(self._running)
             self._cond.notify_all()
         for w in idle:
             w.kill()
+        for w in running:
+            if w.alive():
+                w.proc.kill()   # the render's own thread reaps it
 
     def num_workers(self) -> int:
         with self._cond:

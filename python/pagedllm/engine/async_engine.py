@@ -101,6 +101,7 @@ class AsyncLLMEngine:
         self._pending: list[tuple] = []                 # ("add", stream, prompt, params) | ("abort", request_id)
         self._failed: dict[str, BaseException] = {}     # request id -> exception from its logits processor
         self._stopped = False
+        self._stop_reason = "The engine was shut down."
         self._thread: Optional[threading.Thread] = None
         self.snapshot = self._take_snapshot()
         if start_engine_loop:
@@ -134,9 +135,12 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread; unfinished requests end with EngineDeadError."""
+    def shutdown(self, timeout: float = 10.0, reason: str = "The engine was shut down.") -> None:
+        """Stop the engine thread; unfinished requests end with EngineDeadError(reason), new ones are refused
+        with it. Waits up to timeout seconds for the thread (0: returns at once, the thread stops after its
+        current step)."""
         with self._lock:
+            self._stop_reason = reason
             self._stopped = True
             self._lock.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -175,7 +179,7 @@ class AsyncLLMEngine:
     # -- hand-off to the engine thread ----------------------------------------------------------
     def _submit(self, prompt, params: Optional[SamplingParams], request_id: str) -> _Stream:
         if self._stopped:
-            raise EngineDeadError("The engine is shut down.")
+            raise EngineDeadError(self._stop_reason)
         if request_id in self._streams:
             raise ValueError(f"Request id {request_id} already running.")
         if self.max_queue_size is not None:
@@ -218,10 +222,11 @@ class AsyncLLMEngine:
                 pending, self._pending = self._pending, []
                 stopped = self._stopped
             if stopped:
-                self._fail_all(live, EngineDeadError("The engine was shut down."))
+                self._fail_all(live, EngineDeadError(self._stop_reason))
                 for op in pending:
                     if op[0] == "add":
-                        self._deliver({op[1]: EngineDeadError("The engine was shut down.")})
+                        self._deliver({op[1]: EngineDeadError(self._stop_reason)})
+                self.snapshot = self._take_snapshot()
                 return
             try:
                 for op in pending:

@@ -8,6 +8,9 @@ import sys
 from typing import Optional
 
 from pagedllm.config import EngineArgs
+from pagedllm.chat.render_pool import RenderLimits
+from pagedllm.entrypoints.openai.limits import DEFAULT_MAX_BEST_OF, DEFAULT_MAX_PROMPT_CHARS
+from pagedllm.entrypoints.openai.shutdown import DEFAULT_DRAIN_SECONDS
 
 # Engine options that the CLI exposes as --kebab-case flags, with their types (EngineArgs' annotations are
 # strings under `from __future__ import annotations`).
@@ -93,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests that may wait beyond --max-num-seqs before the server answers 503")
     server.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
                         help="larger request bodies are refused with 413")
+    server.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
+                        help="longer prompts (a completion prompt, the rendered chat, /tokenize) are refused "
+                             "with 400 before tokenization")
+    server.add_argument("--max-best-of", type=int, default=DEFAULT_MAX_BEST_OF,
+                        help="largest n / best_of a request may ask (400 above it; also refused: more samples "
+                             "than the KV cache holds at full length)")
+    server.add_argument("--chat-template-timeout", type=float, default=RenderLimits.timeout_s,
+                        help="seconds a chat template may take to render (in a worker process, killed at the "
+                             "limit; 400)")
+    server.add_argument("--chat-template-max-memory-mb", type=int, default=RenderLimits.max_memory_bytes >> 20,
+                        help="address space of a chat template render worker, MiB (0: no cap)")
+    server.add_argument("--shutdown-drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS,
+                        help="on SIGTERM / SIGINT, how long running requests may finish before the rest are "
+                             "aborted; a second signal exits at once")
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     chat = sub.add_parser("chat", help="chat with a model in the terminal",

@@ -29,8 +29,10 @@ from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
                                                   DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
                                                   TokenizeResponse)
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
-from pagedllm.entrypoints.openai.serving_common import OpenAIError, bad_request
+from pagedllm.entrypoints.openai.limits import ServerLimits, check_text
+from pagedllm.entrypoints.openai.serving_common import OpenAIError, bad_request, off_loop
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.shutdown import SHUTDOWN_MESSAGE, ServerState
 
 logger = logging.getLogger("pagedllm.server")
 
@@ -46,14 +48,18 @@ class GuardMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: it would break streaming and disconnect detection): checks the bearer
     token and reads the request body up to the size limit before the app sees it."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, state: Optional[ServerState] = None):
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.state = state or ServerState()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.state.draining:   # shutting down: what is running finishes, nothing new starts
+            return await _error_response(OpenAIError(SHUTDOWN_MESSAGE, 503, "server_error", None,
+                                                     "server_shutdown"))(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.expected is not None and scope["path"] not in _OPEN_PATHS and scope["method"] != "OPTIONS":
             if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
@@ -137,20 +143,26 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
               api_key: Optional[str] = None, chat_template: Optional[str] = None,
               tool_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
               chat_template_content_format: str = "auto",
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES, limits: Optional[ServerLimits] = None,
+              state: Optional[ServerState] = None) -> FastAPI:
     """The FastAPI app serving engine (an AsyncLLMEngine) under served_model_names (the first is the one
-    responses name)."""
+    responses name). limits: the per-request limits (ServerLimits' defaults when None); state: the server's
+    life (shutdown.DrainingServer sets it draining)."""
     names = list(served_model_names or [model_path or "default"])
-    completion = OpenAIServingCompletion(engine, names)
+    limits = limits or ServerLimits()
+    state = state or ServerState()
+    completion = OpenAIServingCompletion(engine, names, limits=limits)
     chat = OpenAIServingChat(engine, names, chat_template=chat_template, tool_parser=tool_parser,
-                             reasoning_parser=reasoning_parser, content_format=chat_template_content_format)
+                             reasoning_parser=reasoning_parser, content_format=chat_template_content_format,
+                             limits=limits)
     metrics = ServerMetrics(engine, names[0])
     tokenizer = engine.get_tokenizer()
 
     app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__)
     app.state.engine = engine
     app.state.metrics = metrics
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes)
+    app.state.server_state = state
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes, state=state)
 
     def check_model(name: Optional[str]) -> None:
         if name is not None and name not in names:
@@ -199,6 +211,8 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
     # -- routes ---------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        if state.draining:
+            return _error_response(OpenAIError(SHUTDOWN_MESSAGE, 503, "server_error", None, "server_shutdown"))
         if not engine.is_running:
             return _error_response(OpenAIError("The engine is not running.", 503, "server_error"))
         return Response(status_code=200)
@@ -234,10 +248,9 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
         return await _serve(chat, request, raw_request)
 
-    @app.post("/tokenize")
-    async def tokenize(request: TokenizeRequest):
-        check_model(request.model)
+    def _tokenize(request: TokenizeRequest) -> TokenizeResponse:
         try:
+            check_text(request)
             if request.messages is not None:
                 tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
                 _, text = chat.render(request.messages, tools=tools,
@@ -248,6 +261,7 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
                 add_special = bool(request.add_special_tokens)
             elif request.prompt is not None:
                 text = request.prompt
+                limits.check_prompt_chars(text)
                 add_special = request.add_special_tokens is not False
             else:
                 raise ValueError("prompt or messages is required.")
@@ -255,8 +269,12 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
             raise bad_request(e) from None
         ids = tokenizer.encode(text, add_special_tokens=add_special)
         strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
-        return _json(TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
-                                      token_strs=strs))
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest):
+        check_model(request.model)
+        return _json(await off_loop(_tokenize, request))
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest):
@@ -275,26 +293,33 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
 
 
 def run_server(args) -> None:
-    """`pagedllm serve`: build the engine, then serve until interrupted."""
+    """`pagedllm serve`: build the engine, then serve until SIGTERM / SIGINT (shutdown.DrainingServer: a bounded
+    drain, then what still runs is aborted; a second signal exits at once)."""
     import uvicorn
 
     from pagedllm.engine.async_engine import AsyncLLMEngine
     from pagedllm.entrypoints.cli import engine_args_from
+    from pagedllm.entrypoints.openai.shutdown import DrainingServer
 
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None
+    limits = ServerLimits.build(max_prompt_chars=args.max_prompt_chars, max_best_of=args.max_best_of,
+                                chat_template_timeout_s=args.chat_template_timeout,
+                                chat_template_max_memory_mb=args.chat_template_max_memory_mb)
     engine = AsyncLLMEngine.from_engine_args(engine_args_from(args), max_queue_size=args.max_queue_size)
     names = args.served_model_name or [args.model or "pagedllm-default"]
+    state = ServerState()
     try:
         app = build_app(engine, served_model_names=names, model_path=args.model, api_key=api_key,
                         chat_template=args.chat_template, tool_parser=args.tool_call_parser,
                         reasoning_parser=args.reasoning_parser,
                         chat_template_content_format=args.chat_template_content_format,
-                        max_request_body_bytes=args.max_request_body_bytes)
+                        max_request_body_bytes=args.max_request_body_bytes, limits=limits, state=state)
         logger.info("serving %s as %s on http://%s:%d", args.model or "the default model", ", ".join(names),
                     args.host, args.port)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=str(args.log_level).lower(),
-                    timeout_keep_alive=5)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=str(args.log_level).lower(),
+                                timeout_keep_alive=5)
+        DrainingServer(config, engine, state, drain_seconds=args.shutdown_drain_seconds).run()
     finally:
         engine.shutdown()

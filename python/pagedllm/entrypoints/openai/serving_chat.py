@@ -16,8 +16,9 @@ from pagedllm.entrypoints.openai.protocol import (ChatCompletionLogProbs, ChatCo
                                                   DeltaFunctionCall, DeltaMessageModel, DeltaToolCallModel,
                                                   FunctionCallModel, ToolCallModel, UsageInfo, random_id)
 from pagedllm.entrypoints.openai.serving_common import (DeltaTracker, OpenAIError, bad_request, chained,
-                                                        check_lengths, merge_async_iterators, not_supported, prime,
-                                                        sampled_and_top, sse, sse_stream, token_text)
+                                                        check_lengths, merge_async_iterators, not_supported, off_loop,
+                                                        prime, sampled_and_top, sse, sse_stream, token_text)
+from pagedllm.entrypoints.openai.limits import ServerLimits, check_kv_capacity, check_text
 from pagedllm.outputs import RequestOutput
 
 _MIN_LOGPROB = -9999.0
@@ -26,8 +27,9 @@ _MIN_LOGPROB = -9999.0
 class OpenAIServingChat:
     def __init__(self, engine, served_model_names: list[str], chat_template: Optional[str] = None,
                  tool_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
-                 content_format: str = "auto"):
+                 content_format: str = "auto", limits: Optional[ServerLimits] = None):
         self.engine = engine
+        self.limits = limits or ServerLimits()
         self.model_name = served_model_names[0]
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
@@ -63,7 +65,9 @@ class OpenAIServingChat:
         variables = {**special_token_vars(self.tokenizer), **(chat_template_kwargs or {})}
         text = render_chat_template(template, prepare_messages(messages, fmt), tools=tools, documents=documents,
                                     add_generation_prompt=add_generation_prompt,
-                                    continue_final_message=continue_final_message, **variables)
+                                    continue_final_message=continue_final_message, limits=self.limits.render,
+                                    **variables)
+        self.limits.check_prompt_chars(text, "rendered chat prompt")
         return template, text
 
     def _parser(self, template: str, tools):
@@ -73,6 +77,8 @@ class OpenAIServingChat:
         return get_tool_parser(name)(self.tokenizer) if name is not None else None
 
     def _prepare(self, req: ChatCompletionRequest):
+        check_text(req)
+        self.limits.check_samples(req.n, req.best_of)
         if req.use_beam_search:
             raise not_supported("use_beam_search", "use_beam_search")
         if req.tool_choice == "required":
@@ -95,6 +101,8 @@ class OpenAIServingChat:
             ids = ids[-req.truncate_prompt_tokens:]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = check_lengths(len(ids), max_tokens, self.max_model_len, "messages")
+        bm = self.engine.engine.block_manager
+        check_kv_capacity(len(ids), max_tokens, req.n, req.best_of, bm.block_size, bm.num_blocks)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = req.sampling_params(self.defaults, max_tokens, logprobs)
         think_in_prompt = text.rstrip().endswith("<think>")
@@ -103,7 +111,7 @@ class OpenAIServingChat:
     async def create(self, req: ChatCompletionRequest):
         """A ChatCompletionResponse, or (stream) an async iterator of SSE strings. Raises OpenAIError."""
         try:
-            prompt, params, parser, think_in_prompt = self._prepare(req)
+            prompt, params, parser, think_in_prompt = await off_loop(self._prepare, req)
         except (ValueError, TypeError) as e:   # TypeError: message parts / template variables of the wrong kind
             raise bad_request(e) from None
         request_id = random_id("chatcmpl")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Sequence
 
+from pagedllm.engine.async_engine import EngineDeadError
 from pagedllm.outputs import CompletionOutput, Logprob
 
 
@@ -40,6 +43,20 @@ def bad_request(e: Exception) -> OpenAIError:
     if message.startswith("The decoder prompt") or message.startswith("This model's maximum context length"):
         param = "messages" if "messages" in message else "prompt"
     return OpenAIError(message, 400, "invalid_request_error", param)
+
+
+_executor: Optional[ThreadPoolExecutor] = None
+_executor_lock = threading.Lock()
+
+
+async def off_loop(fn, *args):
+    """fn(*args) in a thread, so that rendering a chat template or tokenizing a long prompt never stalls the event
+    loop (/health, other requests, signals). A dedicated pool: starlette's own threads stay free."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pagedllm-prepare")
+    return await asyncio.get_running_loop().run_in_executor(_executor, fn, *args)
 
 
 def not_supported(what: str, param: Optional[str] = None) -> OpenAIError:
@@ -149,6 +166,8 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
             yield event
     except ValueError as e:
         yield sse_error(bad_request(e))
+    except EngineDeadError as e:   # shutdown: the stream's last event says why it ends
+        yield sse_error(OpenAIError(str(e), 503, "server_error", None, "engine_dead"))
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as e:  # noqa: BLE001 - see above

@@ -8,8 +8,9 @@ from pagedllm.entrypoints.openai.protocol import (CompletionLogProbs, Completion
                                                   CompletionResponseChoice, CompletionStreamResponse, UsageInfo,
                                                   random_id)
 from pagedllm.entrypoints.openai.serving_common import (DeltaTracker, OpenAIError, bad_request, check_lengths,
-                                                        chained, merge_async_iterators, not_supported, prime,
-                                                        sampled_and_top, sse, sse_stream, token_text)
+                                                        chained, merge_async_iterators, not_supported, off_loop,
+                                                        prime, sampled_and_top, sse, sse_stream, token_text)
+from pagedllm.entrypoints.openai.limits import ServerLimits, check_kv_capacity, check_text
 from pagedllm.outputs import RequestOutput
 
 _MIN_LOGPROB = -9999.0   # JSON has no -inf (vLLM clamps the same way)
@@ -20,8 +21,9 @@ def _lp(value: float) -> float:
 
 
 class OpenAIServingCompletion:
-    def __init__(self, engine, served_model_names: list[str]):
+    def __init__(self, engine, served_model_names: list[str], limits: Optional[ServerLimits] = None):
         self.engine = engine
+        self.limits = limits or ServerLimits()
         self.model_name = served_model_names[0]
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
@@ -41,6 +43,7 @@ class OpenAIServingCompletion:
         prompts = []
         for item in items:
             if isinstance(item, str):
+                self.limits.check_prompt_chars(item)
                 ids = self.tokenizer.encode(item, add_special_tokens=req.add_special_tokens)
                 text = item
             else:
@@ -55,6 +58,8 @@ class OpenAIServingCompletion:
         return prompts
 
     def _requests(self, req: CompletionRequest):
+        check_text(req)
+        self.limits.check_samples(req.n, req.best_of)
         if req.suffix is not None:
             raise not_supported("suffix", "suffix")
         if req.use_beam_search:
@@ -68,6 +73,8 @@ class OpenAIServingCompletion:
         out = []
         for text, ids in prompts:
             max_tokens = check_lengths(len(ids), req.max_tokens, self.max_model_len, "prompt")
+            bm = self.engine.engine.block_manager
+            check_kv_capacity(len(ids), max_tokens, req.n, req.best_of, bm.block_size, bm.num_blocks)
             params = req.sampling_params(self.defaults, max_tokens, req.logprobs)
             params.prompt_logprobs = prompt_logprobs
             out.append(({"prompt_token_ids": ids, "prompt": text}, params))
@@ -76,7 +83,7 @@ class OpenAIServingCompletion:
     async def create(self, req: CompletionRequest):
         """A CompletionResponse, or (stream) an async iterator of SSE strings. Raises OpenAIError."""
         try:
-            requests = self._requests(req)
+            requests = await off_loop(self._requests, req)
         except (ValueError, TypeError) as e:
             raise bad_request(e) from None
         request_id = random_id("cmpl")
