@@ -89,3 +89,42 @@ def scrape(text: str, name: str, default: Optional[float] = None) -> float:
             raise KeyError(name)
         return default
     return total
+
+
+class Gate:
+    """Wraps LLMEngine.add_request: a prompt that holds `marker` gets a logits processor that, when its request
+    has one token, sets `reached` and holds the engine thread until `release` is set (at most 120 s, then it goes
+    on). A test can then act while that request is certainly unfinished, however fast the machine is."""
+
+    def __init__(self, llm_engine, marker: str = "HOLD_THE_ENGINE"):
+        self.marker = marker
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self._real = llm_engine.add_request
+        llm_engine.add_request = self.add_request
+
+    def reset(self) -> None:
+        self.reached.clear()
+        self.release.clear()
+
+    def add_request(self, request_id, prompt, params=None, **kwargs):
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        if text and self.marker in text:
+            params = params.clone()
+            params.logits_processors = [*(params.logits_processors or []), self._hold]
+        return self._real(request_id, prompt, params, **kwargs)
+
+    def _hold(self, output_ids, logits):
+        if len(output_ids) == 1:
+            self.reached.set()
+            self.release.wait(120)
+        return logits
+
+
+def wait_until(condition, timeout: float = 60.0, what: str = "the condition") -> None:
+    """Polls condition() until it is true; fails (never hangs) after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
