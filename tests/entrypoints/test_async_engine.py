@@ -34,6 +34,14 @@ def _idle(engine, timeout=30.0):
     return False
 
 
+async def _until(condition, timeout=60.0):
+    """Yields to the event loop until condition() holds; fails (never hangs) after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s"
+        await asyncio.sleep(0.005)
+
+
 async def _collect(engine, prompt, params, rid):
     outs = [o async for o in engine.generate(prompt, params, rid)]
     return outs
@@ -76,8 +84,8 @@ def test_cancelling_the_consumer_aborts_and_frees_blocks(engine):
                 seen.append(o)
 
         task = asyncio.create_task(consume())
-        while len(seen) < 3:
-            await asyncio.sleep(0.005)
+        await _until(lambda: len(seen) >= 3 or task.done())
+        assert not task.done()
         assert engine.snapshot["num_used_blocks"] > 0 or engine.engine.block_manager.num_used_blocks > 0
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -105,8 +113,7 @@ def test_break_and_explicit_abort_free_blocks(engine):
                 outs.append(o)
 
         task = asyncio.create_task(consume())
-        while not outs:
-            await asyncio.sleep(0.005)
+        await _until(lambda: outs or task.done())
         await engine.abort("b2")
         await asyncio.wait_for(task, 30)   # the generator ends quietly
         return outs

@@ -17,7 +17,7 @@ import pytest
 from model_factory import make_tiny_model
 from pagedllm import AsyncEngineArgs, AsyncLLMEngine
 from pagedllm.entrypoints.openai.api_server import build_app
-from server_utils import WEATHER_TOOL, ForcedOutputs, ServerThread, scrape
+from server_utils import WEATHER_TOOL, ForcedOutputs, Gate, ServerThread, scrape, wait_until
 
 KEY = "test-key-123"
 MODEL = "tiny"
@@ -41,6 +41,7 @@ def engine(tmp_path_factory):
     forced.texts["FORCE_ONE_CALL"] = TOOL_TEXT
     forced.texts["FORCE_TWO_CALLS"] = TWO_CALLS
     forced.texts["FORCE_THINKING"] = THINKING
+    eng.gate = Gate(eng.engine)
     yield eng
     eng.shutdown()
 
@@ -365,18 +366,25 @@ def test_client_errors_keep_the_server_serving(client, http):
 
 
 def test_queue_full_answers_503(client, engine, monkeypatch):
+    """The holding stream cannot finish while the test runs: its engine is held (Gate) after its first token."""
+    gate = engine.gate
+    gate.reset()
+
     async def main():
         aclient = openai.AsyncOpenAI(base_url=client.base_url, api_key=KEY, max_retries=0)
-        stream = await aclient.completions.create(model=MODEL, prompt="hold", max_tokens=300, stream=True,
+        stream = await aclient.completions.create(model=MODEL, prompt=gate.marker, max_tokens=300, stream=True,
                                                   extra_body={"ignore_eos": True})
-        first = await stream.__anext__()
-        monkeypatch.setattr(engine, "max_queue_size", 1 - engine.engine.scheduler.max_num_seqs)  # room for 1
         try:
+            first = await stream.__anext__()
+            assert await asyncio.to_thread(gate.reached.wait, 60)
+            monkeypatch.setattr(engine, "max_queue_size", 1 - engine.engine.scheduler.max_num_seqs)  # room for 1
             with pytest.raises(openai.InternalServerError) as info:
                 await aclient.completions.create(model=MODEL, prompt="more", max_tokens=3)
             assert info.value.status_code == 503
+            assert info.value.body["code"] == "queue_full"
         finally:
             monkeypatch.undo()
+            gate.release.set()
             await stream.close()
         return first
 
@@ -429,7 +437,7 @@ def test_64_concurrent_streams_complete_and_leave_nothing(client, http):
     assert scrape(text, "pagedllm:prompt_tokens_total") > 0
 
 
-def test_20_clients_disconnecting_mid_stream_leave_nothing(server, http):
+def test_20_clients_disconnecting_mid_stream_leave_nothing(server, http, engine):
     before = http.get("/metrics").text
     done_before = scrape(before, "pagedllm:request_success_total", 0)
 
@@ -456,10 +464,29 @@ def test_20_clients_disconnecting_mid_stream_leave_nothing(server, http):
 
     assert asyncio.run(main()) == [3] * 20
 
-    # A non-streaming client that gives up (timeout) is aborted too.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
-                   json={"model": MODEL, "prompt": "long one", "max_tokens": 450, "ignore_eos": True})
+    # A non-streaming client that gives up is aborted too. (This used to be a 0.5 s client timeout, and on a quiet
+    # moment the 450 tokens came back complete within it: a 200, no early error. Now the request is held in the
+    # engine (Gate) until the client is gone, whatever the machine's speed.)
+    gate = engine.gate
+    gate.reset()
+
+    async def give_up():
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=120) as ac:
+            request = asyncio.create_task(ac.post("/v1/completions", json={
+                "model": MODEL, "prompt": f"long one {gate.marker}", "max_tokens": 450, "ignore_eos": True}))
+            try:
+                assert await asyncio.to_thread(gate.reached.wait, 60)
+                request.cancel()   # closes the connection
+                with pytest.raises(asyncio.CancelledError):
+                    await request
+                # The server saw the disconnect and aborted the request (it leaves the engine at the next step).
+                await asyncio.to_thread(wait_until, lambda: engine.num_unfinished_requests() == 0, 60,
+                                        "the server to abort the abandoned request")
+            finally:
+                gate.release.set()
+
+    asyncio.run(give_up())
     text = wait_idle(http)
     assert scrape(text, "pagedllm:num_requests_running") == 0
     assert scrape(text, "pagedllm:num_kv_blocks_used") == 0
