@@ -128,3 +128,61 @@ def wait_until(condition, timeout: float = 60.0, what: str = "the condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+class ServerProcess:
+    """`pagedllm serve` as a real process on 127.0.0.1 (output to a file, so a full pipe never stalls it)."""
+
+    def __init__(self, model_path: str, *args: str, log_path, start_timeout: float = 180.0):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        python_dir = str(Path(__file__).resolve().parents[2] / "python")
+        env = {**os.environ, "PYTHONPATH": python_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env.pop("PAGEDLLM_API_KEY", None)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", model_path, "--host", "127.0.0.1",
+             "--port", str(self.port), "--served-model-name", "tiny", "--device", "cpu", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + start_timeout
+        import httpx
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited at start-up:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the server did not come up:\n{self.log()}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._log.close()

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedllm import __version__
+from pagedllm.chat.render_pool import RenderWorkerError
 from pagedllm.engine.async_engine import EngineDeadError, QueueFullError
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -202,6 +203,13 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_, e: EngineDeadError):
         return _error_response(OpenAIError(str(e), 503, "server_error", None, "engine_dead"))
+
+    @app.exception_handler(RenderWorkerError)
+    async def _renderer_gone(_, e: RenderWorkerError):
+        if state.draining:
+            return _error_response(OpenAIError(SHUTDOWN_MESSAGE, 503, "server_error", None, "server_shutdown"))
+        logger.error("chat template renderer: %s", e)
+        return _error_response(OpenAIError(f"The chat template renderer failed: {e}", 500, "server_error"))
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
