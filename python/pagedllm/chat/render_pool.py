@@ -126,6 +126,7 @@ class RenderPool:
         self._busy = 0
         self._closed = False
         self._cond = threading.Condition()
+        self._pid = os.getpid()   # a forked child must not kill its parent's workers (inherited atexit)
 
     def render(self, template: str, variables: dict, limits: Optional[RenderLimits] = None) -> str:
         """The rendered text. TemplateFailure for the template's own problems (syntax, sandbox, errors, a
@@ -206,6 +207,8 @@ class RenderPool:
 
     def close(self) -> None:
         """Kill every worker (a render in progress then fails); later renders are refused."""
+        if os.getpid() != self._pid:
+            return
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -231,11 +234,15 @@ _default_pool: Optional[RenderPool] = None
 _default_lock = threading.Lock()
 
 
+_default_pid: Optional[int] = None
+
+
 def default_pool() -> RenderPool:
-    """The process-wide pool (LLM.chat and the server share it)."""
-    global _default_pool
+    """The process-wide pool (LLM.chat and the server share it). A forked child gets a pool of its own: the
+    workers it inherited talk to its parent."""
+    global _default_pool, _default_pid
     with _default_lock:
-        if _default_pool is None:
-            _default_pool = RenderPool()
+        if _default_pool is None or _default_pid != os.getpid():
+            _default_pool, _default_pid = RenderPool(), os.getpid()
             atexit.register(_default_pool.close)
         return _default_pool
