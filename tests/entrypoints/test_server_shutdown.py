@@ -150,6 +150,9 @@ def test_a_second_sigterm_exits_at_once(model_path, tmp_path):
                 await asyncio.wait_for(started_event.wait(), 120)
                 server.proc.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(_wait_for_log, server, "running get 600.0 s to finish")
+                # Draining: new connections are refused while the stream goes on.
+                await asyncio.to_thread(wait_until, lambda: _refused(server.url), 60, "the listener to close")
+                assert not stream.done()
                 server.proc.send_signal(signal.SIGTERM)
                 with pytest.raises(httpx.HTTPError):   # the connection drops without an answer
                     await stream

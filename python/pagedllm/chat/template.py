@@ -13,7 +13,6 @@ import functools
 import json
 import os
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union
 
