@@ -120,3 +120,12 @@ def test_template_cache_is_bounded_and_holds_no_rendered_output():
     assert list(cache._entries) == ["{{ 4 }}", "x" * 90]
     with pytest.raises(TemplateFailure, match="does not parse"):
         cache.get("{% for %}")
+
+
+def test_process_default_limits_apply_to_renders_that_name_none(monkeypatch):
+    from pagedllm.chat import render_pool
+    monkeypatch.setattr(render_pool, "_default_limits", render_pool.RenderLimits())
+    render_pool.set_default_limits(RenderLimits(max_output_chars=50))
+    with pytest.raises(ValueError, match="over the limit of 50 characters"):
+        render_chat_template("{{ 'x' * 51 }}", MESSAGES)
+    assert render_chat_template("{{ 'x' * 50 }}", MESSAGES) == "x" * 50

@@ -131,7 +131,7 @@ class RenderPool:
     def render(self, template: str, variables: dict, limits: Optional[RenderLimits] = None) -> str:
         """The rendered text. TemplateFailure for the template's own problems (syntax, sandbox, errors, a
         limit reached: kind "timeout", "memory", "output_limit")."""
-        limits = limits or RenderLimits()
+        limits = limits or _default_limits
         job = pickle.dumps({"template": template, "variables": variables,
                             "max_output_chars": limits.max_output_chars, "timeout_s": limits.timeout_s},
                            protocol=pickle.HIGHEST_PROTOCOL)
@@ -231,6 +231,14 @@ def _memory_message(limits: RenderLimits) -> str:
 
 
 _default_pool: Optional[RenderPool] = None
+_default_limits = RenderLimits()
+
+
+def set_default_limits(limits: RenderLimits) -> None:
+    """The limits of every render that names none (`pagedllm serve` sets its options here, so that every chat
+    render in the server process honours them)."""
+    global _default_limits
+    _default_limits = limits
 _default_lock = threading.Lock()
 
 

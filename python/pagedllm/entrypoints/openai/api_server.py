@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedllm import __version__
-from pagedllm.chat.render_pool import RenderWorkerError
+from pagedllm.chat.render_pool import RenderWorkerError, set_default_limits
 from pagedllm.engine.async_engine import EngineDeadError, QueueFullError
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -315,6 +315,7 @@ def run_server(args) -> None:
     limits = ServerLimits.build(max_prompt_chars=args.max_prompt_chars, max_best_of=args.max_best_of,
                                 chat_template_timeout_s=args.chat_template_timeout,
                                 chat_template_max_memory_mb=args.chat_template_max_memory_mb)
+    set_default_limits(limits.render)
     engine = AsyncLLMEngine.from_engine_args(engine_args_from(args), max_queue_size=args.max_queue_size)
     names = args.served_model_name or [args.model or "pagedllm-default"]
     state = ServerState()
