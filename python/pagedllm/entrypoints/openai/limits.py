@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from pagedllm.chat.render_pool import RenderLimits
 
-DEFAULT_MAX_PROMPT_CHARS = 4_000_000
+DEFAULT_MAX_PROMPT_CHARS = 1_000_000   # > any 200K-token context in practice (~1-4 chars a token)
 DEFAULT_MAX_BEST_OF = 32
 
 
