@@ -52,7 +52,8 @@ class PoolingMixin:
         return engine
 
     def _pool(self, api: str, task: str, prompts: list, params: list[PoolingParams],
-              pairs: Optional[list] = None) -> list[PoolingRequestOutput]:
+              pairs: Optional[list] = None, wrap=None) -> list:
+        """wrap: PoolingRequestOutput -> the API's output class (also for RequestErrors.outputs)."""
         from pagedllm.llm import RequestErrors
 
         engine = self._pooling_engine(api)
@@ -73,8 +74,8 @@ class PoolingMixin:
             if it is None:
                 outputs.append(None)
                 continue
-            outputs.append(PoolingRequestOutput(str(next(self._counter)), PoolingOutput(next(results)),
-                                                it.token_ids))
+            out = PoolingRequestOutput(str(next(self._counter)), PoolingOutput(next(results)), it.token_ids)
+            outputs.append(wrap(out) if wrap is not None else out)
         if errors:
             raise RequestErrors(errors, outputs)
         return outputs
@@ -91,13 +92,13 @@ class PoolingMixin:
               pooling_params=None, **_unused) -> list[EmbeddingRequestOutput]:
         prompts = _as_list(prompts)
         params = _params_list(pooling_params, len(prompts), truncate_prompt_tokens)
-        return [EmbeddingRequestOutput.from_base(o) for o in self._pool("embed", "embed", prompts, params)]
+        return self._pool("embed", "embed", prompts, params, wrap=EmbeddingRequestOutput.from_base)
 
     def classify(self, prompts, *, truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
                  pooling_params=None, **_unused) -> list[ClassificationRequestOutput]:
         prompts = _as_list(prompts)
         params = _params_list(pooling_params, len(prompts), truncate_prompt_tokens)
-        return [ClassificationRequestOutput.from_base(o) for o in self._pool("classify", "classify", prompts, params)]
+        return self._pool("classify", "classify", prompts, params, wrap=ClassificationRequestOutput.from_base)
 
     def reward(self, prompts, *, truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
                pooling_params=None, **_unused) -> list[PoolingRequestOutput]:
@@ -124,8 +125,7 @@ class PoolingMixin:
             texts_1 = texts_1 * len(texts_2)
         if "score" in engine.supported_tasks:
             params = _params_list(pooling_params, len(texts_1), truncate_prompt_tokens)
-            outs = self._pool("score", "score", texts_1, params, pairs=texts_2)
-            return [ScoringRequestOutput.from_base(o) for o in outs]
+            return self._pool("score", "score", texts_1, params, pairs=texts_2, wrap=ScoringRequestOutput.from_base)
         if pooling_params is not None and getattr(pooling_params, "use_activation", None) is not None:
             raise ValueError("use_activation is not supported by the cosine score of embedding models")
         params = _params_list(None, 2 * len(texts_1), truncate_prompt_tokens)
