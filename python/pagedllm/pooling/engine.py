@@ -55,6 +55,14 @@ def wants_pooling(args: EngineArgs) -> bool:
     return not source.is_gguf and is_pooling_architecture(loader.load_config(source))
 
 
+class PromptTooLongError(ValueError):
+    def __init__(self, length: int, max_model_len: int):
+        self.length, self.max_model_len = length, max_model_len
+        super().__init__(f"The decoder prompt (length {length}) is longer than the maximum model length of "
+                         f"{max_model_len}. Make sure that `max_model_len` is no smaller than the number of "
+                         "text tokens.")
+
+
 @dataclass
 class PoolingItem:
     """One resolved request: token ids, token types, the task and its complete parameters."""
@@ -202,9 +210,7 @@ class PoolingEngine:
         if not ids:
             raise ValueError("The decoder prompt cannot be empty")
         if len(ids) > self.max_model_len:
-            raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model length of "
-                             f"{self.max_model_len}. Make sure that `max_model_len` is no smaller than the number of "
-                             "text tokens.")
+            raise PromptTooLongError(len(ids), self.max_model_len)
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"Token id {bad} is out of vocabulary")

@@ -140,6 +140,10 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving engine (an AsyncLLMEngine) under served_model_names (the first is the one
     responses name)."""
+    if getattr(engine, "is_pooling", False):  # embeddings / score / rerank models: serving_pooling.py
+        from pagedllm.entrypoints.openai.serving_pooling import build_pooling_app
+        return build_pooling_app(engine, served_model_names=served_model_names, model_path=model_path,
+                                 api_key=api_key, max_request_body_bytes=max_request_body_bytes)
     names = list(served_model_names or [model_path or "default"])
     completion = OpenAIServingCompletion(engine, names)
     chat = OpenAIServingChat(engine, names, chat_template=chat_template, tool_parser=tool_parser,
@@ -151,6 +155,8 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
     app.state.engine = engine
     app.state.metrics = metrics
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes)
+    from pagedllm.entrypoints.openai.serving_pooling import add_unsupported_pooling_routes
+    add_unsupported_pooling_routes(app)  # /v1/embeddings, /score ... answer a generative model's 400
 
     def check_model(name: Optional[str]) -> None:
         if name is not None and name not in names:
@@ -284,7 +290,11 @@ def run_server(args) -> None:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None
-    engine = AsyncLLMEngine.from_engine_args(engine_args_from(args), max_queue_size=args.max_queue_size)
+    from pagedllm.entrypoints.openai.serving_pooling import AsyncPoolingEngine
+    from pagedllm.pooling.engine import wants_pooling
+    engine_args = engine_args_from(args)
+    engine = (AsyncPoolingEngine.from_engine_args(engine_args) if wants_pooling(engine_args)
+              else AsyncLLMEngine.from_engine_args(engine_args, max_queue_size=args.max_queue_size))
     names = args.served_model_name or [args.model or "pagedllm-default"]
     try:
         app = build_app(engine, served_model_names=names, model_path=args.model, api_key=api_key,
