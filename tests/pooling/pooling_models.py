@@ -80,23 +80,39 @@ def decoder_classifier(root: Path, arch: str, num_labels: int) -> Path:
     return path
 
 
-def bert_classifier(root: Path, num_labels: int) -> Path:
-    """A small random BertForSequenceClassification with MiniLM's (real) WordPiece tokenizer: a
-    cross-encoder when num_labels == 1."""
-    from transformers import BertConfig, BertForSequenceClassification
+def _random_bert(root: Path, name: str, model_cls, config, seed: int) -> Path:
+    """A random BERT (weights ~ N(0, 0.1)) saved with MiniLM's (real) WordPiece tokenizer."""
     src = minilm()
-    path = Path(root) / f"bert-cls-{num_labels}"
+    path = Path(root) / name
     if path.exists():
         return path
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, num_labels=num_labels)
-    torch.manual_seed(2)
-    model = BertForSequenceClassification(config).eval()
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.1)
     model.save_pretrained(path, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, path / name)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / file, path / file)
+    return path
+
+
+def bert_classifier(root: Path, num_labels: int) -> Path:
+    """A small random BertForSequenceClassification: a cross-encoder when num_labels == 1."""
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128, num_labels=num_labels)
+    return _random_bert(root, f"bert-cls-{num_labels}", BertForSequenceClassification, config, seed=2)
+
+
+def bert_encoder(root: Path, head_size: int = 64) -> Path:
+    """A small random BertModel (head size 64: the kernel path of EncoderAttention) with sentence-transformers
+    files (CLS pooling, no Normalize)."""
+    from transformers import BertConfig, BertModel
+    config = BertConfig(vocab_size=30522, hidden_size=2 * head_size, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=256, max_position_embeddings=128)
+    path = _random_bert(root, f"bert-encoder-{head_size}", BertModel, config, seed=3)
+    if not (path / "modules.json").exists():
+        write_st_files(path, "cls", normalize=False)
     return path

@@ -105,8 +105,10 @@ def test_embed_errors_in_vllms_words(minilm_llm):
 def test_decoder_embedder_matches_sentence_transformers(pooling_root, arch, pooling):
     path = decoder_embedder(pooling_root, arch, pooling)
     texts = ["Hello world! How are you today?", "The capital of France is Paris.", "def add(a, b):"]
-    llm = LLM(str(path), runner="pooling")
+    llm = LLM(str(path), runner="pooling", convert="embed")
     _assert_close(_ours(llm.embed(texts)), _st_embed(path, texts))
+    # the step's scratch KV cache is gone with the step: no layer keeps one
+    assert all(layer.kv_cache is None for layer in llm.llm_engine.model.attention_layers())
 
 
 def test_decoder_embedder_dimensions_on_a_matryoshka_model(pooling_root):

@@ -16,7 +16,7 @@ import torch
 
 from pagedllm.config import EngineArgs
 from pagedllm.layers.attention_metadata import make_prefill_metadata, set_attention_metadata
-from pagedllm.layers.encoder_attention import EncoderMetadata, set_encoder_metadata
+from pagedllm.layers.encoder_attention import EncoderMetadata
 from pagedllm.pooling import pooler
 from pagedllm.pooling.config import (CONVERTS, RUNNERS, TASKS_0_10, PoolerConfig, resolve_defaults,
                                      sentence_transformers_max_seq_length)
@@ -311,7 +311,7 @@ class PoolingEngine:
         if self.is_encoder:
             types = torch.tensor([t for seq, n in zip(token_type_ids, lens) for t in (seq or [0] * n)],
                                  dtype=torch.int64, device=dev)
-            with set_encoder_metadata(EncoderMetadata.build(lens, dev)):
+            with set_attention_metadata(EncoderMetadata.build(lens, dev)):
                 return self.model(ids, positions, types), lens
         return self._decoder_forward(ids, positions, lens), lens
 
