@@ -5,7 +5,8 @@ same short texts, in one run. Sentences per second for a batch of 1 text (latenc
   python benchmarks/embed.py --sizes 1 32 256 --repeats 5
 
 Both sides: float32, the same weights, sentence-transformers with its default batch_size=32 (its usual
-call) and also with one batch of all texts (--st-batch-all), the best of both reported. Outputs are checked
+call) and with one batch of all texts; the faster of the two is the reference. The three take turns in
+every repeat. Outputs are checked
 equal (cosine >= 0.9999) before timing. Prints a table and one RESULT json line.
 """
 from __future__ import annotations
@@ -27,14 +28,18 @@ def texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 16))).capitalize() + "." for _ in range(n)]
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function; the functions take turns within every repeat, so a machine whose
+    load changes during the run (shared by other jobs) weighs on all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -61,10 +66,10 @@ def main() -> None:
         ref = st.encode(batch, convert_to_tensor=True).float()
         cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()
         assert cos >= 0.9999, f"outputs differ: min cosine {cos}"
-        t_ours = timed(lambda: llm.embed(batch, use_tqdm=False), args.repeats)
-        with torch.inference_mode():
-            t_st32 = timed(lambda: st.encode(batch, batch_size=32), args.repeats)
-            t_stall = timed(lambda: st.encode(batch, batch_size=max(n, 1)), args.repeats)
+        t = timed({"ours": lambda: llm.embed(batch, use_tqdm=False),
+                   "st32": lambda: st.encode(batch, batch_size=32),
+                   "stall": lambda: st.encode(batch, batch_size=max(n, 1))}, args.repeats)
+        t_ours, t_st32, t_stall = t["ours"], t["st32"], t["stall"]
         t_st = min(t_st32, t_stall)
         rows.append({"texts": n, "pagedllm_sent_s": n / t_ours, "st_sent_s": n / t_st,
                      "st_batch32_sent_s": n / t_st32, "st_batch_all_sent_s": n / t_stall,

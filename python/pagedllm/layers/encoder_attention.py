@@ -47,10 +47,13 @@ class EncoderMetadata:
         for n in seq_lens:
             starts.append(starts[-1] + n)
         max_len = max(seq_lens)
+        query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
+        if all(n == max_len for n in seq_lens):  # no padding anywhere: no gather index, no mask
+            return cls(list(seq_lens), query_start_loc)
         lens = torch.tensor(seq_lens, device=device)
         index = torch.cat([torch.arange(n, device=device) + i * max_len for i, n in enumerate(seq_lens)])
         key_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        return cls(list(seq_lens), torch.tensor(starts, dtype=torch.int32, device=device), index, key_mask)
+        return cls(list(seq_lens), query_start_loc, index, key_mask)
 
 
 def get_encoder_metadata() -> EncoderMetadata:
