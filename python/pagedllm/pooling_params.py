@@ -26,7 +26,6 @@ class PoolingParams:
     softmax: Optional[bool] = None      # vLLM 0.10's name for use_activation (classify)
     activation: Optional[bool] = None   # vLLM 0.10's name for use_activation (score / classify)
     task: Optional[str] = None          # set by LLM.embed / classify / ... (or encode's pooling_task)
-    requires_token_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.use_activation is None:

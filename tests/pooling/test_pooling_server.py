@@ -97,6 +97,23 @@ def test_openai_client_bad_request(embed_server):
         client.embeddings.create(model="other", input="hi")
 
 
+def test_concurrent_requests_each_get_their_own_results(embed_server, offline):
+    """Requests queued together run in shared forwards; each gets back exactly its own embeddings."""
+    from concurrent.futures import ThreadPoolExecutor
+    inputs = [TEXTS[i % len(TEXTS)] + " #" * i for i in range(12)]
+    ref = {t: torch.tensor(o.outputs.embedding) for t, o in zip(inputs, offline.embed(inputs))}
+
+    def one(text):
+        resp = _post(embed_server, "/v1/embeddings", {"input": [text, "fixed"]})
+        assert resp.status_code == 200, resp.text
+        return text, resp.json()["data"]
+
+    with ThreadPoolExecutor(6) as pool:
+        for text, data in pool.map(one, inputs):
+            torch.testing.assert_close(torch.tensor(data[0]["embedding"]), ref[text], atol=1e-5, rtol=1e-4)
+            assert data[1]["index"] == 1
+
+
 def test_chat_and_completions_answer_a_pooling_model_with_400(embed_server):
     chat = _post(embed_server, "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert chat.status_code == 400
