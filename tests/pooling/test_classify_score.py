@@ -100,3 +100,20 @@ def test_encode_with_pooling_tasks():
     torch.testing.assert_close(raw_tok.outputs.data.mean(0), torch.tensor(raw), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="Classification API is not supported"):
         llm.encode("hi", pooling_task="classify")
+
+
+def test_serve_flags_reach_the_pooling_engine(pooling_root):
+    """`pagedllm serve MODEL --runner pooling --pooler-config JSON` (and 0.10's --task) pick the pooling engine."""
+    from pagedllm.entrypoints import cli
+    from pagedllm.pooling.engine import PoolingEngine, wants_pooling
+    path = str(bert_classifier(pooling_root, num_labels=3))
+    args = cli.build_parser().parse_args(["serve", path, "--runner", "pooling",
+                                          "--pooler-config", '{"use_activation": false}'])
+    engine_args = cli.engine_args_from(args)
+    assert wants_pooling(engine_args)
+    engine = PoolingEngine(engine_args)
+    assert engine.defaults.use_activation is False
+    old = cli.engine_args_from(cli.build_parser().parse_args(["serve", path, "--task", "score"]))
+    assert wants_pooling(old) and old.task == "score"
+    gen = cli.engine_args_from(cli.build_parser().parse_args(["serve", path, "--runner", "generate"]))
+    assert not wants_pooling(gen)

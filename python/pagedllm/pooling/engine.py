@@ -243,9 +243,9 @@ class PoolingEngine:
 
     # -- execution ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, items: list[PoolingItem]) -> list[torch.Tensor]:
+    def run(self, items: list[PoolingItem], progress=None) -> list[torch.Tensor]:
         """Each item's result on the CPU, in order: [dims] embedding, [num_labels] scores, or per-token
-        [seq_len, ...] for the token tasks."""
+        [seq_len, ...] for the token tasks. progress(n) is called after each step with its item count."""
         results: list[Optional[torch.Tensor]] = [None] * len(items)
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids))
         step: list[int] = []
@@ -254,11 +254,15 @@ class PoolingEngine:
             n = len(items[i].token_ids)
             if step and (tokens + n > self.max_num_batched_tokens or len(step) >= self.max_num_seqs):
                 self._run_step([items[j] for j in step], step, results)
+                if progress is not None:
+                    progress(len(step))
                 step, tokens = [], 0
             step.append(i)
             tokens += n
         if step:
             self._run_step([items[j] for j in step], step, results)
+            if progress is not None:
+                progress(len(step))
         return results  # type: ignore[return-value]
 
     def _run_step(self, items: list[PoolingItem], where: list[int], results: list) -> None:

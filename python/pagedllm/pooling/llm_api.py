@@ -52,7 +52,7 @@ class PoolingMixin:
         return engine
 
     def _pool(self, api: str, task: str, prompts: list, params: list[PoolingParams],
-              pairs: Optional[list] = None, wrap=None) -> list:
+              pairs: Optional[list] = None, wrap=None, use_tqdm: bool = True) -> list:
         """wrap: PoolingRequestOutput -> the API's output class (also for RequestErrors.outputs)."""
         from pagedllm.llm import RequestErrors
 
@@ -68,7 +68,15 @@ class PoolingMixin:
                 errors[i] = str(e)
                 items.append(None)
         valid = [it for it in items if it is not None]
-        results = iter(engine.run(valid)) if valid else iter(())
+        bar = None
+        if use_tqdm and valid:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(valid), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            results = iter(engine.run(valid, progress=bar.update if bar is not None else None)) if valid else iter(())
+        finally:
+            if bar is not None:
+                bar.close()
         outputs = []
         for it in items:
             if it is None:
@@ -86,26 +94,27 @@ class PoolingMixin:
         "token_embed", "token_classify", or "encode" (the model's own pooler, vLLM 0.10's default)."""
         prompts = _as_list(prompts)
         params = _params_list(pooling_params, len(prompts), truncate_prompt_tokens)
-        return self._pool("encode", pooling_task or "encode", prompts, params)
+        return self._pool("encode", pooling_task or "encode", prompts, params, use_tqdm=use_tqdm)
 
     def embed(self, prompts, *, truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
               pooling_params=None, **_unused) -> list[EmbeddingRequestOutput]:
         prompts = _as_list(prompts)
         params = _params_list(pooling_params, len(prompts), truncate_prompt_tokens)
-        return self._pool("embed", "embed", prompts, params, wrap=EmbeddingRequestOutput.from_base)
+        return self._pool("embed", "embed", prompts, params, wrap=EmbeddingRequestOutput.from_base, use_tqdm=use_tqdm)
 
     def classify(self, prompts, *, truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
                  pooling_params=None, **_unused) -> list[ClassificationRequestOutput]:
         prompts = _as_list(prompts)
         params = _params_list(pooling_params, len(prompts), truncate_prompt_tokens)
-        return self._pool("classify", "classify", prompts, params, wrap=ClassificationRequestOutput.from_base)
+        return self._pool("classify", "classify", prompts, params, wrap=ClassificationRequestOutput.from_base,
+                          use_tqdm=use_tqdm)
 
     def reward(self, prompts, *, truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
                pooling_params=None, **_unused) -> list[PoolingRequestOutput]:
         """Per-token outputs of the classifier head (vLLM's reward pooler: ALL tokens, no activation)."""
         prompts = _as_list(prompts)
         params = _params_list(pooling_params, len(prompts), truncate_prompt_tokens)
-        return self._pool("reward", "token_classify", prompts, params)
+        return self._pool("reward", "token_classify", prompts, params, use_tqdm=use_tqdm)
 
     def score(self, data_1: Union[str, Sequence[str]], data_2: Union[str, Sequence[str]], *,
               truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True, pooling_params=None,
@@ -125,11 +134,12 @@ class PoolingMixin:
             texts_1 = texts_1 * len(texts_2)
         if "score" in engine.supported_tasks:
             params = _params_list(pooling_params, len(texts_1), truncate_prompt_tokens)
-            return self._pool("score", "score", texts_1, params, pairs=texts_2, wrap=ScoringRequestOutput.from_base)
+            return self._pool("score", "score", texts_1, params, pairs=texts_2, wrap=ScoringRequestOutput.from_base,
+                              use_tqdm=use_tqdm)
         if pooling_params is not None and getattr(pooling_params, "use_activation", None) is not None:
             raise ValueError("use_activation is not supported by the cosine score of embedding models")
         params = _params_list(None, 2 * len(texts_1), truncate_prompt_tokens)
-        embs = self._pool("score", "embed", texts_1 + texts_2, params)
+        embs = self._pool("score", "embed", texts_1 + texts_2, params, use_tqdm=use_tqdm)
         n = len(texts_1)
         out = []
         for a, b in zip(embs[:n], embs[n:]):
