@@ -197,10 +197,12 @@ def build_pooling_app(engine: AsyncPoolingEngine, *, served_model_names: Optiona
             raise _ClientGone()
         return result
 
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(_, e: Exception):
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
-        if isinstance(e, _ClientGone):
-            return Response(status_code=499)
         return _error(OpenAIError(f"Internal server error: {type(e).__name__}: {e}", 500, "server_error"))
 
     def envelope(prefix: str, data: list, items) -> dict:
