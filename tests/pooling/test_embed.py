@@ -137,3 +137,18 @@ def test_generate_model_is_not_a_pooling_model(pooling_root):
     llm = LLM(str(make_tiny_model(pooling_root, "llama")), kv_cache_space=0.05)
     with pytest.raises(ValueError, match=r"LLM.embed\(\) is only supported for pooling models"):
         llm.embed("hi")
+
+
+@pytest.mark.slow
+def test_default_model_as_an_embedder_matches_transformers():
+    """The built-in GGUF model with task="embed" (vLLM 0.10's name): LAST pooling + normalize of the final-normed
+    hidden states, as transformers computes them from the same dequantized weights."""
+    from pagedllm.models.loader import load_hf_reference
+    llm = LLM(task="embed")
+    texts = ["The capital of France is Paris.", "I like turtles."]
+    ours = _ours(llm.embed(texts))
+    hf = load_hf_reference(None)
+    tok = llm.get_tokenizer()
+    with torch.no_grad():
+        ref = torch.stack([hf.model(**tok(t, return_tensors="pt")).last_hidden_state[0, -1] for t in texts])
+    _assert_close(ours, F.normalize(ref, dim=-1))
