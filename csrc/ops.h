@@ -25,7 +25,8 @@
                                const at::Tensor& key_cache, const at::Tensor& value_cache,   \
                                const at::Tensor& block_tables,                               \
                                const at::Tensor& query_start_loc, const at::Tensor& seq_lens, \
-                               int64_t max_query_len, double scale, int64_t sliding_window); \
+                               int64_t max_query_len, double scale, int64_t sliding_window, \
+                               bool causal);                                                 \
   void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature, \
                      const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p, \
                      const at::Tensor& seeds, const at::Tensor& offsets);

@@ -35,10 +35,11 @@ TORCH_LIBRARY(_C, m) {
   // out, query: [total_query_tokens, num_heads, head_size]; query_start_loc: [num_seqs + 1]
   // int32; seq_lens: [num_seqs] int32 (context + new). Query i of sequence s sits at position
   // seq_lens[s] - q_len_s + i. max_query_len sizes the CUDA grid without a device sync.
+  // causal=False (encoders, sliding_window 0): every query sees all seq_lens[s] keys of its sequence.
   m.def(
       "paged_prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, int max_query_len, "
-      "float scale, int sliding_window) -> ()");
+      "float scale, int sliding_window, bool causal=True) -> ()");
   // out: [batch] int64; logits: [batch, vocab] float32 (not modified); temperature, top_p,
   // min_p: [batch] float32 (temperature < 1e-5: greedy argmax); top_k: [batch] int32 (<= 0: off);
   // seeds, offsets: [batch] int64. A row's random draw is Philox(seed, offset): it depends on

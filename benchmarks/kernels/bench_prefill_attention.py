@@ -3,6 +3,8 @@
 Validates the op against paged_prefill_attention_native first, then times both and reports
 TFLOP/s next to the dense matmul peak measured on the same device. FLOPs count only what causal
 attention needs: 4 * head_size * num_heads * (sum over queries of the keys each one sees).
+Then the bidirectional variant (causal=False, encoders such as BERT: every query sees its whole sequence)
+on encoder-sized shapes, next to the reference and to torch's SDPA over the same sequences padded.
 
     python benchmarks/kernels/bench_prefill_attention.py                 # cuda: 8 x 2048, 32/8 heads, head 128
     python benchmarks/kernels/bench_prefill_attention.py --device cpu    # the CPU engine's shapes
@@ -33,6 +35,11 @@ CPU_SHAPES = [
     (4, 256, 0, 9, 3, 64, 16),    # small
     (32, 500, 0, 9, 3, 64, 16),   # the CPU engine's prefill: 32 prompts of 500 tokens
 ]
+
+
+# bidirectional (encoder) shapes: (num_seqs, tokens per seq, num_heads, head_size, block_size)
+BIDI_CUDA_SHAPES = [(64, 512, 12, 64, 16), (256, 128, 16, 64, 16)]
+BIDI_CPU_SHAPES = [(256, 16, 12, 64, 16), (32, 128, 12, 64, 16)]  # short texts, BERT-base heads
 
 
 def build(num_seqs, q_len, ctx, num_heads, num_kv_heads, head_size, block_size, dtype, device):
@@ -85,6 +92,37 @@ def main():
                  f" h{num_heads}/{num_kv_heads} d{head_size} bs{block_size}")
         report("paged_prefill_attention", shape, seconds, flops=flops, native_seconds=native_seconds,
                device=device, peak_flops=peak)
+
+    bidi = BIDI_CUDA_SHAPES if device == "cuda" else BIDI_CPU_SHAPES
+    for num_seqs, q_len, num_heads, head_size, block_size in bidi[:1] if args.quick else bidi:
+        inputs, _ = build(num_seqs, q_len, 0, num_heads, num_heads, head_size, block_size, dtype, device)
+        flops = 4 * head_size * num_heads * num_seqs * q_len * q_len  # every query sees all q_len keys
+        scale = head_size ** -0.5
+        out = torch.empty_like(inputs[0])
+
+        def op():
+            return _ops.paged_prefill_attention(*inputs, q_len, scale, 0, out=out, causal=False)
+
+        def native():
+            return paged_prefill_attention_native(*inputs, scale, 0, causal=False)
+
+        q = inputs[0].view(num_seqs, q_len, num_heads, head_size).transpose(1, 2)
+        k = torch.randn_like(q)
+        v = torch.randn_like(q)
+
+        def sdpa():  # what EncoderAttention runs for head sizes without a kernel (equal lengths: no padding)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(op().float(), native().float(), atol=tol, rtol=tol)
+        seconds = time_fn(op, device, args.iters)
+        native_seconds = time_fn(native, device, iters=3 if device == "cuda" else 1, warmup=1)
+        sdpa_seconds = time_fn(sdpa, device, args.iters)
+        shape = f"bidirectional {num_seqs}x{q_len} h{num_heads} d{head_size} bs{block_size}"
+        report("paged_prefill_attention", shape, seconds, flops=flops, native_seconds=native_seconds,
+               device=device, peak_flops=peak)
+        print(f"    torch SDPA on the same shape: {sdpa_seconds * 1e3:.3f} ms "
+              f"({seconds / sdpa_seconds:.2f}x the kernel's time)", flush=True)
 
 
 if __name__ == "__main__":

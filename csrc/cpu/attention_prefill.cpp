@@ -1,6 +1,7 @@
 // Paged prefill attention on the CPU: causal attention of each sequence's new query tokens over
-// its whole KV (cached prefix + new tokens, all already in the paged cache). Shapes and semantics:
-// the paged_prefill_attention schema in csrc/torch_bindings.cpp.
+// its whole KV (cached prefix + new tokens, all already in the paged cache), or bidirectional
+// (causal=false, encoders: every row sees all seq_len keys, as if it sat at position seq_len - 1).
+// Shapes and semantics: the paged_prefill_attention schema in csrc/torch_bindings.cpp.
 //
 // Work item = (sequence, kv head, tile of TQ consecutive query tokens). Its rows are the TQ tokens x
 // the G query heads that share the kv head (GQA group), row = token * G + head_in_group, ~64 rows,
@@ -159,7 +160,7 @@ struct WorkItem {
 template <typename scalar_t, int BS>
 void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                   const at::Tensor& value_cache, const at::Tensor& block_tables,
-                  const int32_t* q_starts, const int32_t* seq_lens, float scale, int window) {
+                  const int32_t* q_starts, const int32_t* seq_lens, float scale, int window, bool causal) {
   constexpr int NB = kChunk / BS;  // cache blocks per chunk
   const int num_seqs = static_cast<int>(block_tables.size(0));
   const int H = static_cast<int>(query.size(1));
@@ -189,7 +190,7 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
     for (int q0 = 0; q0 < q_len; q0 += TQ) {
       const int q1 = std::min(q_len, q0 + TQ);
       const int k_lo = window > 0 ? std::max(0, ctx + q0 - window + 1) : 0;
-      const int64_t cost = int64_t(q1 - q0) * G * (ctx + q1 - k_lo);
+      const int64_t cost = int64_t(q1 - q0) * G * (causal ? ctx + q1 - k_lo : seq_lens[s]);
       for (int kvh = 0; kvh < KVH; ++kvh) items.push_back({s, kvh, q0, q1, cost});
     }
   }
@@ -222,8 +223,10 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
       const int nq = it.q_end - it.q_begin;
       const int rows = nq * G;
       const int RP = (rows + kW - 1) / kW * kW, RV = RP / kW;
-      // Query token qi sits at pos_lo + qi and sees keys (pos - window, pos].
-      const int pos_lo = ctx + it.q_begin, pos_hi = ctx + it.q_end - 1;
+      // Query token qi sits at pos_lo + qi and sees keys (pos - window, pos]. Non-causal: every row
+      // takes position seq_len - 1 (no window), so the same masking sees exactly the keys < seq_len.
+      const int pos_lo = causal ? ctx + it.q_begin : seq_len - 1;
+      const int pos_hi = causal ? ctx + it.q_end - 1 : seq_len - 1;
 
       std::fill_n(qT.data(), size_t(D) * RP, 0.f);  // padding rows stay 0 (finite, never written out)
       for (int qi = 0; qi < nq; ++qi) {
@@ -234,7 +237,7 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
           for (int d = 0; d < D; ++d) qT[size_t(d) * RP + r] = static_cast<float>(src[d]) * scale_log2;
         }
       }
-      for (int r = 0; r < RP; ++r) row_pos[r] = pos_lo + std::min(r, rows - 1) / G;
+      for (int r = 0; r < RP; ++r) row_pos[r] = causal ? pos_lo + std::min(r, rows - 1) / G : pos_lo;
       std::fill_n(oT.data(), size_t(D) * RP, 0.f);
       std::fill_n(m_run.data(), RP, kNegInf);
       std::fill_n(l_run.data(), RP, 0.f);
@@ -337,10 +340,11 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                             int64_t max_query_len, double scale, int64_t sliding_window) {
+                             int64_t max_query_len, double scale, int64_t sliding_window, bool causal) {
   // Tensor checks shared with the CUDA launcher (op_checks.cpp): shapes, dtypes, strides, one device.
   check_paged_prefill_attention(out, query, key_cache, value_cache, block_tables, query_start_loc, seq_lens,
                                 max_query_len, scale);
+  TORCH_CHECK(causal || sliding_window <= 0, "paged_prefill_attention: a sliding window needs causal attention");
   const auto dtype = query.scalar_type();
   const int64_t block_size = key_cache.size(2), num_seqs = block_tables.size(0);
 
@@ -374,7 +378,8 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   const int window = static_cast<int>(std::clamp<int64_t>(sliding_window, 0, 1 << 30));
   PAGEDLLM_DISPATCH_FLOATING_TYPES(dtype, "paged_prefill_attention", [&] {
     PAGEDLLM_DISPATCH_BLOCK_SIZE(block_size, BS, [&] {
-      prefill_impl<scalar_t, BS>(out, query, key_cache, value_cache, block_tables, starts, lens, fscale, window);
+      prefill_impl<scalar_t, BS>(out, query, key_cache, value_cache, block_tables, starts, lens, fscale, window,
+                                 causal);
     });
   });
 }

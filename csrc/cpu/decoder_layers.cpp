@@ -99,7 +99,7 @@ at::Tensor attention(const at::Tensor& h, const at::Tensor* layer, const int64_t
     at::Tensor out_p = out.narrow(0, 0, p);
     paged_prefill_attention(out_p, q3.narrow(0, 0, p), key_cache, value_cache, *s.prefill_block_tables,
                             *s.prefill_query_start_loc, *s.prefill_seq_lens, s.max_prefill_query_len, c.scale,
-                            window);
+                            window, /*causal=*/true);
   }
   if (s.num_decodes > 0) {
     at::Tensor out_d = out.narrow(0, p, n - p);

@@ -17,12 +17,13 @@ namespace pagedllm::cuda {
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                             int64_t max_query_len, double scale, int64_t sliding_window) {
+                             int64_t max_query_len, double scale, int64_t sliding_window, bool causal) {
   // The CPU op's tensor checks (op_checks.cpp), not the values of query_start_loc / seq_lens /
   // block_tables: reading them would need a device sync, so the kernel trusts them (q_len <=
   // max_query_len, q_len <= seq_len, block ids in range).
   check_paged_prefill_attention(out, query, key_cache, value_cache, block_tables, query_start_loc, seq_lens,
                                 max_query_len, scale);
+  TORCH_CHECK(causal || sliding_window <= 0, "paged_prefill_attention: a sliding window needs causal attention");
   const auto dtype = query.scalar_type();
   const int64_t num_heads = query.size(1), head_size = query.size(2);
   const int64_t num_kv_heads = key_cache.size(1), block_size = key_cache.size(2);
@@ -44,7 +45,7 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
       static_cast<int>(num_seqs), static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
       static_cast<int>(head_size), static_cast<int>(block_size), static_cast<int>(max_query_len),
       block_tables.stride(0), query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-      static_cast<float>(scale), window, current_stream()));
+      static_cast<float>(scale), window, causal, current_stream()));
 }
 
 }  // namespace pagedllm::cuda

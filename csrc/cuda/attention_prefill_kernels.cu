@@ -43,6 +43,7 @@ struct PrefillParams {
   int group;                // num_heads / num_kv_heads: query head h reads kv head h / group
   int block_size, block_shift;
   int window;               // <= 0: no sliding window
+  int row_step;             // 1: causal (row r sits at pos_lo + r); 0: bidirectional (every row at seq_len - 1)
   float scale_log2;         // softmax scale * log2(e): the softmax runs in base 2
   bool q_vec, o_vec;        // query / out rows 16-byte aligned: vector loads / stores
 };
@@ -183,9 +184,10 @@ __global__ void __launch_bounds__(NW * 32) prefill_mma_kernel(const PrefillParam
   const int rows = min(BM, q_len - m0);  // valid query rows of this tile
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-  // Query row r of the tile sits at position pos_lo + r and sees keys (pos - window, pos].
-  const int pos_lo = seq_len - q_len + m0;
-  const int pos_hi = pos_lo + rows - 1;
+  // Query row r of the tile sits at position pos_lo + r * row_step and sees keys (pos - window, pos];
+  // bidirectional: every row at seq_len - 1, so the same masking sees exactly the keys < seq_len.
+  const int pos_lo = p.row_step ? seq_len - q_len + m0 : seq_len - 1;
+  const int pos_hi = pos_lo + (rows - 1) * p.row_step;
   const int k_begin = p.window > 0 ? max(0, pos_lo - p.window + 1) : 0;
   const int t_first = k_begin / BN, t_last = pos_hi / BN;  // KV tiles some row of the CTA sees
 
@@ -248,8 +250,8 @@ __global__ void __launch_bounds__(NW * 32) prefill_mma_kernel(const PrefillParam
 
   const int warp_row0 = warp * WM * 16;  // first tile row of this warp
   const bool warp_active = warp_row0 < rows;
-  const int wpos_lo = pos_lo + warp_row0;
-  const int wpos_hi = pos_lo + min(warp_row0 + WM * 16, rows) - 1;
+  const int wpos_lo = pos_lo + warp_row0 * p.row_step;
+  const int wpos_hi = pos_lo + (min(warp_row0 + WM * 16, rows) - 1) * p.row_step;
   const int g = lane >> 2, tq = lane & 3;
 
   // Per-lane ldmatrix addresses (lane -> matrix lj = lane / 8, row lr = lane % 8):
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(NW * 32) prefill_mma_kernel(const PrefillParam
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int pos = pos_lo + warp_row0 + mi * 16 + (e >> 1) * 8 + g;
+              const int pos = pos_lo + (warp_row0 + mi * 16 + (e >> 1) * 8 + g) * p.row_step;
               const int key = n0 + nt * 8 + tq * 2 + (e & 1);
               const bool visible = key <= pos && (p.window <= 0 || pos - key < p.window);
               if (!visible) s[mi][nt][e] = -INFINITY;
@@ -439,7 +441,7 @@ __global__ void __launch_bounds__(kSimpleWarps * 32) prefill_simple_kernel(const
   const int qi = blockIdx.x * kSimpleWarps + warp;
   if (qi >= q_len) return;  // whole warp; the kernel has no block barrier
   const int seq_len = p.seq_lens[seq];
-  const int pos = seq_len - q_len + qi;
+  const int pos = p.row_step ? seq_len - q_len + qi : seq_len - 1;  // bidirectional: sees all keys
 
   const T* qrow = p.q + int64_t(q_start + qi) * p.q_tok + int64_t(head) * p.q_head;
   for (int d = lane; d < D; d += 32) sq[warp][d] = to_float(qrow[d]) * p.scale_log2;
@@ -539,7 +541,7 @@ cudaError_t launch_paged_prefill_attention(DType dtype, void* out, const void* q
                                            int num_heads, int num_kv_heads, int head_size, int block_size,
                                            int max_query_len, int64_t block_table_stride, int64_t q_token_stride,
                                            int64_t q_head_stride, int64_t out_token_stride, int64_t out_head_stride,
-                                           float scale, int sliding_window, cudaStream_t stream) {
+                                           float scale, int sliding_window, bool causal, cudaStream_t stream) {
   if (block_size != 16 && block_size != 32) return cudaErrorInvalidValue;
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) return cudaErrorInvalidValue;
   if (num_seqs == 0 || num_heads == 0 || max_query_len <= 0) return cudaSuccess;
@@ -564,6 +566,7 @@ cudaError_t launch_paged_prefill_attention(DType dtype, void* out, const void* q
     p.block_size = block_size;
     p.block_shift = block_size == 16 ? 4 : 5;
     p.window = sliding_window > 0 ? sliding_window : 0;
+    p.row_step = causal ? 1 : 0;
     p.scale_log2 = scale * kLog2e;
     p.q_vec = aligned16(query) && q_token_stride % kVec == 0 && q_head_stride % kVec == 0;
     p.o_vec = aligned16(out) && out_token_stride % kVec == 0 && out_head_stride % kVec == 0;

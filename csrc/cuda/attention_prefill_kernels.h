@@ -10,7 +10,8 @@
 
 namespace pagedllm::cuda {
 
-// Causal attention of each sequence's new query tokens over its cached + new KV.
+// Causal attention of each sequence's new query tokens over its cached + new KV; causal = false:
+// every query sees all seq_len keys of its sequence (encoders; sliding_window must be 0).
 // The caller has validated shapes and dtypes; the values of query_start_loc, seq_lens and
 // block_tables are trusted (reading them would need a device sync): q_len <= max_query_len,
 // q_len <= seq_len, block ids in range. Returns the launch error, or cudaErrorInvalidValue for an
@@ -26,7 +27,7 @@ cudaError_t launch_paged_prefill_attention(
     const int32_t* seq_lens,          // [num_seqs]
     int num_seqs, int num_heads, int num_kv_heads, int head_size, int block_size, int max_query_len,
     int64_t block_table_stride, int64_t q_token_stride, int64_t q_head_stride,
-    int64_t out_token_stride, int64_t out_head_stride, float scale, int sliding_window,
+    int64_t out_token_stride, int64_t out_head_stride, float scale, int sliding_window, bool causal,
     cudaStream_t stream);
 
 }  // namespace pagedllm::cuda

@@ -5,6 +5,10 @@ from pagedllm.config import AsyncEngineArgs, EngineArgs
 from pagedllm.inputs import TextPrompt, TokensPrompt
 from pagedllm.outputs import (ChatCompletionOutput, ChatMessage, CompletionOutput, FunctionCall, Logprob,
                               RequestOutput, ToolCall)
+from pagedllm.pooling.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                                      EmbeddingRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringOutput,
+                                      ScoringRequestOutput)
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -24,4 +28,6 @@ def __getattr__(name):
 
 __all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "SamplingParams",
            "RequestOutput", "CompletionOutput", "ChatCompletionOutput", "ChatMessage", "ToolCall", "FunctionCall",
-           "Logprob", "TextPrompt", "TokensPrompt"]
+           "Logprob", "TextPrompt", "TokensPrompt", "PoolingParams", "PoolingOutput", "PoolingRequestOutput",
+           "EmbeddingOutput", "EmbeddingRequestOutput", "ClassificationOutput", "ClassificationRequestOutput",
+           "ScoringOutput", "ScoringRequestOutput"]

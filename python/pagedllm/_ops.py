@@ -46,12 +46,14 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, max_query_len: int, scale: float,
-                            sliding_window: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal varlen attention of new query tokens over cached + new KV."""
+                            sliding_window: int = 0, out: Optional[torch.Tensor] = None,
+                            causal: bool = True) -> torch.Tensor:
+    """Causal varlen attention of new query tokens over cached + new KV (causal=False: each query sees
+    all of its sequence's keys, for encoders)."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     ops.paged_prefill_attention(out, query, key_cache, value_cache, block_tables, query_start_loc,
-                                seq_lens, max_query_len, scale, sliding_window)
+                                seq_lens, max_query_len, scale, sliding_window, causal)
     return out
 
 

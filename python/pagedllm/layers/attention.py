@@ -21,10 +21,10 @@ def gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: t
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
-           scale: float, sliding_window: int = 0) -> torch.Tensor:
+           scale: float, sliding_window: int = 0, causal: bool = True) -> torch.Tensor:
     """Causal softmax attention in fp32. q: [nq, num_heads, d] at q_positions; k, v: [nk, num_kv_heads, d]
-    at positions 0..nk-1. Key j is seen by query i iff j <= pos_i and (no window or pos_i - j < window).
-    GQA: query head h reads KV head h // (num_heads // num_kv_heads)."""
+    at positions 0..nk-1. Key j is seen by query i iff j <= pos_i and (no window or pos_i - j < window);
+    causal=False: every key is seen. GQA: query head h reads KV head h // (num_heads // num_kv_heads)."""
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     group = num_heads // num_kv_heads
     kf = k.float().repeat_interleave(group, dim=1)  # [nk, num_heads, d]
@@ -32,7 +32,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch
     scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
     k_pos = torch.arange(k.shape[0], device=q.device)
     visible = k_pos[None, :] <= q_positions[:, None]
-    if sliding_window > 0:
+    if not causal:
+        visible = torch.ones_like(visible)
+    elif sliding_window > 0:
         visible &= (q_positions[:, None] - k_pos[None, :]) < sliding_window
     scores = scores.masked_fill(~visible[None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -55,8 +57,10 @@ def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
 def paged_prefill_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                    block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                                   seq_lens: torch.Tensor, scale: float, sliding_window: int = 0) -> torch.Tensor:
-    """Prefill reference: query token j of sequence i sits at position seq_lens[i] - q_len_i + j."""
+                                   seq_lens: torch.Tensor, scale: float, sliding_window: int = 0,
+                                   causal: bool = True) -> torch.Tensor:
+    """Prefill reference: query token j of sequence i sits at position seq_lens[i] - q_len_i + j
+    (causal=False: it sees all seq_lens[i] keys)."""
     out = torch.zeros_like(query)
     starts = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
@@ -65,7 +69,7 @@ def paged_prefill_attention_native(query: torch.Tensor, key_cache: torch.Tensor,
             continue
         k, v = gather_kv(key_cache, value_cache, block_tables[i], seq_len)
         pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
-        out[q0:q1] = attend(query[q0:q1], k, v, pos, scale, sliding_window)
+        out[q0:q1] = attend(query[q0:q1], k, v, pos, scale, sliding_window, causal)
     return out
 
 

@@ -149,6 +149,10 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
     """The FastAPI app serving engine (an AsyncLLMEngine) under served_model_names (the first is the one
     responses name). limits: the per-request limits (ServerLimits' defaults when None); state: the server's
     life (shutdown.DrainingServer sets it draining)."""
+    if getattr(engine, "is_pooling", False):  # embeddings / score / rerank models: serving_pooling.py
+        from pagedllm.entrypoints.openai.serving_pooling import build_pooling_app
+        return build_pooling_app(engine, served_model_names=served_model_names, model_path=model_path,
+                                 api_key=api_key, max_request_body_bytes=max_request_body_bytes, state=state)
     names = list(served_model_names or [model_path or "default"])
     limits = limits or ServerLimits()
     state = state or ServerState()
@@ -164,6 +168,8 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
     app.state.metrics = metrics
     app.state.server_state = state
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes, state=state)
+    from pagedllm.entrypoints.openai.serving_pooling import add_unsupported_pooling_routes
+    add_unsupported_pooling_routes(app)  # /v1/embeddings, /score ... answer a generative model's 400
 
     def check_model(name: Optional[str]) -> None:
         if name is not None and name not in names:
@@ -316,7 +322,11 @@ def run_server(args) -> None:
                                 chat_template_timeout_s=args.chat_template_timeout,
                                 chat_template_max_memory_mb=args.chat_template_max_memory_mb)
     set_default_limits(limits.render)
-    engine = AsyncLLMEngine.from_engine_args(engine_args_from(args), max_queue_size=args.max_queue_size)
+    from pagedllm.entrypoints.openai.serving_pooling import AsyncPoolingEngine
+    from pagedllm.pooling.engine import wants_pooling
+    engine_args = engine_args_from(args)
+    engine = (AsyncPoolingEngine.from_engine_args(engine_args) if wants_pooling(engine_args)
+              else AsyncLLMEngine.from_engine_args(engine_args, max_queue_size=args.max_queue_size))
     names = args.served_model_name or [args.model or "pagedllm-default"]
     state = ServerState()
     try:
