@@ -227,3 +227,39 @@ def test_processors_see_torch_rows(llm):
 
     out = llm.generate(_prompts(8, 1), SamplingParams(max_tokens=3, logits_processors=[two]), use_tqdm=False)
     assert out[0].outputs[0].token_ids == [42, 42, 42] and all(seen)
+
+
+def test_async_engine_callers_get_their_own_errors(llm):
+    """Through AsyncLLMEngine (the server's engine): a bad prompt's ValueError and a failing processor reach only
+    their own generate(); the good requests beside them finish with the tokens they get alone."""
+    import asyncio
+
+    from pagedllm import AsyncLLMEngine
+
+    prompts = _prompts(9, 2)
+    expected = [_alone(llm, p) for p in prompts]
+    engine = AsyncLLMEngine(llm.llm_engine)
+
+    async def collect(prompt, params, rid):
+        try:
+            return [o async for o in engine.generate(prompt, params, rid)][-1].outputs[0].token_ids
+        except Exception as e:  # noqa: BLE001 - the test looks at which request got what
+            return e
+
+    async def main():
+        return await asyncio.gather(
+            collect(prompts[0], GREEDY, "good0"),
+            collect({"prompt_token_ids": [5, 1.5]}, GREEDY, "float-ids"),
+            collect({"prompt_token_ids": [5, 6], "cache_salt": 123}, GREEDY, "salt"),
+            collect(prompts[1], _bad_params("raises"), "processor"),
+            collect(prompts[1], GREEDY, "good1"))
+
+    try:
+        good0, float_ids, salt, processor, good1 = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert [good0, good1] == expected
+    assert isinstance(float_ids, ValueError) and "prompt_token_ids must contain only integers" in str(float_ids)
+    assert isinstance(salt, ValueError) and str(salt) == "cache_salt must be a string, got int."
+    assert isinstance(processor, RuntimeError) and str(processor) == "processor exploded"
+    _assert_empty(llm)
