@@ -8,6 +8,7 @@ through only the tokens of a given text. Everything after the sampler is the rea
 hermes parser picked from the template, the response / SSE deltas, the openai client's parsing."""
 import asyncio
 import json
+import math
 import random
 
 import httpx
@@ -221,8 +222,25 @@ def test_chat_sampling_knobs_seed_n_logprobs(client):
     for c in r.choices:
         content = c.logprobs.content
         assert len(content) == 6   # (a random model's text may end in a partial UTF-8 char the text holds back)
-        assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
-        assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= -9999 for t in content)
+        for t in content:
+            first, second = t.top_logprobs
+            assert len(t.top_logprobs) == 2 and first.token != second.token
+            # Real log-probabilities of one distribution, best first; the sampled token's cannot beat the best.
+            assert 0 >= first.logprob >= second.logprob > -1e4 and math.exp(first.logprob) + math.exp(second.logprob) \
+                <= 1 + 1e-5
+            assert t.logprob <= first.logprob + 1e-6
+            assert all(e.logprob == pytest.approx(t.logprob) for e in t.top_logprobs if e.token == t.token)
+    # The knobs reach the sampler: another seed changes the text; top_k=1 and min_p=1 leave only the greedy token.
+    assert client.chat.completions.create(**{**kwargs, "seed": 4321}).choices[0].message.content != \
+        a.choices[0].message.content
+    greedy = dict(model=MODEL, messages=chat_messages("Tell me a story"), max_tokens=10, logprobs=True,
+                  top_logprobs=1, extra_body={"ignore_eos": True})
+    g = client.chat.completions.create(temperature=0.0, **greedy).choices[0]
+    assert all(t.token == t.top_logprobs[0].token for t in g.logprobs.content)
+    for knob in ({"top_k": 1}, {"min_p": 1.0}):
+        hot = client.chat.completions.create(temperature=1.0, seed=5, **{**greedy, "extra_body": {
+            "ignore_eos": True, **knob}}).choices[0]
+        assert hot.message.content == g.message.content, knob
         assert all(t.bytes == list(t.token.encode()) for t in content)
 
 

@@ -299,8 +299,8 @@ class LLMEngine:
 
     # -- per-request failures (request_failures.py) ----------------------------------------------
     def fail_request(self, request_id: str, exc: BaseException) -> None:
-        """Pins exc on request_id: at the end of the current step (or now, outside a step) the request is
-        aborted and exc is handed out by pop_request_errors(). The first failure of a request wins."""
+        """Pins exc on request_id: at the end of the current step (or at pop_request_errors(), outside a step)
+        the request is aborted, and pop_request_errors() hands exc out. The first failure of a request wins."""
         req = self.requests.get(request_id)
         if req is not None and not self._failed(req):
             self._request_errors[request_id] = (req, exc)
