@@ -88,6 +88,8 @@ def normalize_fields(p) -> None:
         value = getattr(p, name)
         if value is None and name in _OPTIONAL:
             continue
+        if isinstance(value, bool) and name in ("logprobs", "prompt_logprobs"):
+            value = int(value)  # vLLM: logprobs=True means 1
         setattr(p, name, _as_int(name, value))
     for name in _FLOAT_FIELDS:
         setattr(p, name, _as_float(name, getattr(p, name)))

@@ -77,3 +77,4 @@ def test_accepted_values_take_their_canonical_types():
     assert type(p.top_k) is int and p.top_k == 4
     assert p.temperature == 1 and p.stop == ["a", "b"] and p.bad_words == ["x"]
     assert SamplingParams(temperature=0.0, n=1).n == 1
+    assert SamplingParams(logprobs=True).logprobs == 1 and SamplingParams(prompt_logprobs=True).prompt_logprobs == 1
