@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.request_failures import describe
 from pagedllm.inputs import PromptType
 from pagedllm.outputs import ChatCompletionOutput, RequestOutput
 from pagedllm.pooling.llm_api import PoolingMixin
@@ -79,25 +80,35 @@ class LLM(PoolingMixin):  # PoolingMixin: embed, classify, score, reward, encode
                     tool_parser=tool_parser, mm_processor_kwargs=mm_processor_kwargs)
 
     def _run(self, prompts: list, params_list: list, use_tqdm: bool) -> list[RequestOutput]:
+        """Every valid request runs to the end; an invalid one (add_request's ValueError) or one that fails
+        inside a step fails alone. The engine is left empty on every path, an interrupt included."""
         engine = self.llm_engine
-        ids: list[Optional[str]] = []
+        index_of: dict[str, int] = {}
         errors: dict[int, str] = {}
-        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-            rid = str(next(self._counter))
-            try:
-                engine.add_request(rid, prompt, params)
-                ids.append(rid)
-            except ValueError as e:  # a bad request fails alone
-                errors[i] = str(e)
-                ids.append(None)
-        finished = self._run_engine(sum(r is not None for r in ids), use_tqdm)
-        outputs = [finished.get(rid) if rid is not None else None for rid in ids]
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                rid = str(next(self._counter))
+                try:
+                    engine.add_request(rid, prompt, params)
+                    index_of[rid] = i
+                except Exception as e:  # noqa: BLE001 - a bad request fails alone (ValueError: bad input)
+                    errors[i] = describe(e)
+            finished = self._run_engine(index_of, errors, use_tqdm)
+        finally:
+            engine.abort_request([rid for rid in index_of if rid in engine.requests])
+            engine.pop_request_errors()
+        outputs: list[Optional[RequestOutput]] = [None] * len(prompts)
+        for rid, i in index_of.items():
+            outputs[i] = finished.get(rid)
         if errors:
-            raise RequestErrors(errors, outputs)
+            raise RequestErrors(dict(sorted(errors.items())), outputs)
         return outputs
 
-    def _run_engine(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+    def _run_engine(self, index_of: dict[str, int], errors: dict[int, str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        """Steps until index_of's requests are done; a request's failure goes to errors[its prompt index].
+        A step failure that no request was blamed for fails the requests still running with it."""
         engine = self.llm_engine
+        total = len(index_of)
         bar = None
         if use_tqdm and total:
             from tqdm.auto import tqdm
@@ -108,7 +119,19 @@ class LLM(PoolingMixin):  # PoolingMixin: embed, classify, score, reward, encode
         prompt_tokens = out_tokens = 0
         try:
             while engine.has_unfinished_requests():
-                for out in engine.step():
+                try:
+                    outputs = engine.step()
+                except Exception as e:  # noqa: BLE001 - reported per request below
+                    for rid in index_of:
+                        if rid not in done and rid in engine.requests:
+                            errors[index_of[rid]] = describe(e)
+                    engine.abort_request(list(engine.requests))
+                    break
+                finally:
+                    for rid, exc in engine.pop_request_errors().items():
+                        if rid in index_of:
+                            errors[index_of[rid]] = describe(exc)
+                for out in outputs:
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:

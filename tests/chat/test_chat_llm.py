@@ -171,6 +171,22 @@ def test_malformed_tool_call_stays_content(llm):
     assert out.message.content == text
 
 
+@pytest.mark.parametrize("text,expected_content", [
+    (TOOL_CALL, None),
+    ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}', None),
+    ('Checking.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]', "Checking."),
+    ("[get_weather(city='Paris', unit='celsius')]", None),
+])
+def test_tool_call_found_in_any_format_when_the_template_names_none(llm, text, expected_content):
+    from pagedllm.chat.tool_parsers.registry import pick_tool_parser
+    assert pick_tool_parser(llm.get_tokenizer().chat_template) is None   # the default model's template names none
+    out = forced_chat(llm, text, tools=[WEATHER_TOOL])
+    [call] = out.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert out.message.content == expected_content and out.finish_reason == "tool_calls"
+
+
 def test_reasoning_is_split_off(llm):
     out = forced_chat(llm, "<think>\nFrance's capital is Paris.\n</think>\n\nParis.")
     assert out.message.reasoning_content == "France's capital is Paris."

@@ -401,14 +401,14 @@ def test_a_parser_bug_keeps_the_text_as_content():
 # Registry
 
 def test_registry_lists_and_gets_the_parsers():
-    assert list_tool_parsers() == ["hermes", "llama3_json", "mistral", "pythonic"]
+    assert list_tool_parsers() == ["auto", "hermes", "llama3_json", "mistral", "pythonic"]
     for name in list_tool_parsers():
         cls = get_tool_parser(name)
         assert issubclass(cls, ToolParser) and cls.name == name
 
 
 def test_unknown_parser_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"Unknown tool parser 'nope'.*hermes, llama3_json, mistral, pythonic"):
+    with pytest.raises(ValueError, match=r"Unknown tool parser 'nope'.*auto, hermes, llama3_json, mistral, pythonic"):
         get_tool_parser("nope")
 
 
@@ -456,3 +456,67 @@ def test_pick_tool_parser_on_reference_templates(file, expected):
 ])
 def test_pick_tool_parser(template, expected):
     assert pick_tool_parser(template) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# auto: every known format recognised in the output (when neither tool_parser nor the template names one)
+
+# Outputs that mix formats: the start, else the first complete marker, decides (tool_parsers/auto.py).
+AUTO_MIXED_CASES = [
+    ('Sure [TOOL_CALLS][{"name": "a", "arguments": {}}] then <tool_call>{"name": "b", "arguments": {}}</tool_call>',
+     'Sure  then <tool_call>{"name": "b", "arguments": {}}</tool_call>', [("a", "{}")]),
+    ('<tool_call>{"name": "a", "arguments": {}}</tool_call> [TOOL_CALLS][{"name": "b", "arguments": {}}]',
+     ' [TOOL_CALLS][{"name": "b", "arguments": {}}]', [("a", "{}")]),
+    ('Hi <tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>', "Hi ", [("a", '{"x": 1}')]),
+    # A whole-output format decided by the start stays that format: not all calls, so all content.
+    ('{"name": "a", "parameters": {}} <tool_call>{"name": "b", "arguments": {}}</tool_call>',
+     '{"name": "a", "parameters": {}} <tool_call>{"name": "b", "arguments": {}}</tool_call>', []),
+    ("[TOOL", "[TOOL", []),
+    ("<tool_", "<tool_", []),
+    ("  [TOOL_CALLS]f[ARGS]{}", None, [("f", "{}")]),
+]
+AUTO_CASES = [(text, content, calls) for cases in CASES.values() for text, content, calls in cases] + AUTO_MIXED_CASES
+
+
+@pytest.mark.parametrize("text,content,calls", AUTO_CASES)
+def test_auto_reads_every_format_as_its_own_parser_does(text, content, calls):
+    assert one_shot("auto", text) == (content, calls)
+    for i, chunks in enumerate(chunkings(text, seed=zlib.crc32(f"auto:{text}".encode()))):
+        assert streamed("auto", chunks) == (content, calls), f"chunking #{i}: {chunks!r}"
+
+
+def test_auto_streaming_equals_one_shot_on_every_prefix_and_mangled_mixes():
+    rng = random.Random(77)
+    texts = [t for t, _, _ in AUTO_CASES]
+    for text in texts:
+        for k in range(len(text) + 1):
+            prefix = text[:k]
+            expected = one_shot("auto", prefix)
+            for chunks in ([prefix], list(prefix), rng_split(prefix, rng)):
+                assert streamed("auto", chunks) == expected, (prefix, chunks)
+    for _ in range(300):   # two samples of any formats glued and mangled
+        text = list(rng.choice(texts) + rng.choice(["", " ", "\n"]) + rng.choice(texts))
+        for _ in range(rng.randint(0, 3)):
+            if not text:
+                break
+            i, j = sorted(rng.randrange(len(text)) for _ in range(2))
+            text[i:i] = text[i:j + 1] if rng.random() < 0.5 else []
+            if rng.random() < 0.5:
+                del text[i:j + 1]
+        text = "".join(text)
+        expected = one_shot("auto", text)
+        if not expected[1]:
+            assert expected[0] == WhitespaceGate.apply(text)
+        assert streamed("auto", list(text)) == expected, text
+        assert streamed("auto", rng_split(text, rng)) == expected, text
+
+
+def test_auto_waits_only_while_a_marker_may_still_grow():
+    parser = get_tool_parser("auto")()
+    assert parser.extract_streaming("[TOOL") is None          # "[TOOL_CALLS]" or a pythonic list: not yet known
+    msg = parser.extract_streaming("_CALLS]f[ARGS]{}")       # now mistral's, and its call is complete
+    assert [(d.name, d.arguments_delta) for d in msg.tool_calls] == [("f", "{}")] and parser.finish() is None
+    parser = get_tool_parser("auto")()
+    assert parser.extract_streaming("The answer") == DeltaMessage(content="The answer")
+    assert parser.extract_streaming(" is <tool") == DeltaMessage(content=" is ")
+    assert parser.extract_streaming("_call>") is None

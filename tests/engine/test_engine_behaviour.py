@@ -98,10 +98,10 @@ def test_n_samples_share_the_prompt_and_differ(llm):
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 
-def test_greedy_n_gives_identical_samples(llm):
-    out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(n=3, temperature=0, max_tokens=6,
-                                                                             ignore_eos=True), use_tqdm=False)[0]
-    assert len({tuple(o.token_ids) for o in out.outputs}) == 1
+def test_greedy_n_is_refused_with_vllms_words():
+    # Every greedy sample would be the same sequence (vLLM's _verify_greedy_sampling).
+    with pytest.raises(ValueError, match=r"^n must be 1 when using greedy sampling, got 3\.$"):
+        SamplingParams(n=3, temperature=0, max_tokens=6)
 
 
 def test_stop_token_ids_and_min_tokens(llm):
@@ -114,6 +114,16 @@ def test_stop_token_ids_and_min_tokens(llm):
                                                 stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == toks[:first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    # min_tokens: the stop token is masked until min_tokens tokens exist, so the text runs on past it.
+    m = first + 3
+    held = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, min_tokens=m,
+                                                 stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
+    assert held.token_ids[:first] == toks[:first]
+    assert len(held.token_ids) >= m and stop_tok not in held.token_ids[:m]
+    if held.finish_reason == "stop":   # a later stop token still stops it
+        assert held.token_ids[-1] == stop_tok and stop_tok not in held.token_ids[:-1][m:]
+    else:
+        assert held.finish_reason == "length" and len(held.token_ids) == 20
 
 
 def test_unknown_llm_argument_is_a_type_error():

@@ -27,11 +27,14 @@ def _prompts(vocab: int, lens=(5, 17, 33, 70), seed=0) -> list[list[int]]:
 
 def _check(outputs, prompts, path, expect_logprobs=True):
     model = hf_model(path)
+    assert len(outputs) == len(prompts)
     for out, prompt in zip(outputs, prompts):
         ref_tokens, ref_tops = hf_greedy(model, prompt, MAX_TOKENS)
         got = out.outputs[0]
-        assert got.token_ids == ref_tokens
+        assert out.prompt_token_ids == prompt
+        assert got.token_ids == ref_tokens and len(ref_tokens) == MAX_TOKENS
         if expect_logprobs:
+            assert len(got.logprobs) == len(ref_tops) == MAX_TOKENS   # one entry per token, none missing
             for step, (entry, ref_top) in enumerate(zip(got.logprobs, ref_tops)):
                 for tok, ref_lp in ref_top:
                     assert tok in entry, f"step {step}: token {tok} missing from the top-5"

@@ -69,9 +69,20 @@ def test_chat_keeps_history_resets_and_exits(model_path, monkeypatch):
     assert "Hello there" not in prompts[2] and "Second question" not in prompts[2] and "Be brief." in prompts[2]
     out = stdout.getvalue()
     assert "(conversation reset)" in out and "never read" not in out
-    # the streamed answers went to stdout: one answer line per turn after the banner
-    lines = out.split("\n")
-    assert lines[0].startswith("pagedllm chat")
+    # The streamed answers on stdout are the model's greedy answers to those prompts (generated here again,
+    # independently), each on its own line after the banner; each answer is carried in the next turn's prompt.
+    from pagedllm import LLM, SamplingParams
+    monkeypatch.undo()   # the spy off
+    llm = LLM(model_path, device="cpu", max_model_len=256)
+    tok = llm.get_tokenizer()
+    answers = [o.outputs[0].text for o in llm.generate(
+        [{"prompt_token_ids": tok.encode(p, add_special_tokens=False)} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)]
+    assert all(answers)
+    banner, rest = out.split("\n", 1)
+    assert banner.startswith("pagedllm chat")
+    assert rest == f"{answers[0]}\n{answers[1]}\n(conversation reset)\n{answers[2]}\n"
+    assert f"<|im_start|>assistant\n{answers[0]}<|im_end|>" in prompts[1]
 
 
 def test_chat_command_through_a_pipe(model_path):

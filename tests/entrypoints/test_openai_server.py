@@ -8,6 +8,7 @@ through only the tokens of a given text. Everything after the sampler is the rea
 hermes parser picked from the template, the response / SSE deltas, the openai client's parsing."""
 import asyncio
 import json
+import math
 import random
 
 import httpx
@@ -222,8 +223,24 @@ def test_chat_sampling_knobs_seed_n_logprobs(client):
     for c in r.choices:
         content = c.logprobs.content
         assert len(content) == 6   # (a random model's text may end in a partial UTF-8 char the text holds back)
-        assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
-        assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= -9999 for t in content)
+        for t in content:
+            first, second = t.top_logprobs
+            # Real log-probabilities of two tokens of one distribution, best first; the sampled token's cannot beat
+            # the best. (Tokens are compared by text only, and two ids may decode alike: no identity checks.)
+            assert 0 >= first.logprob >= second.logprob > -1e4 and math.exp(first.logprob) + math.exp(second.logprob) \
+                <= 1 + 1e-5
+            assert t.logprob <= first.logprob + 1e-6
+    # The knobs reach the sampler: another seed changes the text; top_k=1 and min_p=1 leave only the greedy token.
+    assert client.chat.completions.create(**{**kwargs, "seed": 4321}).choices[0].message.content != \
+        a.choices[0].message.content
+    greedy = dict(model=MODEL, messages=chat_messages("Tell me a story"), max_tokens=10, logprobs=True,
+                  top_logprobs=1, extra_body={"ignore_eos": True})
+    g = client.chat.completions.create(temperature=0.0, **greedy).choices[0]
+    assert all(t.token == t.top_logprobs[0].token for t in g.logprobs.content)
+    for knob in ({"top_k": 1}, {"min_p": 1.0}):
+        hot = client.chat.completions.create(temperature=1.0, seed=5, **{**greedy, "extra_body": {
+            "ignore_eos": True, **knob}}).choices[0]
+        assert hot.message.content == g.message.content, knob
         assert all(t.bytes == list(t.token.encode()) for t in content)
 
 
@@ -295,6 +312,30 @@ def test_tool_history_renders(http, engine):
     text = engine.get_tokenizer().decode(r.json()["tokens"])
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\nsunny\n</tool_response>" in text and "<tools>" in text
+
+
+PLAIN_CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tool_calls_found_when_the_template_names_no_format(engine):
+    # Neither --tool-call-parser nor the template decides: the server reads the calls the output holds (the same
+    # ChatRenderer choice as offline LLM.chat), whole and streamed.
+    app = build_app(engine, served_model_names=[MODEL], chat_template=PLAIN_CHATML)
+    with ServerThread(app) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "FORCE_TWO_CALLS"}], tools=[WEATHER_TOOL],
+                      **GREEDY)
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content.strip() == "Let me check."
+        assert [json.loads(c.function.arguments) for c in choice.message.tool_calls] == [{"city": "Paris"},
+                                                                                           {"city": "Berlin"}]
+        names, finish = [], []
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            if chunk.choices:
+                names += [d.function.name for d in chunk.choices[0].delta.tool_calls or [] if d.function.name]
+                finish += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
+        assert names == ["get_weather", "get_weather"] and finish == ["tool_calls"]
 
 
 def test_reasoning_parser(engine):

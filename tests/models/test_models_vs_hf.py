@@ -71,6 +71,13 @@ def test_bfloat16_close_to_hf(native):
         ref = hf_logits(hf, prompt)
         assert ours.dtype == torch.float32
         scale = ref.abs().max().item()
-        # bf16 keeps 8 bits of mantissa: a few ulps of the largest logit after 2 layers
-        assert (ours - ref).abs().max().item() < 0.05 * scale
-        assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+        # bf16 keeps 8 bits of mantissa: a few ulps (2^-8) of the largest logit after 2 layers. Measured: at most
+        # 1.6% of it (both the native and the kernel path); 3% leaves margin for other rounding orders.
+        assert (ours - ref).abs().max().item() < 0.03 * scale
+        # The argmax may differ only at a near-tie: where HF's top two logits are within 2^-5 of the largest logit
+        # (about one such rounding difference on each); everywhere else it is HF's. (Until now a 10% mismatch rate
+        # was allowed, whatever the gaps; measured: no flip at all on these prompts.)
+        mine, theirs = ours.argmax(-1), ref.argmax(-1)
+        flips = (mine != theirs).nonzero().flatten().tolist()
+        gaps = [(ref[i, theirs[i]] - ref[i, mine[i]]).item() for i in flips]
+        assert all(g <= scale * 2 ** -5 for g in gaps), (flips, gaps, scale)

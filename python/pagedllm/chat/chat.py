@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-from pagedllm.chat.template import (CONTINUE_GENERATION_ERROR, ChatTemplateContentFormatOption,
-                                    prepare_messages, render_chat_template, resolve_chat_template,
-                                    resolve_content_format, special_token_vars)
+from pagedllm.chat.renderer import ChatRenderer
+from pagedllm.chat.template import CONTINUE_GENERATION_ERROR, ChatTemplateContentFormatOption
 from pagedllm.outputs import ChatCompletionOutput, ChatMessage, RequestOutput
 
 # chat_template_kwargs may set these chat() arguments too (as in vLLM, where they are merged into one dict).
@@ -28,33 +27,14 @@ def render_conversations(tokenizer, conversations: Sequence[Sequence], *, chat_t
                          tools: Optional[list] = None, documents: Optional[list] = None,
                          chat_template_kwargs: Optional[dict] = None,
                          model_type: Optional[str] = None) -> tuple[str, list[str]]:
-    """(template text, one rendered prompt per conversation)."""
-    template = resolve_chat_template(tokenizer, chat_template, tools=tools, model_type=model_type)
-    fmt = resolve_content_format(template, chat_template_content_format)
-    variables = {**special_token_vars(tokenizer), **(chat_template_kwargs or {})}
-    prompts = [render_chat_template(template, prepare_messages(conv, fmt), tools=tools, documents=documents,
-                                    add_generation_prompt=add_generation_prompt,
-                                    continue_final_message=continue_final_message, **variables)
+    """(template text, one rendered prompt per conversation), through the shared ChatRenderer."""
+    renderer = ChatRenderer(tokenizer, content_format=chat_template_content_format, model_type=model_type)
+    template = renderer.template_for(chat_template, tools)
+    prompts = [renderer.render(conv, template=template, tools=tools, documents=documents,
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
                for conv in conversations]
     return template, prompts
-
-
-def _tool_parser(name: Optional[str], template: str, tools) -> Optional[Any]:
-    """The parser instance to run on the output, or None: the named one, else the one the template's format
-    calls for, and only when tools were given or a parser was named."""
-    if name is None and not tools:
-        return None
-    try:
-        from pagedllm.chat.tool_parsers.registry import get_tool_parser, pick_tool_parser
-    except ImportError:
-        if name is not None:
-            raise ValueError(f"tool_parser={name!r}: this pagedllm has no tool-call parsers") from None
-        return None
-    if name is None:
-        name = pick_tool_parser(template)
-        if name is None:
-            return None
-    return get_tool_parser(name)()
 
 
 def to_chat_output(out: RequestOutput, parser=None) -> ChatCompletionOutput:
@@ -122,7 +102,7 @@ def chat(llm, messages, sampling_params=None, *, use_tqdm: bool = True,
         chat_template_content_format=chat_template_content_format, add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message, tools=tools, documents=documents,
         chat_template_kwargs=kwargs, model_type=model_type)
-    parser = _tool_parser(tool_parser, template, tools)
+    parser = ChatRenderer(tokenizer).tool_parser_for(template, tools, tool_parser)
     # The template already wrote the special tokens (BOS, turn markers): the tokenizer must not add them again.
     prompts = [{"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False), "prompt": text}
                for text in texts]

@@ -7,20 +7,20 @@ Threading model
   and sleeps when idle.
 - Outputs go back to the caller's event loop with loop.call_soon_threadsafe, one call per loop per step.
 - Failures are per request: a ValueError from add_request (bad prompt / params) is raised by that request's
-  generate() only; an exception raised by a request's own logits processor fails that request only (the
-  processors are wrapped so the step goes on). Any other exception out of step() cannot be pinned on one
+  generate() only; a failure inside a step that LLMEngine pins on one request (its logits processor, its
+  sampling; engine/request_failures.py) is raised by that request's generate() only, taken from
+  LLMEngine.pop_request_errors() after each step. An exception out of step() itself cannot be pinned on one
   request, so every request in the engine at that moment fails with it and is aborted (blocks freed);
   the loop itself keeps serving new requests either way.
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, Callable, Optional, Protocol
+from typing import Any, AsyncGenerator, Optional, Protocol
 
 from pagedllm.config import AsyncEngineArgs, EngineArgs
 from pagedllm.inputs import PromptType
@@ -62,33 +62,6 @@ class _Stream:
 _END = object()   # sentinel: the stream ends without a final output (abort)
 
 
-def _arity(proc) -> int:
-    try:
-        return len(inspect.signature(proc).parameters)
-    except (TypeError, ValueError):
-        return 2
-
-
-def _guard_processor(proc, on_error: Callable[[BaseException], None]):
-    """A logits processor that reports its exception to on_error and leaves the logits unchanged, so one
-    request's faulty processor never breaks the step of the others. Keeps the 2- / 3-argument form."""
-    if _arity(proc) == 3:
-        def guarded(prompt_ids, output_ids, logits):
-            try:
-                return proc(prompt_ids, output_ids, logits)
-            except Exception as e:  # noqa: BLE001 - reported to the owning request
-                on_error(e)
-                return logits
-    else:
-        def guarded(output_ids, logits):
-            try:
-                return proc(output_ids, logits)
-            except Exception as e:  # noqa: BLE001
-                on_error(e)
-                return logits
-    return guarded
-
-
 class AsyncLLMEngine:
     def __init__(self, engine, *, max_queue_size: Optional[int] = None, start_engine_loop: bool = True):
         """engine: an LLMEngine. max_queue_size: how many requests may wait beyond the max_num_seqs that can
@@ -99,7 +72,6 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}          # every request not yet finished (owned by callers' side)
         self._lock = threading.Condition()
         self._pending: list[tuple] = []                 # ("add", stream, prompt, params) | ("abort", request_id)
-        self._failed: dict[str, BaseException] = {}     # request id -> exception from its logits processor
         self._stopped = False
         self._stop_reason = "The engine was shut down."
         self._thread: Optional[threading.Thread] = None
@@ -187,13 +159,6 @@ class AsyncLLMEngine:
             if len(self._streams) >= limit:
                 raise QueueFullError(f"The server is busy: {len(self._streams)} requests are queued or running "
                                      f"(limit {limit}). Retry later.")
-        if params is not None and params.logits_processors:
-            params = params.clone()
-
-            def report(e, rid=request_id):
-                with self._lock:
-                    self._failed.setdefault(rid, e)
-            params.logits_processors = [_guard_processor(p, report) for p in params.logits_processors]
         stream = _Stream(request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._lock:
@@ -267,8 +232,7 @@ class AsyncLLMEngine:
             self._fail_all(live, e)
             return
         now = time.monotonic()
-        with self._lock:
-            failed, self._failed = self._failed, {}
+        failed = self.engine.pop_request_errors()  # requests that failed alone (already aborted)
         items: dict[_Stream, Any] = {}
         for out in outputs:
             stream = live.get(out.request_id)
@@ -282,10 +246,8 @@ class AsyncLLMEngine:
                 live.pop(out.request_id, None)
         for rid, exc in failed.items():
             stream = live.pop(rid, None)
-            if stream is None:
-                continue
-            self.engine.abort_request(rid)
-            items[stream] = exc
+            if stream is not None:
+                items[stream] = exc
         self._deliver(items)
 
     def _fail_all(self, live: dict[str, _Stream], exc: BaseException) -> None:
@@ -297,8 +259,7 @@ class AsyncLLMEngine:
                 logger.exception("abort of request %s failed", rid)
             items[stream] = exc
         live.clear()
-        with self._lock:
-            self._failed.clear()
+        self.engine.pop_request_errors()
         self._deliver(items)
 
     def _observe(self, stream: _Stream, out: RequestOutput, now: float) -> None:

@@ -13,10 +13,11 @@ from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.cpu_malloc import keep_freed_memory
 from pagedllm.engine.detokenizer import detokenize_incrementally
 from pagedllm.engine.model_runner import ModelRunner
+from pagedllm.engine.request_failures import describe, guard_processor
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.engine.stop_checker import check_stop
-from pagedllm.inputs import PromptType
+from pagedllm.inputs import PromptType, checked_prompt_text, token_id_list
 from pagedllm.layers.linear import pack_linear_weights
 from pagedllm.layers.logits_processing import SampleRow, wants_logprob
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -92,6 +93,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, mnbt, args.enable_chunked_prefill, swap_blocks)
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}
+        self._request_errors: dict[str, tuple[Request, BaseException]] = {}  # failed, not yet popped
         self._arrivals = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
 
@@ -142,26 +144,36 @@ class LLMEngine:
             raise ValueError("With skip_tokenizer_init=True a prompt must be a TokensPrompt "
                              "({'prompt_token_ids': [...]}).")
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt), None
+            return prompt, self._encode(prompt), None
         if isinstance(prompt, dict):
             salt = prompt.get("cache_salt")
+            if salt is not None and not isinstance(salt, str):
+                raise ValueError(f"cache_salt must be a string, got {type(salt).__name__}.")
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"]), salt
+                return prompt.get("prompt"), token_id_list(prompt["prompt_token_ids"]), salt
             if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"]), salt
+                return prompt["prompt"], self._encode(prompt["prompt"]), salt
         raise ValueError(f"A prompt is a str, a TextPrompt or a TokensPrompt, got {type(prompt).__name__}.")
+
+    def _encode(self, text) -> list[int]:
+        return self.tokenizer.encode(checked_prompt_text(text))
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None, **_ignored) -> None:
+        """Validates the request completely (ValueError with vLLM's words) before it enters the engine."""
         if request_id in self.requests:
             raise ValueError(f"Request id {request_id} already running.")
         params = (params or self.get_default_sampling_params()).clone()
+        params.__post_init__()  # validated again: fields may have been set after construction
         text, ids, salt = self._tokenize(prompt)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
         self._validate(ids, params)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
+        if params.logits_processors:  # a processor's exception fails this request only (request_failures.py)
+            params.logits_processors = [guard_processor(p, lambda e, rid=request_id: self.fail_request(rid, e))
+                                        for p in params.logits_processors]
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, text, ids, params, next(self._arrivals), seed, salt)
         self.requests[request_id] = req
@@ -185,6 +197,10 @@ class LLMEngine:
                                  f"greater than max allowed: {self.args.max_logprobs}")
         if params.allowed_token_ids is not None and any(not 0 <= t < self.vocab_size for t in params.allowed_token_ids):
             raise ValueError("allowed_token_ids contains out-of-vocab token id!")
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stops:
+            raise ValueError(f"token_id(s) {bad_stops} in stop_token_ids contain out-of-vocab token ids. "
+                             f"Vocabulary size: {self.vocab_size}")
         if params.logit_bias and any(not 0 <= t < self.vocab_size for t in params.logit_bias):
             bad = next(t for t in params.logit_bias if not 0 <= t < self.vocab_size)
             raise ValueError(f"token_id {bad} in logit_bias contains out-of-vocab token id. Vocabulary size: "
@@ -209,6 +225,10 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One forward + sampling for the scheduled sequences. A failure that belongs to one request (its
+        sampling values, logits processor, grammar, detokenization) fails that request alone: it is aborted
+        (blocks freed) and its exception waits in pop_request_errors(); the others go on. A failure of the
+        forward itself cannot be pinned on one request: it fails the requests of this step the same way."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             if self.scheduler.has_unfinished():
@@ -216,31 +236,87 @@ class LLMEngine:
                                    f"({self.block_manager.num_free_blocks} free KV blocks)")
             return []
         tables = {it.seq.seq_id: self.block_manager.get_block_table(it.seq.seq_id) for it in sched.scheduled}
-        rows = {it.seq.seq_id: self._sample_rows(it.seq) for it in sched.scheduled if it.samples}
-        result = self.runner.execute(sched, tables, rows)
+        rows = {}
+        for it in sched.scheduled:
+            if it.samples:
+                try:
+                    rows[it.seq.seq_id] = self._sample_rows(it.seq)
+                except Exception as e:  # noqa: BLE001 - this request's own inputs
+                    self.fail_request(it.seq.request.request_id, e)
+        try:
+            result = self.runner.execute(sched, tables, rows)
+        except Exception as e:  # noqa: BLE001 - not pinnable: the requests whose KV this step touched fail
+            logger.exception("the model step failed; failing the %d requests it ran", len(sched.scheduled))
+            for seq in [it.seq for it in sched.scheduled] + self._seqs_moved_by(sched):
+                self.fail_request(seq.request.request_id, e)
+            self._abort_failed()
+            return []
         self.scheduler.commit(sched)
+        for seq_id, exc in result.failures.items():
+            self.fail_request(self._seq_by_id(sched, seq_id).request.request_id, exc)
 
         touched: dict[str, Request] = {}
         for seq_id, entries in result.prompt_logprobs.items():
-            seq = next(it.seq for it in sched.scheduled if it.seq.seq_id == seq_id)
+            seq = self._seq_by_id(sched, seq_id)
             if seq.request.prompt_logprobs is None:
                 seq.request.prompt_logprobs = [None]
             seq.request.prompt_logprobs.extend(entries)
         for it in sched.scheduled:
             seq = it.seq
-            if seq.seq_id not in result.samples:
-                continue
             req = seq.request
+            if seq.seq_id not in result.samples or self._failed(req):
+                continue
+            try:
+                self._take_samples(seq, result.samples[seq.seq_id])
+            except Exception as e:  # noqa: BLE001 - e.g. its detokenization
+                self.fail_request(req.request_id, e)
+                continue
             touched[req.request_id] = req
-            samples = result.samples[seq.seq_id]
-            if len(samples) > 1:  # the fork point of n > 1
-                children = [Sequence(req, k, req.seed + k) for k in range(1, len(samples))]
-                req.seqs.extend(children)
-                self.scheduler.fork(seq, children)
-                for child, sample in zip(children, samples[1:]):
-                    self._append(child, sample)
-            self._append(seq, samples[0])
-        return [self._output(req) for req in touched.values()]
+        self._abort_failed()
+        return [self._output(req) for req in touched.values() if not self._failed(req)]
+
+    def _failed(self, req: Request) -> bool:
+        return self._request_errors.get(req.request_id, (None,))[0] is req
+
+    def _take_samples(self, seq: Sequence, samples: list) -> None:
+        req = seq.request
+        if len(samples) > 1:  # the fork point of n > 1
+            children = [Sequence(req, k, req.seed + k) for k in range(1, len(samples))]
+            req.seqs.extend(children)
+            self.scheduler.fork(seq, children)
+            for child, sample in zip(children, samples[1:]):
+                self._append(child, sample)
+        self._append(seq, samples[0])
+
+    @staticmethod
+    def _seq_by_id(sched, seq_id: int) -> Sequence:
+        return next(it.seq for it in sched.scheduled if it.seq.seq_id == seq_id)
+
+    def _seqs_moved_by(self, sched) -> list[Sequence]:
+        """The sequences whose blocks this step swapped or copied (their KV may be half moved)."""
+        moved = {seq_id for seq_id, _ in sched.swap_out} | {seq_id for seq_id, _ in sched.swap_in}
+        return [s for req in self.requests.values() for s in req.seqs if s.seq_id in moved]
+
+    # -- per-request failures (request_failures.py) ----------------------------------------------
+    def fail_request(self, request_id: str, exc: BaseException) -> None:
+        """Pins exc on request_id: at the end of the current step (or at pop_request_errors(), outside a step)
+        the request is aborted, and pop_request_errors() hands exc out. The first failure of a request wins."""
+        req = self.requests.get(request_id)
+        if req is not None and not self._failed(req):
+            self._request_errors[request_id] = (req, exc)
+
+    def _abort_failed(self) -> None:
+        for rid, (req, exc) in self._request_errors.items():
+            if self.requests.get(rid) is req:  # not a later request that reuses the id
+                logger.warning("request %s failed alone: %s", rid, describe(exc))
+                self.abort_request(rid)
+
+    def pop_request_errors(self) -> dict[str, BaseException]:
+        """The requests that failed since the last call (already aborted, blocks freed), with their exception.
+        Whoever drives step() should call it after each step (LLM and AsyncLLMEngine do)."""
+        self._abort_failed()
+        errors, self._request_errors = self._request_errors, {}
+        return {rid: exc for rid, (_, exc) in errors.items()}
 
     def _sample_rows(self, seq: Sequence) -> list[SampleRow]:
         req = seq.request

@@ -3,13 +3,14 @@ decodes) and its attention metadata, keeps the paged KV cache, samples, computes
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
 from pagedllm.engine.cuda_graph import CudaGraphBackend, DecodeGraphRunner, GraphBackend, capture_sizes
+from pagedllm.engine.request_failures import sample_isolated
 from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
 from pagedllm.layers.logits_processing import SampleResult, SampleRow, StepSampler
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 class StepResult:
     samples: dict[int, list[SampleResult]]            # seq_id -> one result (n results for a fork point)
     prompt_logprobs: dict[int, list[Optional[dict]]]  # seq_id -> entries for the positions computed this step
+    failures: dict[int, BaseException] = field(default_factory=dict)  # seq_id -> its rows' sampling error
 
 
 class ModelRunner:
@@ -214,13 +216,17 @@ class ModelRunner:
             offset += item.num_new_tokens
 
         samples: dict[int, list[SampleResult]] = {}
+        failures: dict[int, BaseException] = {}
         if rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
-            for owner, result in zip(owners, self.sampler(logits, rows)):
-                samples.setdefault(owner, []).append(result)
+            results, failed_rows = sample_isolated(self.sampler, logits, rows)  # one bad row fails its seq only
+            for i, owner in enumerate(owners):
+                if i in failed_rows:
+                    failures.setdefault(owner, failed_rows[i])
+                samples.setdefault(owner, []).append(results[i])
         prompt_results = {seq_id: self._prompt_logprobs(hidden, first, positions_here, targets, seq_id, sched)
                           for seq_id, (first, positions_here, targets) in prompt_lp.items()}
-        return StepResult(samples, prompt_results)
+        return StepResult(samples, prompt_results, failures)
 
     def _prompt_logprobs(self, hidden, first, positions_here, targets, seq_id, sched) -> list[Optional[dict]]:
         k = next(it.seq.request.params.prompt_logprobs for it in sched.scheduled if it.seq.seq_id == seq_id)

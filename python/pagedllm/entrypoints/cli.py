@@ -222,6 +222,10 @@ def run_chat(args, stdin=None, stdout=None) -> int:
         except KeyboardInterrupt:   # stop this answer, keep the chat
             engine.abort_request(request_id)
             answer = ""
+        failure = engine.pop_request_errors().get(request_id)   # it failed inside a step (already aborted)
+        if failure is not None:
+            stdout.write(f"\nerror: {failure}")
+            answer = ""
         stdout.write("\n")
         stdout.flush()
         history.append({"role": "assistant", "content": answer})

@@ -6,7 +6,7 @@ import re
 from typing import Callable, Optional
 
 _PARSERS: dict[str, type] = {}
-_BUILTIN_MODULES = ("hermes", "llama3_json", "mistral", "pythonic")
+_BUILTIN_MODULES = ("auto", "hermes", "llama3_json", "mistral", "pythonic")
 
 
 def register_tool_parser(name: str) -> Callable[[type], type]:

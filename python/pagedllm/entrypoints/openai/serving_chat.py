@@ -6,9 +6,7 @@ from __future__ import annotations
 from typing import AsyncIterator, Optional
 
 from pagedllm.chat.reasoning import ReasoningStreamer, split_reasoning
-from pagedllm.chat.template import (prepare_messages, render_chat_template, resolve_chat_template,
-                                    resolve_content_format, special_token_vars)
-from pagedllm.chat.tool_parsers.registry import get_tool_parser, pick_tool_parser
+from pagedllm.chat.renderer import ChatRenderer
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionLogProbs, ChatCompletionRequest,
                                                   ChatCompletionResponse, ChatCompletionResponseChoice,
                                                   ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse,
@@ -37,8 +35,9 @@ class OpenAIServingChat:
         self.chat_template = chat_template
         self.content_format = content_format
         self.model_type = getattr(getattr(engine.engine, "hf_config", None), "model_type", None)
-        if tool_parser is not None:
-            get_tool_parser(tool_parser)   # an unknown name fails at start-up, listing the known ones
+        # The one chooser of template and tool parser, shared with offline LLM.chat (an unknown parser fails here).
+        self.renderer = ChatRenderer(self.tokenizer, chat_template=chat_template, tool_parser=tool_parser,
+                                     content_format=content_format, model_type=self.model_type)
         self.tool_parser = tool_parser
         self.reasoning = reasoning_parser is not None
 
@@ -49,11 +48,9 @@ class OpenAIServingChat:
         return [t.model_dump(exclude_none=True) for t in req.tools]
 
     def template_for(self, chat_template: Optional[str], tools) -> str:
-        if chat_template is not None:
-            # A request's template is used as the template text itself, never as a file path or a name
-            # (a request must not make the server read its files).
-            return chat_template
-        return resolve_chat_template(self.tokenizer, self.chat_template, tools=tools, model_type=self.model_type)
+        # A request's template is used as the template text itself, never as a file path or a name
+        # (a request must not make the server read its files).
+        return self.renderer.template_for(chat_template, tools, template_text_only=True)
 
     def render(self, messages, *, tools=None, documents=None, add_generation_prompt=True,
                continue_final_message=False, chat_template=None, chat_template_kwargs=None) -> tuple[str, str]:
@@ -61,20 +58,15 @@ class OpenAIServingChat:
         if not messages:
             raise ValueError("messages must hold at least one message.")
         template = self.template_for(chat_template, tools)
-        fmt = resolve_content_format(template, self.content_format)
-        variables = {**special_token_vars(self.tokenizer), **(chat_template_kwargs or {})}
-        text = render_chat_template(template, prepare_messages(messages, fmt), tools=tools, documents=documents,
+        text = self.renderer.render(messages, template=template, tools=tools, documents=documents,
                                     add_generation_prompt=add_generation_prompt,
-                                    continue_final_message=continue_final_message, limits=self.limits.render,
-                                    **variables)
+                                    continue_final_message=continue_final_message,
+                                    chat_template_kwargs=chat_template_kwargs, limits=self.limits.render)
         self.limits.check_prompt_chars(text, "rendered chat prompt")
         return template, text
 
     def _parser(self, template: str, tools):
-        if not tools:
-            return None
-        name = self.tool_parser or pick_tool_parser(template)
-        return get_tool_parser(name)(self.tokenizer) if name is not None else None
+        return self.renderer.tool_parser_for(template, tools)
 
     def _prepare(self, req: ChatCompletionRequest):
         check_text(req)
