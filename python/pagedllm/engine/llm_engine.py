@@ -114,7 +114,8 @@ class LLMEngine:
             return self.args.num_gpu_blocks_override
         if self.device.type == "cuda":
             return self.runner.profile_num_blocks(self.args.gpu_memory_utilization, max_num_batched_tokens,
-                                                  self.max_model_len)
+                                                  self.max_model_len, 0 if self.args.enforce_eager else
+                                                  self.args.max_num_seqs)
         return self.runner.cpu_num_blocks(self.args.kv_cache_space or 4)
 
     def _eos_ids(self) -> frozenset:

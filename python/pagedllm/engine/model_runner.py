@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 from pagedllm.engine.cuda_graph import CudaGraphBackend, DecodeGraphRunner, GraphBackend, capture_sizes
+from pagedllm.engine.kv_cache_budget import MemoryProfile, kv_cache_bytes
 from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
 from pagedllm.layers.logits_processing import SampleResult, SampleRow, StepSampler
+from pagedllm.models import cpu_decoder_layers
 from pagedllm.models.utils import use_native_ops
 from pagedllm.outputs import Logprob
 
@@ -52,33 +54,56 @@ class ModelRunner:
         return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_size * elem
 
     def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int,
-                           max_model_len: int) -> int:
-        """GPU: blocks that fit in utilization x total memory minus weights and the activation peak
-        of a full-budget prefill (measured by running one, as sequences no longer than max_model_len)."""
+                           max_model_len: int, max_num_seqs: int = 0) -> int:
+        """GPU: the KV blocks that fit in utilization x total memory once everything else is counted:
+        memory in use on the device after a profiling prefill (weights, the CUDA context and library
+        workspaces, other processes), that prefill's activation peak (a full-budget step as sequences no
+        longer than max_model_len) and, when decode graphs will be captured (max_num_seqs > 0), their
+        memory pool (kv_cache_budget.py). The profiling cache is released before memory is measured."""
+        dev = self.device
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
         full, rest = divmod(max_num_batched_tokens, max_model_len)
         lens = [max_model_len] * full + ([rest] if rest else [])
         needed = sum(-(-n // self.block_size) for n in lens)
         self.allocate_kv_cache(needed)
-        md = make_prefill_metadata(lens, self.block_size, self.device)
-        ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        profile_kv = needed * self.bytes_per_block
+        md = make_prefill_metadata(lens, self.block_size, dev)
+        ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
         with torch.inference_mode(), set_attention_metadata(md):
             hidden = self.model(ids, positions)
+            torch.cuda.synchronize(dev)
+            forward_peak = torch.cuda.max_memory_allocated(dev) - base - profile_kv
             self.model.compute_logits(hidden[-min(256, len(hidden)):])
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - needed * self.bytes_per_block
-        self.key_cache = self.value_cache = None
+        torch.cuda.synchronize(dev)
+        step_peak = torch.cuda.max_memory_allocated(dev) - base - profile_kv
+        del hidden, md, ids, positions
+        self.release_kv_cache()  # every view of the profiling cache, or empty_cache() could not free it
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        free_bytes = total * gpu_memory_utilization - peak
-        return max(int(free_bytes // self.bytes_per_block), 0)
+        free, total = torch.cuda.mem_get_info(dev)
+        profile = MemoryProfile(total=total, in_use=total - free, step_peak=step_peak, forward_peak=forward_peak,
+                                profiled_tokens=max_num_batched_tokens)
+        kv_bytes = kv_cache_bytes(profile, gpu_memory_utilization, max_num_seqs)
+        logger.info("KV cache budget: %.2f GiB (%s)", kv_bytes / _GiB, profile.describe(gpu_memory_utilization,
+                                                                                        max_num_seqs))
+        return max(kv_bytes // self.bytes_per_block, 0)
 
     def cpu_num_blocks(self, kv_cache_space_gib: float) -> int:
         return int(kv_cache_space_gib * _GiB // self.bytes_per_block)
 
+    def release_kv_cache(self) -> None:
+        """Drops the cache, every layer's view of it and the decode graphs that hold its address."""
+        self.graphs = None
+        cpu_decoder_layers.release(self.model)
+        for layer in self.attn_layers:
+            layer.kv_cache = None
+        self.key_cache = self.value_cache = None
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.release_kv_cache()  # the old cache is freed before the new one is allocated
         shape = (self.num_layers, num_blocks, self.num_kv_heads, self.block_size, self.head_size)
         self.key_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.value_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
