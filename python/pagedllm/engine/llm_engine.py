@@ -89,6 +89,7 @@ class LLMEngine:
         use_swap = args.preemption_mode == "swap" or (args.preemption_mode is None and self.device.type == "cuda")
         if use_swap:
             swap_blocks = int(args.swap_space * (1 << 30) // self.runner.bytes_per_block)
+        self.runner.allocate_swap_space(swap_blocks)  # pinned once on a GPU (engine/swap_space.py)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, mnbt, args.enable_chunked_prefill, swap_blocks)
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}

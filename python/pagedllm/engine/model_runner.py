@@ -12,6 +12,7 @@ import torch
 from pagedllm.engine.cuda_graph import CudaGraphBackend, DecodeGraphRunner, GraphBackend, capture_sizes
 from pagedllm.engine.kv_cache_budget import MemoryProfile, kv_cache_bytes
 from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
+from pagedllm.engine.swap_space import HostSwapSpace
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
 from pagedllm.layers.logits_processing import SampleResult, SampleRow, StepSampler
 from pagedllm.models import cpu_decoder_layers
@@ -44,7 +45,7 @@ class ModelRunner:
         self.head_size = attn[0].head_size
         self.key_cache: Optional[torch.Tensor] = None      # [layers, blocks, kv_heads, block_size, head]
         self.value_cache: Optional[torch.Tensor] = None
-        self.host_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # swapped-out sequences
+        self.swap: Optional[HostSwapSpace] = None  # host blocks of swapped-out sequences (allocate_swap_space)
         self.graphs: Optional[DecodeGraphRunner] = None  # decode-step CUDA graphs (capture_decode_graphs)
 
     # -- the KV cache ---------------------------------------------------------------------------
@@ -135,85 +136,104 @@ class ModelRunner:
         logger.info("captured decode graphs for %d batch sizes (%d..%d) in %.2f s", len(sizes), sizes[0],
                     sizes[-1], seconds)
 
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        """The host pool swapped-out blocks go to (swap_space.py), allocated once; none for 0 blocks."""
+        block_shape = (self.num_layers, self.num_kv_heads, self.block_size, self.head_size)
+        self.swap = HostSwapSpace(num_blocks, block_shape, self.dtype, self.device) if num_blocks > 0 else None
+
+    @property
+    def host_kv(self) -> dict[int, list[tuple[int, int]]]:
+        """Swapped-out sequences: seq_id -> its runs of host blocks."""
+        return self.swap.held if self.swap is not None else {}
+
     def _move_blocks(self, sched: SchedulerOutput) -> None:
         """Swap-outs first (their blocks may be reused this very step), then copy-on-write, then swap-ins."""
+        caches = (self.key_cache, self.value_cache)
         for seq_id, blocks in sched.swap_out:
-            idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-            pin = self.device.type == "cuda"
-            self.host_kv[seq_id] = (self.key_cache[:, idx].to("cpu").pin_memory() if pin else self.key_cache[:, idx].clone(),
-                                    self.value_cache[:, idx].to("cpu").pin_memory() if pin else self.value_cache[:, idx].clone())
+            self.swap.swap_out(seq_id, caches, blocks)
         if sched.block_copies:
-            src = torch.tensor([s for s, _ in sched.block_copies], dtype=torch.long, device=self.device)
-            dst = torch.tensor([d for _, d in sched.block_copies], dtype=torch.long, device=self.device)
+            pairs = np.asarray(sched.block_copies, dtype=np.int64)  # [n, 2]: (src, dst)
+            src, dst = self._to_device([pairs[:, 0], pairs[:, 1]])
             self.key_cache[:, dst] = self.key_cache[:, src]
             self.value_cache[:, dst] = self.value_cache[:, src]
         for seq_id, blocks in sched.swap_in:
-            k, v = self.host_kv.pop(seq_id)
-            if blocks:
-                idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-                first = k.shape[1] - len(blocks)  # leading blocks came back as prefix-cache hits
-                self.key_cache[:, idx] = k[:, first:].to(self.device, non_blocking=True)
-                self.value_cache[:, idx] = v[:, first:].to(self.device, non_blocking=True)
+            self.swap.swap_in(seq_id, caches, blocks)
 
     def drop_host_copy(self, seq_id: int) -> None:
-        self.host_kv.pop(seq_id, None)
+        if self.swap is not None:
+            self.swap.release(seq_id)
 
     # -- one step -------------------------------------------------------------------------------
-    def _build_batch(self, sched: SchedulerOutput, block_tables: dict[int, list[int]]):
+    def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Small host arrays of one dtype -> device tensors of the same shapes in ONE copy: concatenated
+        into a pinned buffer and sent non_blocking on CUDA (no host sync); zero-copy views on the CPU."""
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        views, offset = [], 0
+        for a in arrays:
+            views.append(flat[offset:offset + a.size].view(a.shape))
+            offset += a.size
+        return views
+
+    def _build_batch(self, sched: SchedulerOutput, block_tables: dict[int, list[int]], sample_idx: list[int]):
+        """The step's inputs and AttentionMetadata on the device, in O(new tokens + block table entries):
+        only the tokens computed this step are read (Sequence.token_slice), and everything goes to the
+        device in two copies (int64, int32) that do not wait for the device."""
         bs = self.block_size
         ids, pos, slots = [], [], []
         for item in sched.scheduled:
             seq, s, n = item.seq, item.start, item.num_new_tokens
-            tokens = seq.token_ids()
-            ids.extend(tokens[s:s + n])
+            ids.extend(seq.token_slice(s, s + n))
             p = np.arange(s, s + n)
             table = np.asarray(block_tables[seq.seq_id], dtype=np.int64)
             pos.append(p)
             slots.append(table[p // bs] * bs + p % bs)
-        positions = np.concatenate(pos)
-        slot_mapping = np.concatenate(slots)
 
-        def table_tensor(items: list[ScheduledSeq]) -> torch.Tensor:
+        def table_array(items: list[ScheduledSeq]) -> np.ndarray:
             width = max(len(block_tables[it.seq.seq_id]) for it in items)
             arr = np.zeros((len(items), width), dtype=np.int32)
             for r, it in enumerate(items):
                 t = block_tables[it.seq.seq_id]
                 arr[r, :len(t)] = t
-            return torch.from_numpy(arr).to(self.device, non_blocking=True)
+            return arr
 
-        dev = self.device
-        i32 = dict(dtype=torch.int32)
         pf, dc = sched.prefills, sched.decodes
-        starts = np.cumsum([0] + [it.num_new_tokens for it in pf]) if pf else None
+        i64 = [np.asarray(ids, dtype=np.int64), np.concatenate(pos), np.concatenate(slots),
+               np.asarray(sample_idx, dtype=np.int64)]
+        input_ids, positions, slot_mapping, sample_index = self._to_device(i64)
+        i32: list[np.ndarray] = []
+        if pf:
+            starts = np.cumsum([0] + [it.num_new_tokens for it in pf], dtype=np.int64)
+            i32 += [starts.astype(np.int32), np.asarray([it.start + it.num_new_tokens for it in pf], dtype=np.int32),
+                    table_array(pf)]
+        if dc:
+            i32 += [np.asarray([it.start + 1 for it in dc], dtype=np.int32), table_array(dc)]
+        dev32 = self._to_device(i32) if i32 else []
+        pf_t, dc_t = (dev32[:3], dev32[3:]) if pf else ([None] * 3, dev32)
         md = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            slot_mapping=slot_mapping,
             num_prefills=len(pf),
             num_prefill_tokens=int(starts[-1]) if pf else 0,
             max_prefill_query_len=max((it.num_new_tokens for it in pf), default=0),
-            prefill_query_start_loc=torch.tensor(starts, **i32).to(dev) if pf else None,
-            prefill_seq_lens=torch.tensor([it.start + it.num_new_tokens for it in pf], **i32).to(dev) if pf else None,
-            prefill_block_tables=table_tensor(pf) if pf else None,
+            prefill_query_start_loc=pf_t[0],
+            prefill_seq_lens=pf_t[1],
+            prefill_block_tables=pf_t[2],
             num_decodes=len(dc),
-            decode_seq_lens=torch.tensor([it.start + 1 for it in dc], **i32).to(dev) if dc else None,
-            decode_block_tables=table_tensor(dc) if dc else None,
+            decode_seq_lens=dc_t[0] if dc else None,
+            decode_block_tables=dc_t[1] if dc else None,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        return input_ids, torch.from_numpy(positions).to(dev, non_blocking=True), md
+        return input_ids, positions, md, sample_index
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: dict[int, list[int]],
                 sample_rows: dict[int, list[SampleRow]]) -> StepResult:
-        """sample_rows: for each scheduled seq that samples this step, its rows (n rows at a fork point)."""
+        """sample_rows: for each scheduled seq that samples this step, its rows (n rows at a fork point).
+        On CUDA the step waits for the device once: when the sampled tokens come back."""
         self._move_blocks(sched)
-        input_ids, positions, md = self._build_batch(sched, block_tables)
-        if self.graphs is not None and self.graphs.can_run(md):
-            hidden = self.graphs.run(input_ids, positions, md)
-        else:
-            with set_attention_metadata(md):
-                hidden = self.model(input_ids, positions)
-
         # Which hidden rows need logits: each sampling sequence's last token, and every prompt
-        # position of a sequence that asked for prompt logprobs.
+        # position of a sequence that asked for prompt logprobs. Known before the forward, so their
+        # indices travel to the device with the step's inputs.
         sample_idx, rows, owners = [], [], []
         prompt_lp: dict[int, tuple[int, list[int], list[int]]] = {}
         claimed: dict[str, int] = {}  # request id -> prompt positions already taken this step
@@ -238,9 +258,16 @@ class ModelRunner:
                     owners.append(seq.seq_id)
             offset += item.num_new_tokens
 
+        input_ids, positions, md, sample_index = self._build_batch(sched, block_tables, sample_idx)
+        if self.graphs is not None and self.graphs.can_run(md):
+            hidden = self.graphs.run(input_ids, positions, md)
+        else:
+            with set_attention_metadata(md):
+                hidden = self.model(input_ids, positions)
+
         samples: dict[int, list[SampleResult]] = {}
         if rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
+            logits = self.model.compute_logits(hidden[sample_index])
             for owner, result in zip(owners, self.sampler(logits, rows)):
                 samples.setdefault(owner, []).append(result)
         prompt_results = {seq_id: self._prompt_logprobs(hidden, first, positions_here, targets, seq_id, sched)
