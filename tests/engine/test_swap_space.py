@@ -1,16 +1,12 @@
 """HostSwapSpace (engine/swap_space.py): one host pool allocated once, runs of contiguous host blocks,
 exact round trips (also when leading blocks come back as prefix-cache hits and when the pool is
 fragmented), and the engine's swap preemption with prefix caching on."""
-import random
-
 import pytest
 import torch
 
 from model_factory import make_tiny_model
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.engine.swap_space import HostSwapSpace
-from pagedllm.sampling_params import SamplingParams as SP
 
 LAYERS, HEADS, BLOCK, HEAD = 3, 2, 4, 8
 
@@ -74,19 +70,6 @@ def test_fragmented_pool_splits_a_sequence_over_runs():
     space.release(1)
     space.release(3)
     assert space.num_free_blocks == 10 and space._free == [(0, 10)]  # runs merge back
-
-
-def test_token_slice_equals_slicing_the_whole_list():
-    req = Request("r", None, list(range(100, 110)), SP(), 0, 0)
-    seq = req.seqs[0]
-    seq.output_token_ids.extend(range(500, 506))
-    whole = seq.token_ids()
-    rng = random.Random(0)
-    for _ in range(200):
-        a = rng.randint(0, len(whole))
-        b = rng.randint(a, len(whole))
-        assert seq.token_slice(a, b) == whole[a:b]
-    assert isinstance(seq, Sequence)
 
 
 def _swap_run(path, device, prefix_caching):
