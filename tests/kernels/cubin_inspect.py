@@ -71,7 +71,7 @@ def kernel_sources() -> list[Path]:
 
 def _sources_digest(nvcc: str) -> str:
     h = hashlib.sha256(nvcc.encode())
-    for p in sorted(CUDA_SRC.glob("*")) + sorted((ROOT / "csrc" / "common").glob("*")):
+    for p in sorted(CUDA_SRC.rglob("*")) + sorted((ROOT / "csrc" / "common").glob("*")):
         if p.is_file():
             h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()[:16]
@@ -82,7 +82,7 @@ def cmake_objects() -> dict[str, Path]:
     they are newer than every CUDA source: the same code, no second compile. {} when absent or stale."""
     build = Path(os.environ.get("PAGEDLLM_BUILD_DIR", ROOT / "build" / "cmake-cuda"))
     objects = {src.stem: build / "CMakeFiles" / "_C.dir" / "csrc" / "cuda" / f"{src.name}.o" for src in kernel_sources()}
-    inputs = [p for p in list(CUDA_SRC.glob("*")) + list((ROOT / "csrc" / "common").glob("*")) if p.is_file()]
+    inputs = [p for p in list(CUDA_SRC.rglob("*")) + list((ROOT / "csrc" / "common").glob("*")) if p.is_file()]
     newest = max(p.stat().st_mtime for p in inputs)
     if all(o.exists() and o.stat().st_mtime >= newest for o in objects.values()):
         return objects

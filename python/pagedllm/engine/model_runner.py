@@ -278,7 +278,7 @@ class ModelRunner:
         k = next(it.seq.request.params.prompt_logprobs for it in sched.scheduled if it.seq.seq_id == seq_id)
         logits = self.model.compute_logits(hidden[first:first + len(positions_here)])
         lp = torch.log_softmax(logits, dim=-1)
-        tgt = torch.tensor(targets, device=lp.device).view(-1, 1)
+        tgt = self._to_device([np.asarray(targets, dtype=np.int64).reshape(-1, 1)])[0]
         chosen = lp.gather(1, tgt)
         ranks = ((lp > chosen).sum(dim=1) + 1).tolist()
         chosen = chosen.view(-1).tolist()
