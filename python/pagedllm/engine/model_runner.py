@@ -176,7 +176,7 @@ class ModelRunner:
             offset += a.size
         return views
 
-    def _build_batch(self, sched: SchedulerOutput, block_tables: dict[int, list[int]], sample_idx: list[int]):
+    def _build_batch(self, sched: SchedulerOutput, block_tables: dict[int, list[int]]):
         """The step's inputs and AttentionMetadata on the device, in O(new tokens + block table entries):
         only the tokens computed this step are read (Sequence.token_slice), and everything goes to the
         device in two copies (int64, int32) that do not wait for the device."""
@@ -199,9 +199,8 @@ class ModelRunner:
             return arr
 
         pf, dc = sched.prefills, sched.decodes
-        i64 = [np.asarray(ids, dtype=np.int64), np.concatenate(pos), np.concatenate(slots),
-               np.asarray(sample_idx, dtype=np.int64)]
-        input_ids, positions, slot_mapping, sample_index = self._to_device(i64)
+        i64 = [np.asarray(ids, dtype=np.int64), np.concatenate(pos), np.concatenate(slots)]
+        input_ids, positions, slot_mapping = self._to_device(i64)
         i32: list[np.ndarray] = []
         if pf:
             starts = np.cumsum([0] + [it.num_new_tokens for it in pf], dtype=np.int64)
@@ -223,17 +222,22 @@ class ModelRunner:
             decode_seq_lens=dc_t[0] if dc else None,
             decode_block_tables=dc_t[1] if dc else None,
         )
-        return input_ids, positions, md, sample_index
+        return input_ids, positions, md
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: dict[int, list[int]],
                 sample_rows: dict[int, list[SampleRow]]) -> StepResult:
-        """sample_rows: for each scheduled seq that samples this step, its rows (n rows at a fork point).
-        On CUDA the step waits for the device once: when the sampled tokens come back."""
+        """sample_rows: for each scheduled seq that samples this step, its rows (n rows at a fork point)."""
         self._move_blocks(sched)
+        input_ids, positions, md = self._build_batch(sched, block_tables)
+        if self.graphs is not None and self.graphs.can_run(md):
+            hidden = self.graphs.run(input_ids, positions, md)
+        else:
+            with set_attention_metadata(md):
+                hidden = self.model(input_ids, positions)
+
         # Which hidden rows need logits: each sampling sequence's last token, and every prompt
-        # position of a sequence that asked for prompt logprobs. Known before the forward, so their
-        # indices travel to the device with the step's inputs.
+        # position of a sequence that asked for prompt logprobs.
         sample_idx, rows, owners = [], [], []
         prompt_lp: dict[int, tuple[int, list[int], list[int]]] = {}
         claimed: dict[str, int] = {}  # request id -> prompt positions already taken this step
@@ -258,16 +262,9 @@ class ModelRunner:
                     owners.append(seq.seq_id)
             offset += item.num_new_tokens
 
-        input_ids, positions, md, sample_index = self._build_batch(sched, block_tables, sample_idx)
-        if self.graphs is not None and self.graphs.can_run(md):
-            hidden = self.graphs.run(input_ids, positions, md)
-        else:
-            with set_attention_metadata(md):
-                hidden = self.model(input_ids, positions)
-
         samples: dict[int, list[SampleResult]] = {}
         if rows:
-            logits = self.model.compute_logits(hidden[sample_index])
+            logits = self.model.compute_logits(hidden[self._to_device([np.asarray(sample_idx, dtype=np.int64)])[0]])
             for owner, result in zip(owners, self.sampler(logits, rows)):
                 samples.setdefault(owner, []).append(result)
         prompt_results = {seq_id: self._prompt_logprobs(hidden, first, positions_here, targets, seq_id, sched)
