@@ -49,3 +49,24 @@ def test_env_command_lists_every_op():
     for op in OPS:
         assert op in ops_line
     assert ("CUDA kernels compiled  True" in out) == bool(_C.cuda_compiled)
+
+
+def test_one_shared_cuda_runtime():
+    """The CUDA objects use torch's shared libcudart, never a static copy beside it: the CMake link line has
+    no cudart_static, and a CUDA build of _C defines no CUDA runtime function of its own."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ninja = Path(os.environ.get("PAGEDLLM_BUILD_DIR", root / "build" / "cmake-cuda")) / "build.ninja"
+    if not ninja.exists() and not _C.cuda_compiled:
+        pytest.skip("no CUDA build here")
+    if ninja.exists():
+        assert "cudart_static" not in ninja.read_text()
+    if _C.cuda_compiled and shutil.which("nm"):
+        defined = subprocess.run(["nm", "-D", "--defined-only", _C.__file__], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        assert not [s for s in defined if s.startswith(("cudaLaunchKernel", "cudaGetDevice", "cudaMalloc"))]
+        undefined = subprocess.run(["nm", "-D", "--undefined-only", _C.__file__], capture_output=True, text=True,
+                                   check=True).stdout
+        assert "libcudart.so" in undefined

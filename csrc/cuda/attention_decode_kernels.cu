@@ -146,6 +146,10 @@ constexpr int min_ctas_per_sm() { return G <= 4 ? 3 : 2; }
 //   fp32       80/96  94-96  95-96    149      232-233  40/48 KiB
 //   fp32       128    86     109      146      231      64 KiB
 //   fp32       256    95     111      164      254      64 KiB
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if G <= 4: >= 3 CTAs/SM of 128 threads with 65536 B dynamic smem
+// occupancy(sm_90) if G == 8: >= 2 CTAs/SM of 128 threads with 65536 B dynamic smem
+// sass(sm_90) if all: LDGSTS.E.BYPASS.128
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<G>()) paged_attention_decode_kernel(
     T* __restrict__ out,                       // [num_seqs, num_heads, D] (strided); one pass only
@@ -411,6 +415,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<G>()) paged_attentio
 // grid (num_seqs, num_heads), block kReduceThreads: threads = (partition lane, float4 column);
 // the partitions are weighted in chunks of kReduceThreads staged in shared memory.
 // ptxas (sm_90): 54 registers, no spills, 5248 bytes static shared memory (all dtypes).
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if all: >= 4 CTAs/SM of 256 threads with 0 B dynamic smem
+// sass(sm_90) if all: LDG.E.128
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads) paged_attention_reduce_kernel(
     T* __restrict__ out,                  // [num_seqs, num_heads, head_size] (strided)

@@ -154,6 +154,11 @@ constexpr size_t mma_smem_bytes() {
 //   D=64: 212 registers, no spills     D=80: 243, no spills     D=96: 255, no spills
 //   D=128: 254 registers, 16 B spill stores / 32 B loads (one value kept on the stack)
 //   D=256: 245 registers, no spills (8 warps x 245: one CTA per SM, as its 132 KB smem implies)
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if D <= 128: >= 2 CTAs/SM of 128 threads with 69632 B dynamic smem
+// occupancy(sm_90) if D == 256: >= 1 CTAs/SM of 256 threads with 135168 B dynamic smem
+// sass(sm_90) if all: HMMA.16816.F32 LDSM.16.M88.4 LDSM.16.MT88.4 LDGSTS.E.BYPASS.128 STG.E.128
+// spills(sm_90) if D == 128: <= 16 B
 template <typename T, int D, int WM, int NW, int BN>
 __global__ void __launch_bounds__(NW * 32) prefill_mma_kernel(const PrefillParams<T> p) {
   constexpr int kThreads = NW * 32;
@@ -430,6 +435,9 @@ __global__ void __launch_bounds__(NW * 32) prefill_mma_kernel(const PrefillParam
 // (32 B spill stores / 48 B loads).
 constexpr int kSimpleWarps = 4;
 
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if all: >= 10 CTAs/SM of 128 threads with 0 B dynamic smem
+// spills(sm_90) if T == 'fp16' and D == 128: <= 24 B
 template <typename T, int D>
 __global__ void __launch_bounds__(kSimpleWarps * 32) prefill_simple_kernel(const PrefillParams<T> p) {
   constexpr int DPL = (D + 31) / 32;  // dims per lane

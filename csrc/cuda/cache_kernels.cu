@@ -22,6 +22,9 @@ __device__ __forceinline__ void copy_chunk(const T* src, T* dst) {
 }
 
 // ptxas sm_90: 32 registers (16-byte path) / 26 (scalar path), every dtype; no spills, no smem.
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if all: >= 4 CTAs/SM of 512 threads with 0 B dynamic smem
+// sass(sm_90) if kN > 1: LDG.E.128 STG.E.128
 template <typename T, typename C, int kN>
 __global__ void reshape_and_cache_kernel(const T* __restrict__ key,    // [num_tokens, num_kv_heads, head_size], strides k_ts, k_hs, 1
                                          const T* __restrict__ value,  // [num_tokens, num_kv_heads, head_size], strides v_ts, v_hs, 1

@@ -31,6 +31,10 @@ constexpr int kMaxVecsPerThread = 8;
 // The block size the vector path aims for: 256 threads let 8 blocks (2048 threads) share an SM,
 // so each SM keeps >= 64 KiB of loads in flight at hidden 4096 bf16 (2 vectors per thread).
 constexpr int kTargetThreads = 256;
+// ...which needs <= 32 registers per thread: rows of <= 2 vectors per thread ask ptxas for 4 CTAs of
+// the widest block (4 x 512 threads); longer rows keep their registers (they hold the row).
+template <int kVecs>
+constexpr int vec_min_blocks() { return kVecs <= 2 ? 4 : 0; }  // 0: no minimum (ptxas chooses)
 
 template <typename T>
 __device__ __forceinline__ T norm_times_weight(float x, float inv, T w) {
@@ -40,8 +44,13 @@ __device__ __forceinline__ T norm_times_weight(float x, float inv, T w) {
 
 // ptxas sm_90, registers for kVecs 1/2/4/8 (bf16; fp16; fp32): 25/31/50/84; 27/28/32/54; 19/26/32/56.
 // No spills, 128 B smem (block_sum scratch).
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if kVecs <= 2: >= 8 CTAs/SM of 256 threads with 0 B dynamic smem
+// occupancy(sm_90) if kVecs == 4: >= 4 CTAs/SM of 256 threads with 0 B dynamic smem
+// occupancy(sm_90) if kVecs == 8: >= 2 CTAs/SM of 256 threads with 0 B dynamic smem
+// sass(sm_90) if all: LDG.E.128 STG.E.128
 template <typename T, int kVecs>
-__global__ void __launch_bounds__(kMaxVecThreads)
+__global__ void __launch_bounds__(kMaxVecThreads, vec_min_blocks<kVecs>())
     rms_norm_vec_kernel(T* __restrict__ out,           // [rows, hidden], row stride out_stride
                         const T* __restrict__ input,   // [rows, hidden], row stride input_stride
                         const T* __restrict__ weight,  // [hidden]
@@ -88,10 +97,16 @@ __global__ void __launch_bounds__(kMaxVecThreads)
   }
 }
 
-// ptxas sm_90, registers for kVecs 1/2/4/8 (bf16; fp16; fp32): 26/35/54/102; 27/34/52/100; 26/32/54/86.
-// No spills, 128 B smem. (At hidden 4096 bf16: kVecs 2, 256 threads, 35 regs -> 6 blocks per SM.)
+// ptxas sm_90, registers for kVecs 1/2/4/8 (bf16; fp16; fp32): 26/32/54/102; 27/32/52/100; 25/32/54/86
+// (kVecs 2 was 35 / 34 registers, 6 CTAs of 256 threads, before vec_min_blocks capped it at 32).
+// No spills, 128 B smem.
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if kVecs <= 2: >= 8 CTAs/SM of 256 threads with 0 B dynamic smem
+// occupancy(sm_90) if kVecs == 4: >= 4 CTAs/SM of 256 threads with 0 B dynamic smem
+// occupancy(sm_90) if kVecs == 8: >= 2 CTAs/SM of 256 threads with 0 B dynamic smem
+// sass(sm_90) if all: LDG.E.128 STG.E.128
 template <typename T, int kVecs>
-__global__ void __launch_bounds__(kMaxVecThreads)
+__global__ void __launch_bounds__(kMaxVecThreads, vec_min_blocks<kVecs>())
     fused_add_rms_norm_vec_kernel(T* __restrict__ input,         // [rows, hidden], row stride input_stride
                                   T* __restrict__ residual,      // [rows, hidden], row stride residual_stride
                                   const T* __restrict__ weight,  // [hidden]
@@ -146,6 +161,8 @@ __global__ void __launch_bounds__(kMaxVecThreads)
 
 // ptxas sm_90: 22 / 20 / 21 registers (bf16 / fp16 / fp32), no spills, 128 B smem.
 // Generic path. out may equal input: every element is read and written by the same thread, read first.
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if all: >= 2 CTAs/SM of 1024 threads with 0 B dynamic smem
 template <typename T>
 __global__ void __launch_bounds__(1024)
     rms_norm_generic_kernel(T* out,           // [rows, hidden], row stride out_stride
@@ -169,6 +186,8 @@ __global__ void __launch_bounds__(1024)
 // ptxas sm_90: 22 / 20 / 21 registers (bf16 / fp16 / fp32), no spills, 128 B smem.
 // Generic fused path: pass 1 writes the rounded sum into residual, pass 2 reads it back (the same
 // thread wrote that element, so program order makes it visible) and writes the normed row to input.
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if all: >= 2 CTAs/SM of 1024 threads with 0 B dynamic smem
 template <typename T>
 __global__ void __launch_bounds__(1024)
     fused_add_rms_norm_generic_kernel(T* input,         // [rows, hidden], row stride input_stride

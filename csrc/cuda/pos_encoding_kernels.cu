@@ -28,6 +28,8 @@ __device__ __forceinline__ void rotate_pair(T* head,        // [head_size]
 }
 
 // ptxas sm_90: 30-32 registers (every dtype, both styles), no spills, no smem.
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if all: >= 4 CTAs/SM of 512 threads with 0 B dynamic smem
 template <typename T, bool kNeox>
 __global__ void rotary_embedding_kernel(const int64_t* __restrict__ positions,  // [num_tokens]
                                         T* __restrict__ query,  // token stride q_ts, head stride q_hs

@@ -599,6 +599,9 @@ __device__ int finish_in_smem(SampleSmem& sm, Scratch& sh, int n, bool binding, 
 
 // ptxas (sm_90, CUDA 13.0): 60 registers (limit 64 for 1024 threads), 0 bytes spilled,
 // 944 B static shared memory + sizeof(SampleSmem) = 63 KiB dynamic: one CTA per SM.
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if all: >= 1 CTAs/SM of 1024 threads with 65536 B dynamic smem
+// sass(sm_90) if all: LDG.E.128
 __global__ void __launch_bounds__(kThreads, 1)
 sample_tokens_kernel(int64_t* __restrict__ out,              // [batch]
                      const float* __restrict__ logits,       // [batch, vocab], row stride row_stride

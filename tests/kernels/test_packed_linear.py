@@ -100,6 +100,30 @@ def test_layers_use_the_packed_weight_for_small_batches(monkeypatch):
     assert calls == [lo, lo, hi, hi]
 
 
+def test_packed_layers_on_another_device_take_f_linear():
+    """A model packed on the CPU, then moved (model.to("cuda")), keeps its CPU-only packed copies: an
+    input on another device must not reach the CPU-only ops. The meta device stands in for CUDA here."""
+    torch.manual_seed(0)
+    model = TinyModel(torch.float32)
+    assert pack_linear_weights(model) > 0
+    model.to("meta")
+    assert model.proj.packed is not None and model.proj.packed.data.device.type == "cpu"
+    x = torch.empty(linear_mod.PACKED_MIN_ROWS, 48, device="meta")
+    assert model.proj(x).shape == (linear_mod.PACKED_MIN_ROWS, 70)
+    assert model.head(x).shape == (linear_mod.PACKED_MIN_ROWS, 100)
+
+
+@pytest.mark.cuda
+def test_packed_model_moved_to_cuda_runs():
+    torch.manual_seed(0)
+    model = TinyModel(torch.float32)
+    pack_linear_weights(model)
+    x = torch.randn(linear_mod.PACKED_MIN_ROWS, 48)
+    expected = model.proj(x)
+    model.to("cuda")
+    torch.testing.assert_close(model.proj(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_only_float32_cpu_weights_are_packed():
     model = TinyModel(torch.bfloat16)
     assert pack_linear_weights(model) == 0

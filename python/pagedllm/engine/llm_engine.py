@@ -90,6 +90,7 @@ class LLMEngine:
         use_swap = args.preemption_mode == "swap" or (args.preemption_mode is None and self.device.type == "cuda")
         if use_swap:
             swap_blocks = int(args.swap_space * (1 << 30) // self.runner.bytes_per_block)
+        self.runner.allocate_swap_space(swap_blocks)  # pinned once on a GPU (engine/swap_space.py)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, mnbt, args.enable_chunked_prefill, swap_blocks)
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}
@@ -116,7 +117,8 @@ class LLMEngine:
             return self.args.num_gpu_blocks_override
         if self.device.type == "cuda":
             return self.runner.profile_num_blocks(self.args.gpu_memory_utilization, max_num_batched_tokens,
-                                                  self.max_model_len)
+                                                  self.max_model_len, 0 if self.args.enforce_eager else
+                                                  self.args.max_num_seqs)
         return self.runner.cpu_num_blocks(self.args.kv_cache_space or 4)
 
     def _eos_ids(self) -> frozenset:

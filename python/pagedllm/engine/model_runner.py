@@ -10,10 +10,13 @@ import numpy as np
 import torch
 
 from pagedllm.engine.cuda_graph import CudaGraphBackend, DecodeGraphRunner, GraphBackend, capture_sizes
+from pagedllm.engine.kv_cache_budget import MemoryProfile, kv_cache_bytes
 from pagedllm.engine.request_failures import sample_isolated
 from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
+from pagedllm.engine.swap_space import HostSwapSpace
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
 from pagedllm.layers.logits_processing import SampleResult, SampleRow, StepSampler
+from pagedllm.models import cpu_decoder_layers
 from pagedllm.models.utils import use_native_ops
 from pagedllm.outputs import Logprob
 
@@ -44,7 +47,7 @@ class ModelRunner:
         self.head_size = attn[0].head_size
         self.key_cache: Optional[torch.Tensor] = None      # [layers, blocks, kv_heads, block_size, head]
         self.value_cache: Optional[torch.Tensor] = None
-        self.host_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # swapped-out sequences
+        self.swap: Optional[HostSwapSpace] = None  # host blocks of swapped-out sequences (allocate_swap_space)
         self.graphs: Optional[DecodeGraphRunner] = None  # decode-step CUDA graphs (capture_decode_graphs)
 
     # -- the KV cache ---------------------------------------------------------------------------
@@ -54,33 +57,56 @@ class ModelRunner:
         return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_size * elem
 
     def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int,
-                           max_model_len: int) -> int:
-        """GPU: blocks that fit in utilization x total memory minus weights and the activation peak
-        of a full-budget prefill (measured by running one, as sequences no longer than max_model_len)."""
+                           max_model_len: int, max_num_seqs: int = 0) -> int:
+        """GPU: the KV blocks that fit in utilization x total memory once everything else is counted:
+        memory in use on the device after a profiling prefill (weights, the CUDA context and library
+        workspaces, other processes), that prefill's activation peak (a full-budget step as sequences no
+        longer than max_model_len) and, when decode graphs will be captured (max_num_seqs > 0), their
+        memory pool (kv_cache_budget.py). The profiling cache is released before memory is measured."""
+        dev = self.device
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
         full, rest = divmod(max_num_batched_tokens, max_model_len)
         lens = [max_model_len] * full + ([rest] if rest else [])
         needed = sum(-(-n // self.block_size) for n in lens)
         self.allocate_kv_cache(needed)
-        md = make_prefill_metadata(lens, self.block_size, self.device)
-        ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        profile_kv = needed * self.bytes_per_block
+        md = make_prefill_metadata(lens, self.block_size, dev)
+        ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
         with torch.inference_mode(), set_attention_metadata(md):
             hidden = self.model(ids, positions)
+            torch.cuda.synchronize(dev)
+            forward_peak = torch.cuda.max_memory_allocated(dev) - base - profile_kv
             self.model.compute_logits(hidden[-min(256, len(hidden)):])
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - needed * self.bytes_per_block
-        self.key_cache = self.value_cache = None
+        torch.cuda.synchronize(dev)
+        step_peak = torch.cuda.max_memory_allocated(dev) - base - profile_kv
+        del hidden, md, ids, positions
+        self.release_kv_cache()  # every view of the profiling cache, or empty_cache() could not free it
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        free_bytes = total * gpu_memory_utilization - peak
-        return max(int(free_bytes // self.bytes_per_block), 0)
+        free, total = torch.cuda.mem_get_info(dev)
+        profile = MemoryProfile(total=total, in_use=total - free, step_peak=step_peak, forward_peak=forward_peak,
+                                profiled_tokens=max_num_batched_tokens)
+        kv_bytes = kv_cache_bytes(profile, gpu_memory_utilization, max_num_seqs)
+        logger.info("KV cache budget: %.2f GiB (%s)", kv_bytes / _GiB, profile.describe(gpu_memory_utilization,
+                                                                                        max_num_seqs))
+        return max(kv_bytes // self.bytes_per_block, 0)
 
     def cpu_num_blocks(self, kv_cache_space_gib: float) -> int:
         return int(kv_cache_space_gib * _GiB // self.bytes_per_block)
 
+    def release_kv_cache(self) -> None:
+        """Drops the cache, every layer's view of it and the decode graphs that hold its address."""
+        self.graphs = None
+        cpu_decoder_layers.release(self.model)
+        for layer in self.attn_layers:
+            layer.kv_cache = None
+        self.key_cache = self.value_cache = None
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.release_kv_cache()  # the old cache is freed before the new one is allocated
         shape = (self.num_layers, num_blocks, self.num_kv_heads, self.block_size, self.head_size)
         self.key_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.value_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -112,70 +138,93 @@ class ModelRunner:
         logger.info("captured decode graphs for %d batch sizes (%d..%d) in %.2f s", len(sizes), sizes[0],
                     sizes[-1], seconds)
 
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        """The host pool swapped-out blocks go to (swap_space.py), allocated once; none for 0 blocks."""
+        block_shape = (self.num_layers, self.num_kv_heads, self.block_size, self.head_size)
+        self.swap = HostSwapSpace(num_blocks, block_shape, self.dtype, self.device) if num_blocks > 0 else None
+
+    @property
+    def host_kv(self) -> dict[int, list[tuple[int, int]]]:
+        """Swapped-out sequences: seq_id -> its runs of host blocks."""
+        return self.swap.held if self.swap is not None else {}
+
     def _move_blocks(self, sched: SchedulerOutput) -> None:
         """Swap-outs first (their blocks may be reused this very step), then copy-on-write, then swap-ins."""
+        caches = (self.key_cache, self.value_cache)
         for seq_id, blocks in sched.swap_out:
-            idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-            pin = self.device.type == "cuda"
-            self.host_kv[seq_id] = (self.key_cache[:, idx].to("cpu").pin_memory() if pin else self.key_cache[:, idx].clone(),
-                                    self.value_cache[:, idx].to("cpu").pin_memory() if pin else self.value_cache[:, idx].clone())
+            self.swap.swap_out(seq_id, caches, blocks)
         if sched.block_copies:
-            src = torch.tensor([s for s, _ in sched.block_copies], dtype=torch.long, device=self.device)
-            dst = torch.tensor([d for _, d in sched.block_copies], dtype=torch.long, device=self.device)
+            pairs = np.asarray(sched.block_copies, dtype=np.int64)  # [n, 2]: (src, dst)
+            src, dst = self._to_device([pairs[:, 0], pairs[:, 1]])
             self.key_cache[:, dst] = self.key_cache[:, src]
             self.value_cache[:, dst] = self.value_cache[:, src]
         for seq_id, blocks in sched.swap_in:
-            k, v = self.host_kv.pop(seq_id)
-            if blocks:
-                idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-                first = k.shape[1] - len(blocks)  # leading blocks came back as prefix-cache hits
-                self.key_cache[:, idx] = k[:, first:].to(self.device, non_blocking=True)
-                self.value_cache[:, idx] = v[:, first:].to(self.device, non_blocking=True)
+            self.swap.swap_in(seq_id, caches, blocks)
 
     def drop_host_copy(self, seq_id: int) -> None:
-        self.host_kv.pop(seq_id, None)
+        if self.swap is not None:
+            self.swap.release(seq_id)
 
     # -- one step -------------------------------------------------------------------------------
+    def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Small host arrays of one dtype -> device tensors of the same shapes in ONE copy: concatenated
+        into a pinned buffer and sent non_blocking on CUDA (no host sync); zero-copy views on the CPU."""
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        views, offset = [], 0
+        for a in arrays:
+            views.append(flat[offset:offset + a.size].view(a.shape))
+            offset += a.size
+        return views
+
     def _build_batch(self, sched: SchedulerOutput, block_tables: dict[int, list[int]]):
+        """The step's inputs and AttentionMetadata on the device, in O(new tokens + block table entries):
+        only the tokens computed this step are read (Sequence.token_slice), and everything goes to the
+        device in two copies (int64, int32) that do not wait for the device."""
         bs = self.block_size
         ids, pos, slots = [], [], []
         for item in sched.scheduled:
             seq, s, n = item.seq, item.start, item.num_new_tokens
-            tokens = seq.token_ids()
-            ids.extend(tokens[s:s + n])
+            ids.extend(seq.token_slice(s, s + n))
             p = np.arange(s, s + n)
             table = np.asarray(block_tables[seq.seq_id], dtype=np.int64)
             pos.append(p)
             slots.append(table[p // bs] * bs + p % bs)
-        positions = np.concatenate(pos)
-        slot_mapping = np.concatenate(slots)
 
-        def table_tensor(items: list[ScheduledSeq]) -> torch.Tensor:
+        def table_array(items: list[ScheduledSeq]) -> np.ndarray:
             width = max(len(block_tables[it.seq.seq_id]) for it in items)
             arr = np.zeros((len(items), width), dtype=np.int32)
             for r, it in enumerate(items):
                 t = block_tables[it.seq.seq_id]
                 arr[r, :len(t)] = t
-            return torch.from_numpy(arr).to(self.device, non_blocking=True)
+            return arr
 
-        dev = self.device
-        i32 = dict(dtype=torch.int32)
         pf, dc = sched.prefills, sched.decodes
-        starts = np.cumsum([0] + [it.num_new_tokens for it in pf]) if pf else None
+        i64 = [np.asarray(ids, dtype=np.int64), np.concatenate(pos), np.concatenate(slots)]
+        input_ids, positions, slot_mapping = self._to_device(i64)
+        i32: list[np.ndarray] = []
+        if pf:
+            starts = np.cumsum([0] + [it.num_new_tokens for it in pf], dtype=np.int64)
+            i32 += [starts.astype(np.int32), np.asarray([it.start + it.num_new_tokens for it in pf], dtype=np.int32),
+                    table_array(pf)]
+        if dc:
+            i32 += [np.asarray([it.start + 1 for it in dc], dtype=np.int32), table_array(dc)]
+        dev32 = self._to_device(i32) if i32 else []
+        pf_t, dc_t = (dev32[:3], dev32[3:]) if pf else ([None] * 3, dev32)
         md = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            slot_mapping=slot_mapping,
             num_prefills=len(pf),
             num_prefill_tokens=int(starts[-1]) if pf else 0,
             max_prefill_query_len=max((it.num_new_tokens for it in pf), default=0),
-            prefill_query_start_loc=torch.tensor(starts, **i32).to(dev) if pf else None,
-            prefill_seq_lens=torch.tensor([it.start + it.num_new_tokens for it in pf], **i32).to(dev) if pf else None,
-            prefill_block_tables=table_tensor(pf) if pf else None,
+            prefill_query_start_loc=pf_t[0],
+            prefill_seq_lens=pf_t[1],
+            prefill_block_tables=pf_t[2],
             num_decodes=len(dc),
-            decode_seq_lens=torch.tensor([it.start + 1 for it in dc], **i32).to(dev) if dc else None,
-            decode_block_tables=table_tensor(dc) if dc else None,
+            decode_seq_lens=dc_t[0] if dc else None,
+            decode_block_tables=dc_t[1] if dc else None,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        return input_ids, torch.from_numpy(positions).to(dev, non_blocking=True), md
+        return input_ids, positions, md
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: dict[int, list[int]],
@@ -218,7 +267,7 @@ class ModelRunner:
         samples: dict[int, list[SampleResult]] = {}
         failures: dict[int, BaseException] = {}
         if rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
+            logits = self.model.compute_logits(hidden[self._to_device([np.asarray(sample_idx, dtype=np.int64)])[0]])
             results, failed_rows = sample_isolated(self.sampler, logits, rows)  # one bad row fails its seq only
             for i, owner in enumerate(owners):
                 if i in failed_rows:
@@ -232,7 +281,7 @@ class ModelRunner:
         k = next(it.seq.request.params.prompt_logprobs for it in sched.scheduled if it.seq.seq_id == seq_id)
         logits = self.model.compute_logits(hidden[first:first + len(positions_here)])
         lp = torch.log_softmax(logits, dim=-1)
-        tgt = torch.tensor(targets, device=lp.device).view(-1, 1)
+        tgt = self._to_device([np.asarray(targets, dtype=np.int64).reshape(-1, 1)])[0]
         chosen = lp.gather(1, tgt)
         ranks = ((lp > chosen).sum(dim=1) + 1).tolist()
         chosen = chosen.view(-1).tolist()

@@ -117,7 +117,8 @@ class Scheduler:
             self._preempt(victim, out)
             if victim is seq:
                 return False
-        out.block_copies.extend(self.bm.append_slots(seq.seq_id, seq.token_ids()[-missing:]))
+        out.block_copies.extend(self.bm.append_slots(seq.seq_id, seq.token_slice(seq.num_tokens - missing,
+                                                                                 seq.num_tokens)))
         return True
 
     def _emit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:

@@ -51,7 +51,18 @@ class Sequence:
         return len(self.request.prompt_token_ids) + len(self.output_token_ids)
 
     def token_ids(self) -> list[int]:
+        """A new list of every token: O(context). Per-step code uses token_slice."""
         return self.request.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """token_ids()[start:stop] (0 <= start <= stop) without building the whole list: O(stop - start)."""
+        prompt = self.request.prompt_token_ids
+        p = len(prompt)
+        if stop <= p:
+            return prompt[start:stop]
+        if start >= p:
+            return self.output_token_ids[start - p:stop - p]
+        return prompt[start:] + self.output_token_ids[:stop - p]
 
     @property
     def is_finished(self) -> bool:

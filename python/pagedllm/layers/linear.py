@@ -63,7 +63,8 @@ def pack_weight(weight: torch.Tensor, fp32_panels: bool = True) -> Optional[Pack
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             packed: Optional[PackedWeight]) -> torch.Tensor:
-    if packed is not None and x.shape[-1] and packed.serves(x.numel() // x.shape[-1]):
+    # The packed copy is CPU-only: an input on another device (a model moved after packing) takes F.linear.
+    if packed is not None and x.device == packed.data.device and x.shape[-1] and packed.serves(x.numel() // x.shape[-1]):
         return packed(x, bias, weight.shape[0])
     return F.linear(x, weight, bias)
 

@@ -120,3 +120,10 @@ def for_model(model) -> Optional[CpuDecoderLayers]:
         return None
     model._cpu_layers = CpuDecoderLayers(model)
     return model._cpu_layers
+
+
+def release(model: torch.nn.Module) -> None:
+    """Forgets every CpuDecoderLayers in model (they hold the KV cache): called when the cache is released."""
+    for module in model.modules():
+        if getattr(module, "_cpu_layers", None) is not None:
+            module._cpu_layers = None
