@@ -144,9 +144,9 @@ def test_other_architectures_from_gguf(tmp_path, arch):
     assert model.lm_head.tied == bool(config.tie_word_embeddings)
 
 
-@pytest.mark.parametrize("qtype,bits", [(Q.Q4_1, 4), (Q.Q8_0, 8)], ids=["Q4_1", "Q8_0"])
-def test_quantized_gguf_decodes_from_its_codes(tmp_path, qtype, bits):
-    """On the CPU every linear weight of a Q4_1 / Q8_0 GGUF is served from its exact codes
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0], ids=lambda q: q.name)
+def test_quantized_gguf_decodes_from_its_codes(tmp_path, qtype):
+    """On the CPU every linear weight of a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 GGUF is served from its exact codes
     (quantized_linear); prefill and decode logits still equal HF's on the same file."""
     from pagedllm.layers.linear import LMHead, Linear, pack_linear_weights
 
@@ -156,7 +156,7 @@ def test_quantized_gguf_decodes_from_its_codes(tmp_path, qtype, bits):
     model = load_model(resolve_model(str(path)), dtype=torch.float32)
     assert pack_linear_weights(model) > 0
     layers = [m for m in model.modules() if isinstance(m, (Linear, LMHead))]
-    assert len(layers) == 2 * 4 + 1 and all(m.packed.bits == bits for m in layers)
+    assert len(layers) == 2 * 4 + 1 and all(m.packed.qtype == qtype for m in layers)
     hf.load_state_dict(hf_state_from_gguf(path, hf))
     prompts = [[5, 17, 200, 3, 9, 41, 77], list(range(20, 43))]
     runner = PagedRunner(model, [len(p) for p in prompts], max_new=3, native=False)
