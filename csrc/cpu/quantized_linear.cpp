@@ -42,6 +42,10 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "cpu_only_ops.h"
 
 #include "panel_linear_io.h"
@@ -363,6 +367,91 @@ constexpr auto make_fused(std::integer_sequence<int, Ms...>) {
 }
 template <int QT>
 constexpr auto kFused = make_fused<QT>(std::make_integer_sequence<int, kFusedRows>{});
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PAGEDLLM_QL_AVX2 1
+// The AVX2 + FMA twins (x86-64-v3 CPUs without AVX-512, e.g. AMD Zen 2 / 3): 8 features a vector, a
+// panel row of 32 is 4 vectors, the same formulas as weight_of, in the same order.
+
+// The fp32 weights of input k of a block: features 8v .. 8v + 7 in w[v]. ds: the 32 scales of k's
+// sub-block; ms: the 32 offsets (affine formats).
+template <int QT>
+inline void expand_row8(const uint8_t* codes, int64_t k, const float* ds, const float* ms, __m256 (&w)[4]) {
+  constexpr Format f = format_of(QT);
+  __m256i c[4];
+  if constexpr (f.code_bits == 8) {
+    for (int v = 0; v < 4; ++v) {
+      c[v] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k * kPanel + 8 * v)));
+    }
+  } else {
+    // byte j: feature j in the low nibble, j + 16 in the high one
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 16));
+    const __m256i lo8 = _mm256_cvtepu8_epi32(bytes), hi8 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+    const __m256i nibble = _mm256_set1_epi32(0xF);
+    c[0] = _mm256_and_si256(lo8, nibble);
+    c[1] = _mm256_and_si256(hi8, nibble);
+    c[2] = _mm256_srli_epi32(lo8, 4);
+    c[3] = _mm256_srli_epi32(hi8, 4);
+    if constexpr (f.code_bits == 5) {
+      const uint32_t* high = reinterpret_cast<const uint32_t*>(codes + kBlock * kPanel / 2);
+      const __m256i h = _mm256_set1_epi32(static_cast<int>(high[k]));
+      const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int v = 0; v < 4; ++v) {
+        const __m256i bit =
+            _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * v))), _mm256_set1_epi32(1));
+        c[v] = _mm256_or_si256(c[v], _mm256_slli_epi32(bit, 4));
+      }
+    }
+  }
+  for (int v = 0; v < 4; ++v) {
+    const __m256 d = _mm256_loadu_ps(ds + 8 * v);
+    if constexpr (f.affine) {
+      w[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[v]), d, _mm256_loadu_ps(ms + 8 * v));
+    } else {
+      w[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c[v], _mm256_set1_epi32(f.offset))), d);
+    }
+  }
+}
+
+// Up to kFusedRows rows with the weights expanded in registers (4 accumulators a row: 2 rows keep the
+// 16 registers free of spills). One FMA chain per output over k in order: the portable panel_tile's
+// (its c += w * x contracts to the same FMA), so the same bits.
+template <int M, int QT>
+void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel, int64_t K,
+                const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
+                const uint8_t* next) {
+  constexpr Format f = format_of(QT);
+  constexpr int64_t bb = block_bytes(f);
+  __m256 acc[M][4];
+  for (int m = 0; m < M; ++m) {
+    for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const uint8_t* blk = codes_panel + b * bb;
+    for (int64_t line = 0; next != nullptr && line < bb; line += 64) _mm_prefetch(reinterpret_cast<const char*>(next + b * bb + line), _MM_HINT_T1);
+    const float* d = reinterpret_cast<const float*>(blk);
+    const uint8_t* codes = blk + scale_bytes(f);
+    const float* xb = x + b * kBlock;
+    for (int64_t k = 0; k < kBlock; ++k) {
+      __m256 w[4];
+      expand_row8<QT>(codes, k, d + k / f.sub * kPanel, d + kPanel, w);
+      for (int m = 0; m < M; ++m) {
+        const __m256 xv = _mm256_broadcast_ss(xb + m * ldx + k);
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_fmadd_ps(w[v], xv, acc[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    alignas(32) float sums[kPanel];
+    for (int v = 0; v < 4; ++v) _mm256_store_ps(sums + 8 * v, acc[m][v]);
+    for (int64_t j = 0; j < n_valid; ++j) y[m * ldy + j] = sums[j] + (bias ? bias[j] : 0.f);
+  }
+}
+
+using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t,
+                         const uint8_t*);
+constexpr int kFusedRows = 2;
+template <int QT>
+constexpr std::array<FusedFn, kFusedRows> kFused = {&fused_tile<1, QT>, &fused_tile<2, QT>};
 #else
 constexpr int kFusedRows = 0;  // the portable build always expands chunks
 #endif
@@ -389,6 +478,12 @@ void expand_chunk(const uint8_t* panel_codes, int64_t b0, int64_t b1, float* __r
       expand_row<QT>(codes, k, _mm512_loadu_ps(ds), _mm512_loadu_ps(ds + 16), m0, m1, w0, w1);
       _mm512_storeu_ps(out + k * kPanel, w0);
       _mm512_storeu_ps(out + k * kPanel + 16, w1);
+    }
+#elif defined(PAGEDLLM_QL_AVX2)
+    for (int64_t k = 0; k < kBlock; ++k) {
+      __m256 w[4];
+      expand_row8<QT>(codes, k, d + k / f.sub * kPanel, d + kPanel, w);
+      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + k * kPanel + 8 * v, w[v]);
     }
 #else
     const float* m = d + kPanel;  // affine formats only
@@ -489,7 +584,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         const uint8_t* next = p + 1 < p1 ? codes + panel_bytes : nullptr;
         const int64_t n0 = p * kPanel, n_valid = std::min(kPanel, N - n0);
         const float* bp = io.bias ? io.bias + n0 : nullptr;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(PAGEDLLM_QL_AVX2)
         if (io.M <= kFusedRows) {
           kFused<QT>[io.M - 1](io.xp, io.ldx, codes, K, bp, io.yp + n0, N, n_valid, next);
           continue;
