@@ -97,7 +97,7 @@ def decode_floor_seconds(prompt_lens, out_lens, concurrency, weight_bytes, kv_by
 
 def streamed_weight_bytes(model) -> int:
     """Bytes of the weights a decode step reads: every parameter except an untied input embedding (only
-    the step's rows of it are read), and for a layer the CPU serves from packed Q4_1 / Q8_0 codes
+    the step's rows of it are read), and for a layer the CPU serves from packed GGUF codes
     (layers/linear.py), its codes instead of its fp32 weight."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     head = getattr(model, "lm_head", None)
@@ -106,7 +106,7 @@ def streamed_weight_bytes(model) -> int:
         total -= embed.weight.numel() * embed.weight.element_size()
     for m in model.modules():
         packed = getattr(m, "packed", None)
-        if packed is not None and packed.bits:
+        if packed is not None and packed.qtype:
             weight = m.head_weight if hasattr(m, "head_weight") else m.weight
             total += packed.nbytes - weight.numel() * weight.element_size()
     return total

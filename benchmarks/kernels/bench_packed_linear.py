@@ -41,14 +41,15 @@ def main() -> None:
     weights = [gguf_like_weight(n, k, 8 if (k, n) == HEAD else 4) for k, n in shapes]
     packed = [_ops.pack_linear_weight(w) for w in weights]
     bits = [8 if (k, n) == HEAD else 4 for k, n in shapes]
-    codes = [_ops.pack_quantized_linear_weight(w, b) for w, b in zip(weights, bits)]
+    qtypes = [8 if b == 8 else 3 for b in bits]  # GGML type ids: Q8_0, Q4_1
+    codes = [_ops.pack_quantized_linear_weight(w, q) for w, q in zip(weights, qtypes)]
     weight_bytes = sum(w.numel() * 4 for w in weights)
     code_bytes = sum(c.numel() for c in codes)
     peak = matmul_peak_flops("cpu", torch.float32)
     inputs = {k: torch.randn(max(ROWS), k) for k in {k for k, _ in shapes}}
     for m in QUICK_ROWS if args.quick else ROWS:
         xs = [inputs[k][:m] for k, _ in shapes]
-        for x, w, p, c, b in list(zip(xs, weights, packed, codes, bits))[-5:]:  # validate against float64 first
+        for x, w, p, c, b in list(zip(xs, weights, packed, codes, qtypes))[-5:]:  # validate against float64 first
             ref = F.linear(x.double(), w.double())
             out = _ops.packed_linear(x, p, None, w.shape[0])
             torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
@@ -63,7 +64,7 @@ def main() -> None:
                 _ops.packed_linear(x, p, None, w.shape[0])
 
         def ours_quantized():
-            for x, w, c, b in zip(xs, weights, codes, bits):
+            for x, w, c, b in zip(xs, weights, codes, qtypes):
                 _ops.quantized_linear(x, c, b, None, w.shape[0])
 
         iters = 3 if args.quick else 10

@@ -10,10 +10,11 @@ TORCH_LIBRARY_FRAGMENT(_C, m) {
   // x [..., K], packed from pack_linear_weight, bias [N] or None -> [..., N].
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   // Decode GEMM over the exact GGUF codes of fp32 weights (quantized_linear.cpp, bit-identical to packed_linear).
+  // qtype: the GGML type id of the blocks (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q6_K 14).
   // weight [N, K] -> uint8 [ceil(N / 32), K / 32, block bytes], or empty when not exactly quantized.
-  m.def("pack_quantized_linear_weight(Tensor weight, int bits) -> Tensor");
+  m.def("pack_quantized_linear_weight(Tensor weight, int qtype) -> Tensor");
   // x [..., K], packed from pack_quantized_linear_weight, bias [N] or None -> [..., N].
-  m.def("quantized_linear(Tensor x, Tensor packed, int bits, Tensor? bias, int out_features) -> Tensor");
+  m.def("quantized_linear(Tensor x, Tensor packed, int qtype, Tensor? bias, int out_features) -> Tensor");
   // out [rows, d] = silu(x[:, :d]) * x[:, d:], x [rows, 2 d], float32 (activation.cpp).
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
   // The Llama-family decoder layers of one step (argument layout: decoder_layers.cpp).

@@ -12,8 +12,8 @@ namespace pagedllm::cpu {
 at::Tensor pack_linear_weight(const at::Tensor& weight);
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                          int64_t out_features);
-at::Tensor pack_quantized_linear_weight(const at::Tensor& weight, int64_t bits);
-at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64_t bits,
+at::Tensor pack_quantized_linear_weight(const at::Tensor& weight, int64_t qtype);
+at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64_t qtype,
                             const std::optional<at::Tensor>& bias, int64_t out_features);
 void silu_and_mul(at::Tensor& out, const at::Tensor& x);
 std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList tensors,

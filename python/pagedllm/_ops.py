@@ -99,15 +99,15 @@ def decoder_layers(hidden: torch.Tensor, positions: torch.Tensor, tensors: list[
     return hidden, residual
 
 
-def pack_quantized_linear_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """CPU, float32 weight [N, K] whose every run of 32 inputs is exactly d * q + m (bits 4: GGUF Q4_1)
-    or d * q (bits 8: Q8_0), d and m fp16 -> its codes, uint8 [ceil(N / 32), K / 32, block bytes];
-    an empty tensor when the weight is not exactly of that form."""
-    return ops.pack_quantized_linear_weight(weight, bits)
+def pack_quantized_linear_weight(weight: torch.Tensor, qtype: int) -> torch.Tensor:
+    """CPU, float32 weight [N, K] whose every run of 32 inputs is exactly dequantized GGUF blocks of
+    type qtype (a GGML type id: Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q6_K 14) -> its codes, uint8
+    [ceil(N / 32), K / 32, block bytes]; an empty tensor when the weight is not exactly of that form."""
+    return ops.pack_quantized_linear_weight(weight, qtype)
 
 
-def quantized_linear(x: torch.Tensor, packed: torch.Tensor, bits: int, bias: Optional[torch.Tensor],
+def quantized_linear(x: torch.Tensor, packed: torch.Tensor, qtype: int, bias: Optional[torch.Tensor],
                      out_features: int) -> torch.Tensor:
     """CPU, float32: x [..., K] @ W^T (+ bias) over the codes of pack_quantized_linear_weight;
     bit-identical to packed_linear on the fp32 weight."""
-    return ops.quantized_linear(x, packed, bits, bias, out_features)
+    return ops.quantized_linear(x, packed, qtype, bias, out_features)

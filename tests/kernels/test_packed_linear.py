@@ -87,7 +87,7 @@ def test_layers_use_the_packed_weight_for_small_batches(monkeypatch):
     torch.manual_seed(0)
     model = TinyModel(torch.float32)
     assert pack_linear_weights(model) == (3 + 4) * 48 * 32 * 4  # whole 32-feature panels of 70 and 100
-    assert model.proj.packed.bits == 0 and model.head.packed.bits == 0  # random weights: fp32 panels
+    assert model.proj.packed.qtype == 0 and model.head.packed.qtype == 0  # random weights: fp32 panels
     calls = []
     real = _ops.packed_linear
     monkeypatch.setattr(linear_mod._ops, "packed_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
@@ -144,4 +144,4 @@ def test_reloading_weights_repacks(tmp_path):
     assert layers
     for m in layers:
         weight = m.head_weight if isinstance(m, LMHead) else m.weight
-        assert m.packed.bits == 0 and torch.equal(m.packed.data, _ops.pack_linear_weight(weight))
+        assert m.packed.qtype == 0 and torch.equal(m.packed.data, _ops.pack_linear_weight(weight))

@@ -62,8 +62,8 @@ def test_same_bits_as_the_layer_loop(folder, pack, monkeypatch):
     model = load_model(resolve_model(str(folder)), dtype=torch.float32)
     if pack:
         assert pack_linear_weights(model) > 0
-        kinds = {m.packed.bits for m in model.modules() if isinstance(m, (Linear, LMHead))}
-        assert kinds == ({4} if "q4_1" in folder.name else {0})
+        kinds = {m.packed.qtype for m in model.modules() if isinstance(m, (Linear, LMHead))}
+        assert kinds == ({3} if "q4_1" in folder.name else {0})
     calls = _count_calls(monkeypatch)
     fused = _logits(model, True, monkeypatch)
     assert calls == [sum(PROMPT_LENS), 3, 3, 3]

@@ -50,14 +50,14 @@ def test_quantized_weights_dequantize_to_the_originals(tmp_path, hf_llama, qtype
         torch.testing.assert_close(got, ref[name].float(), atol=0, rtol=0)
 
 
-def random_k_blocks(shape, qtype, seed=0) -> np.ndarray:
-    """Random K-quant blocks (gguf cannot quantize to these) with sane f16 super-block scales."""
+def random_k_blocks(shape, qtype, seed=0, d=0.01) -> np.ndarray:
+    """Random K-quant blocks (gguf cannot quantize to these) with sane f16 super-block scales d, dmin = d / 2."""
     rng = np.random.default_rng(seed)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = shape
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    d = np.array([0.01], dtype=np.float16).view(np.uint8)
-    dmin = np.array([0.005], dtype=np.float16).view(np.uint8)
+    dmin = np.array([d / 2], dtype=np.float16).view(np.uint8)
+    d = np.array([d], dtype=np.float16).view(np.uint8)
     if qtype == Q.Q6_K:  # d is the last field
         raw[..., -2:] = d
     else:  # d, dmin first
@@ -144,9 +144,9 @@ def test_other_architectures_from_gguf(tmp_path, arch):
     assert model.lm_head.tied == bool(config.tie_word_embeddings)
 
 
-@pytest.mark.parametrize("qtype,bits", [(Q.Q4_1, 4), (Q.Q8_0, 8)], ids=["Q4_1", "Q8_0"])
-def test_quantized_gguf_decodes_from_its_codes(tmp_path, qtype, bits):
-    """On the CPU every linear weight of a Q4_1 / Q8_0 GGUF is served from its exact codes
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0], ids=lambda q: q.name)
+def test_quantized_gguf_decodes_from_its_codes(tmp_path, qtype):
+    """On the CPU every linear weight of a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 GGUF is served from its exact codes
     (quantized_linear); prefill and decode logits still equal HF's on the same file."""
     from pagedllm.layers.linear import LMHead, Linear, pack_linear_weights
 
@@ -156,11 +156,37 @@ def test_quantized_gguf_decodes_from_its_codes(tmp_path, qtype, bits):
     model = load_model(resolve_model(str(path)), dtype=torch.float32)
     assert pack_linear_weights(model) > 0
     layers = [m for m in model.modules() if isinstance(m, (Linear, LMHead))]
-    assert len(layers) == 2 * 4 + 1 and all(m.packed.bits == bits for m in layers)
+    assert len(layers) == 2 * 4 + 1 and all(m.packed.qtype == qtype for m in layers)
+    _assert_logits_match_hf(model, hf, path)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_k_quant_gguf_decodes_from_its_codes(tmp_path, qtype):
+    """The o_proj and down_proj weights of both layers stored as K-quant blocks (q/k/v, gate/up and the rest as F32):
+    on the CPU those four are served from their exact codes, the others from fp32 panels; logits equal HF's."""
+    from pagedllm.layers.linear import pack_linear_weights
+
+    hf = make_hf_model(gguf_llama_config())
+    names = [f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_output", "ffn_down")]
+    shapes = [(256, 256), (256, 512)] * 2
+    raw = {n: (qtype, random_k_blocks(shape, qtype, seed=i, d=2e-4)) for i, (n, shape) in enumerate(zip(names, shapes))}
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_llama_gguf(path, hf, Q.F32, tensor_qtypes=raw)
+    model = load_model(resolve_model(str(path)), dtype=torch.float32)
+    assert pack_linear_weights(model) > 0
+    for layer in model.model.layers:
+        assert layer.self_attn.o_proj.packed.qtype == qtype and layer.mlp.down_proj.packed.qtype == qtype
+        assert layer.self_attn.qkv_proj.packed.qtype == 0 and layer.mlp.gate_up_proj.packed.qtype == 0
+    _assert_logits_match_hf(model, hf, path)
+
+
+def _assert_logits_match_hf(model, hf, path) -> None:
+    """hf loaded from the same GGUF file: prefill (7 and 23 rows: the packed path) and 3 decode steps of
+    2 rows give its logits."""
     hf.load_state_dict(hf_state_from_gguf(path, hf))
     prompts = [[5, 17, 200, 3, 9, 41, 77], list(range(20, 43))]
     runner = PagedRunner(model, [len(p) for p in prompts], max_new=3, native=False)
-    for prompt, ours in zip(prompts, runner.prefill(prompts)):  # 7 and 23 rows: the packed path
+    for prompt, ours in zip(prompts, runner.prefill(prompts)):
         torch.testing.assert_close(ours, hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
     for step in range(3):  # 2 rows a step
         tokens = [(11 * step + 7 * i) % 256 for i in range(2)]

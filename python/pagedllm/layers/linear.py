@@ -22,20 +22,24 @@ from pagedllm import _ops
 # above 64 (benchmarks/kernels/bench_packed_linear.py, 2 cores, the default model's decode step:
 # 1 row x0.95, 8 rows x1.80, 32 rows x1.50, 64 rows x1.35 against F.linear).
 PACKED_MIN_ROWS, PACKED_MAX_ROWS = 2, 64
-# Weights that are exactly GGUF Q4_1 / Q8_0 blocks (csrc/cpu/quantized_linear.cpp) stream their
-# codes instead, 5-6x fewer bytes: from one row on, the same result bit for bit.
+# Weights that are exactly GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K blocks
+# (csrc/cpu/quantized_linear.cpp) stream their codes instead, 3-6x fewer bytes: from one row on,
+# the same result bit for bit.
 QUANTIZED_MIN_ROWS = 1
+# The code formats pack_weight tries, fewest bytes first (GGML type ids; a weight exactly of two
+# formats gives the same bits through either).
+CODE_QTYPES = (2, 3, 12, 6, 7, 8, 14)  # Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, Q6_K
 # PAGEDLLM_CPU_QUANTIZED_WEIGHTS=0 keeps every packed weight in fp32 (to measure what the codes bring).
 QUANTIZED_ENV = "PAGEDLLM_CPU_QUANTIZED_WEIGHTS"
 
 
 class PackedWeight:
-    """The CPU decode copy of a Linear / LMHead weight: fp32 panels (bits 0) or the exact Q4_1 / Q8_0
-    codes of it (bits 4 / 8)."""
+    """The CPU decode copy of a Linear / LMHead weight: fp32 panels (qtype 0) or the exact GGUF codes
+    of it (qtype: their GGML type id, one of CODE_QTYPES)."""
 
-    def __init__(self, data: torch.Tensor, bits: int = 0):
-        self.data, self.bits = data, bits
-        self.min_rows = QUANTIZED_MIN_ROWS if bits else PACKED_MIN_ROWS
+    def __init__(self, data: torch.Tensor, qtype: int = 0):
+        self.data, self.qtype = data, qtype
+        self.min_rows = QUANTIZED_MIN_ROWS if qtype else PACKED_MIN_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -45,19 +49,19 @@ class PackedWeight:
         return self.min_rows <= rows <= PACKED_MAX_ROWS
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
-        if self.bits:
-            return _ops.quantized_linear(x, self.data, self.bits, bias, out_features)
+        if self.qtype:
+            return _ops.quantized_linear(x, self.data, self.qtype, bias, out_features)
         return _ops.packed_linear(x, self.data, bias, out_features)
 
 
 def pack_weight(weight: torch.Tensor, fp32_panels: bool = True) -> Optional[PackedWeight]:
-    """The exact Q4_1 codes of weight if it is made of them, else its Q8_0 codes, else fp32 panels
+    """The exact GGUF codes of weight in the first of CODE_QTYPES it is made of, else fp32 panels
     (None when fp32_panels is False)."""
     if os.environ.get(QUANTIZED_ENV, "1") != "0":
-        for bits in (4, 8):
-            codes = _ops.pack_quantized_linear_weight(weight, bits)
+        for qtype in CODE_QTYPES:
+            codes = _ops.pack_quantized_linear_weight(weight, qtype)
             if codes.numel():
-                return PackedWeight(codes, bits)
+                return PackedWeight(codes, qtype)
     return PackedWeight(_ops.pack_linear_weight(weight)) if fp32_panels else None
 
 
@@ -187,7 +191,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     """Give every Linear and LMHead of a CPU float32 model a packed copy of its weight for the
     decode-sized GEMMs (the original stays for prefill-sized ones and for the tied embedding).
     Call once the final weights are loaded. Returns the bytes added (0: nothing to pack).
-    Codes (at most 9/32 of the weight) are always taken; fp32 panels only when a full fp32 copy
+    Codes (at most 10/32 of the weight) are always taken; fp32 panels only when a full fp32 copy
     takes at most half of the memory still available."""
     layers = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
     layers = [(m, w) for m, w in layers if w.device.type == "cpu" and w.dtype == torch.float32]

@@ -27,9 +27,9 @@ _ABSENT = torch.empty(0)
 
 
 def _packed(linear) -> tuple[torch.Tensor, int]:
-    """(packed data, kind): kind -1 without a packed copy, 0 for fp32 panels, 4 / 8 for codes."""
+    """(packed data, kind): kind -1 without a packed copy, 0 for fp32 panels, else the codes' GGML type id."""
     p = linear.packed
-    return (_ABSENT, -1) if p is None else (p.data, p.bits)
+    return (_ABSENT, -1) if p is None else (p.data, p.qtype)
 
 
 def _linear_tensors(linear) -> tuple[list[torch.Tensor], int]:
