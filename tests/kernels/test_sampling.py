@@ -21,7 +21,7 @@ from pagedllm.layers.sampler import (
     philox_uniform,
     sample_native,
 )
-from testing_utils import DEVICES
+from testing_utils import KERNEL_DEVICES
 
 TOL = 2e-5  # relative margin kept around every threshold (float32 rounding here: ~1e-6)
 
@@ -183,7 +183,7 @@ def test_philox_known_answers(counter, key, expected):
     assert tuple(int(w) for w in words) == expected
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_kernel_philox_bits(device):
     """4096 equal logits and no filter: token = floor(u * 4096) = x0 >> 20, exactly (all sums are
     integers), so this reads the kernel's Philox words directly, 64-bit seeds and offsets included."""
@@ -203,7 +203,7 @@ def test_kernel_philox_bits(device):
 
 # ---------------------------------------------------------------- exact comparisons
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_greedy_is_first_argmax(device):
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(9, 777, generator=gen)
@@ -220,7 +220,7 @@ def test_greedy_is_first_argmax(device):
     assert torch.equal(sample_native(logits, *params(rows)), expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("vocab", [1000, 1531])
 @pytest.mark.parametrize("strided", [False, True])
 def test_matches_reference_token_for_token(device, vocab, strided):
@@ -255,7 +255,7 @@ def flat_levels(vocab, gen):
     return torch.randint(0, 200, (vocab,), generator=gen).float() * -5e-4
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_matches_reference_large_vocab(device):
     """A 50003 vocab reaches every CUDA path: >1 tile, candidate overflow, the refinement passes for
     top_k and top_p, compaction, and the global draw; also scalar loads (odd vocab, odd stride)."""
@@ -289,7 +289,7 @@ def test_matches_reference_large_vocab(device):
     assert torch.equal(sample_native(logits, *params(rows)), expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_degenerate_rows_are_greedy(device):
     """Rows whose largest scaled logit is not finite return the greedy token (all -inf: 0)."""
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(9))
@@ -304,7 +304,7 @@ def test_degenerate_rows_are_greedy(device):
     assert torch.equal(sample_native(logits, *params(rows)), expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_alone_or_in_any_batch(device):
     """A row's token depends on its logits, parameters, seed and offset only."""
     gen = torch.Generator().manual_seed(4)
@@ -322,7 +322,7 @@ def test_row_alone_or_in_any_batch(device):
             assert run(device, logits, rows)[pos] == alone[0]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_offsets_and_seeds_change_the_draw(device):
     vocab = 500
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(5)).expand(64, vocab)
@@ -348,7 +348,7 @@ STAT_CASES = [  # (temperature, top_k, top_p, min_p)
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("case", STAT_CASES)
 def test_frequencies_match_filtered_probabilities(device, case):
     """20000 draws (offsets 0..19999) of one row: tokens outside the kept set (filtered, or logit
@@ -394,7 +394,7 @@ def test_sampling_tensors_and_sampler():
             SamplingTensors.build(**args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bad_inputs_raise(device):
     ok = dict(zip(["temperature", "top_k", "top_p", "min_p", "seeds", "offsets"], params([(1.0, 0, 1.0, 0.0, 0, 0)] * 2, device)))
     logits = torch.randn(2, 10, device=device)
