@@ -73,6 +73,7 @@ cudaError_t launch_rotary_embedding(DType dtype, const int64_t* positions, void*
   const int64_t embed = rot_dim / 2;
   const int64_t items = (num_heads > num_kv_heads ? num_heads : num_kv_heads) * embed;
   if (num_tokens > INT32_MAX || embed <= 0 || items > INT32_MAX) return cudaErrorInvalidValue;
+  if (items == 0) return cudaSuccess;  // no heads ([num_tokens, 0]): nothing to rotate, and no 0-thread launch
   // One thread per (query head, pair) up to 512: e.g. 32 heads x 64 pairs = 2048 items -> 512
   // threads, 4 items each; a multiple of 32 so no warp is partly empty for no reason.
   const int threads = static_cast<int>(items >= 512 ? 512 : (items + 31) / 32 * 32);

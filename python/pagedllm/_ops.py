@@ -3,6 +3,7 @@ the ops write into what they are given (see csrc/torch_bindings.cpp for every sh
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -16,7 +17,8 @@ ops = torch.ops._C
 # out) after use_kernel_backend("cuda_emu"). The other ops always come from _C.
 kernels = ops
 KERNEL_BACKENDS = ("native", "cuda_emu")
-_EMU_LIBRARY = Path(__file__).with_name("_C_emu.so")
+# PAGEDLLM_CUDA_EMU_LIBRARY: another build of it (scripts/emu_mutations.sh tests seeded bugs so).
+_EMU_LIBRARY = Path(os.environ.get("PAGEDLLM_CUDA_EMU_LIBRARY") or Path(__file__).with_name("_C_emu.so"))
 
 
 def cuda_emu_available() -> bool:
@@ -50,6 +52,11 @@ def set_kernel_backend(name: str, *, reverse_schedule: bool = False, sm_count: i
     kernels = emu
 
 
+def kernel_backend() -> str:
+    """The backend the kernel ops run on now: "native" or "cuda_emu"."""
+    return "native" if kernels is ops else "cuda_emu"
+
+
 @contextlib.contextmanager
 def use_kernel_backend(name: str, **options) -> Iterator[None]:
     """set_kernel_backend for a with-block; the previous backend comes back after it."""
@@ -62,15 +69,18 @@ def use_kernel_backend(name: str, **options) -> Iterator[None]:
         kernels = previous
 
 
-CUDA_EMU_STATS = ("blocks", "barriers", "collectives", "cp_requests", "cp_sectors", "ldsm_phases",
-                  "ldsm_wavefronts", "vec_requests", "vec_sectors")
+CUDA_EMU_STATS = ("blocks", "barriers", "collectives", "cp_requests", "cp_sectors", "cp_ideal_sectors",
+                  "ldsm_phases", "ldsm_wavefronts", "vec_requests", "vec_sectors", "vec_ideal_sectors",
+                  "smem_requests", "smem_wavefronts", "smem_ideal_wavefronts")
 
 
 def cuda_emu_stats(reset: bool = False) -> dict[str, int]:
     """The emulator's counters since the last reset: blocks run, barriers, warp collectives,
-    cp.async warp requests and their 32-byte sectors, ldmatrix phases and their shared-memory
-    wavefronts, 16-byte global load/store warp requests and their sectors (the memory counters
-    only while the backend was set with count=True)."""
+    cp.async warp requests with the 32-byte sectors they touch and the fewest their bytes could
+    take, ldmatrix 8-row phases and their shared-memory wavefronts, 16-byte global load / store
+    warp requests with their sectors and ideal, 16-byte shared-memory load / store warp requests
+    with their wavefronts and ideal (the memory counters only while the backend was set with
+    count=True)."""
     emu = _load_cuda_emu()
     values = dict(zip(CUDA_EMU_STATS, emu.stats()))
     if reset:

@@ -146,3 +146,15 @@ def test_rotary_position_out_of_range_cpu():
     q = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="outside the cos_sin_cache"):
         _ops.rotary_embedding(torch.tensor([0, 16]), q, None, 64, torch.randn(16, 64), True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_rotary_zero_heads_is_a_no_op(device):
+    """A [num_tokens, 0] query (and key) is accepted and left as it is; the CUDA launcher once
+    launched a block of 0 threads for it (an invalid configuration on a GPU)."""
+    positions = torch.tensor([0, 3, 5], device=device)
+    cache = torch.randn(16, 64, device=device)
+    q, k = torch.empty(3, 0, device=device), torch.empty(3, 0, device=device)
+    _ops.rotary_embedding(positions, q, k, 64, cache, True)
+    _ops.rotary_embedding(positions, q, None, 64, cache, False)
+    assert q.shape == (3, 0) and k.shape == (3, 0)

@@ -149,6 +149,16 @@ inline float __uint_as_float(uint32_t u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, 4);
+  return i;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
 inline unsigned long long __double2ull_rn(double x) { return x <= 0 ? 0ull : static_cast<unsigned long long>(std::nearbyint(x)); }
 inline unsigned long long __double2ull_ru(double x) { return x <= 0 ? 0ull : static_cast<unsigned long long>(std::ceil(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/emu/emu_runtime.h"
+#include "cuda/ptx_probe.h"
 #include "ops.h"
 
 namespace {
@@ -78,12 +79,12 @@ void configure(int64_t sm_count, int64_t device, bool reverse_schedule, bool cou
   c.count = count;
 }
 
-// [blocks, barriers, collectives, cp_requests, cp_sectors, ldsm_phases, ldsm_wavefronts,
-//  vec_requests, vec_sectors]
+// In the order of pagedllm._ops.CUDA_EMU_STATS.
 std::vector<int64_t> stats() {
   const emu::Stats& s = emu::stats();
-  return {s.blocks,      s.barriers,    s.collectives,     s.cp_requests, s.cp_sectors,
-          s.ldsm_phases, s.ldsm_wavefronts, s.vec_requests, s.vec_sectors};
+  return {s.blocks,      s.barriers,        s.collectives,  s.cp_requests, s.cp_sectors, s.cp_ideal,
+          s.ldsm_phases, s.ldsm_wavefronts, s.vec_requests, s.vec_sectors, s.vec_ideal,
+          s.smem_requests, s.smem_wavefronts, s.smem_ideal};
 }
 
 void reset_stats() { emu::stats() = emu::Stats{}; }
@@ -96,6 +97,7 @@ TORCH_LIBRARY(_C_emu, m) {
     TORCH_CHECK(op.has_value(), "_C_emu: load pagedllm._C first (no schema for _C::", name, ")");
     m.def(op->schema().cloneWithName(name, ""));
   }
+  m.def(pagedllm::cuda::kPtxProbeSchema);
   m.def("configure(int sm_count, int device, bool reverse_schedule, bool count) -> ()", &configure);
   m.def("stats() -> int[]", &stats);
   m.def("reset_stats() -> ()", &reset_stats);
@@ -109,4 +111,5 @@ TORCH_LIBRARY_IMPL(_C_emu, CPU, m) {
   m.impl("paged_attention", &Emulated<&pagedllm::cuda::paged_attention>::call);
   m.impl("paged_prefill_attention", &Emulated<&pagedllm::cuda::paged_prefill_attention>::call);
   m.impl("sample_tokens", &Emulated<&pagedllm::cuda::sample_tokens>::call);
+  m.impl("ptx_probe", &Emulated<&pagedllm::cuda::ptx_probe>::call);
 }

@@ -46,9 +46,19 @@ int g_range_scopes = 0;
 
 // Warp-level grouping of per-lane memory instructions for the counters: the k-th access of each
 // lane at one source line is one warp request.
-std::map<std::tuple<int, const char*, int, int64_t>, std::set<uintptr_t>> g_vec_sectors;
+struct Request {
+  std::set<uintptr_t> sectors;
+  int64_t bytes = 0;
+  void add(uintptr_t a, size_t n) {
+    for (uintptr_t s = a >> 5; s <= (a + n - 1) >> 5; ++s) sectors.insert(s);
+    bytes += static_cast<int64_t>(n);
+  }
+};
+std::map<std::tuple<int, const char*, int, int64_t>, Request> g_vec_requests;
 std::map<std::tuple<int, const char*, int>, int64_t> g_vec_ordinal;
-std::map<std::pair<int, int64_t>, std::set<uintptr_t>> g_cp_sectors;
+// Shared-memory requests: (lane, address, bytes) of each lane.
+std::map<std::tuple<int, const char*, int, int64_t>, std::vector<std::tuple<int, uintptr_t, size_t>>> g_smem_requests;
+std::map<std::pair<int, int64_t>, Request> g_cp_requests;
 
 constexpr size_t kStack = 256 * 1024;
 
@@ -103,16 +113,34 @@ void yield_to_scheduler() { emu_switch(&g_cur->sp, g_block->sched_sp); }
 
 void flush_counters() {
   Stats& st = stats();
-  for (auto& kv : g_cp_sectors) {
+  for (auto& kv : g_cp_requests) {
     ++st.cp_requests;
-    st.cp_sectors += static_cast<int64_t>(kv.second.size());
+    st.cp_sectors += static_cast<int64_t>(kv.second.sectors.size());
+    st.cp_ideal += (kv.second.bytes + 31) / 32;
   }
-  for (auto& kv : g_vec_sectors) {
+  for (auto& kv : g_vec_requests) {
     ++st.vec_requests;
-    st.vec_sectors += static_cast<int64_t>(kv.second.size());
+    st.vec_sectors += static_cast<int64_t>(kv.second.sectors.size());
+    st.vec_ideal += (kv.second.bytes + 31) / 32;
   }
-  g_cp_sectors.clear();
-  g_vec_sectors.clear();
+  for (auto& kv : g_smem_requests) {
+    ++st.smem_requests;
+    // A phase serves the lanes whose accesses fit 128 bytes: 8 lanes of 16 bytes (32 of 4 bytes).
+    std::map<int, std::map<int, std::set<uintptr_t>>> words;  // phase -> bank -> distinct words
+    for (auto& [lane, addr, bytes] : kv.second) {
+      const int per_phase = static_cast<int>(std::max<size_t>(1, 128 / std::max<size_t>(bytes, 4)));
+      for (uintptr_t w = addr >> 2; w <= (addr + bytes - 1) >> 2; ++w) words[lane / per_phase][w & 31].insert(w);
+    }
+    for (auto& phase : words) {
+      size_t worst = 1;
+      for (auto& bank : phase.second) worst = std::max(worst, bank.second.size());
+      st.smem_wavefronts += static_cast<int64_t>(worst);
+      ++st.smem_ideal;
+    }
+  }
+  g_cp_requests.clear();
+  g_vec_requests.clear();
+  g_smem_requests.clear();
   g_vec_ordinal.clear();
 }
 
@@ -312,7 +340,13 @@ void check_global(const void* p, size_t bytes, const char* what, const char* fil
 void check_access(const void* p, size_t bytes, bool write, const char* file, int line) {
   if (g_block == nullptr) return;  // host code (the launcher) using the same helpers
   const auto a = reinterpret_cast<uintptr_t>(p);
-  if (in_dynamic_smem(a, bytes) || in_static_smem(a, bytes)) return;
+  if (in_dynamic_smem(a, bytes) || in_static_smem(a, bytes)) {
+    if (config().count) {
+      const int64_t k = g_vec_ordinal[{g_cur->lin, file, line}]++;
+      g_smem_requests[{g_cur->lin >> 5, file, line, k}].emplace_back(g_cur->lin & 31, a, bytes);
+    }
+    return;
+  }
   // Stack addresses (a thread's own registers reinterpreted as vectors) are always fine.
   const auto sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
   if (a + kStack > sp && a < sp + kStack) return;
@@ -325,8 +359,7 @@ void check_access(const void* p, size_t bytes, bool write, const char* file, int
   if (!config().count) return;
   const int warp = g_cur->lin >> 5;
   const int64_t k = g_vec_ordinal[{g_cur->lin, file, line}]++;
-  g_vec_sectors[{warp, file, line, k}].insert(a >> 5);
-  if (((a + bytes - 1) >> 5) != (a >> 5)) g_vec_sectors[{warp, file, line, k}].insert((a + bytes - 1) >> 5);
+  g_vec_requests[{warp, file, line, k}].add(a, bytes);
 }
 
 // ---- synchronization -----------------------------------------------------------------------
@@ -395,7 +428,7 @@ void cp_async_16(void* dst, const void* src, int src_bytes, const char* file, in
   if (src_bytes != 0 && src_bytes != 16) fail(file, line, "cp.async src-size %d (only 0 and 16 are used)", src_bytes);
   if (src_bytes) {
     check_global(src, 16, "cp.async source", file, line);
-    if (config().count) g_cp_sectors[{g_cur->lin >> 5, g_cur->cp_ordinal}].insert(reinterpret_cast<uintptr_t>(src) >> 5);
+    if (config().count) g_cp_requests[{g_cur->lin >> 5, g_cur->cp_ordinal}].add(reinterpret_cast<uintptr_t>(src), 16);
   }
   ++g_cur->cp_ordinal;
   std::memset(dst, 0xFF, 16);  // NaN until the wait that covers this copy's group
