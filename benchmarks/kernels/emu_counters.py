@@ -20,10 +20,10 @@ def _row(name: str, shape: str, fn) -> str:
     s = _ops.cuda_emu_stats(reset=True)
     cells = []
     for kind, req, sec, ideal in (("cp.async", "cp_requests", "cp_sectors", "cp_ideal_sectors"),
-                                  ("16-byte ld/st", "vec_requests", "vec_sectors", "vec_ideal_sectors")):
+                                  ("Vec16 / __ldg", "vec_requests", "vec_sectors", "vec_ideal_sectors")):
         if s[req]:
             cells.append(f"{kind}: {s[sec] / s[req]:.2f} (ideal {s[ideal] / s[req]:.2f}), {s[req]} requests")
-    glob = "; ".join(cells) or "no 16-byte accesses (scalar loads: not counted)"
+    glob = "; ".join(cells) or "no counted accesses (plain scalar loads are not seen)"
     ldsm = (f"{s['ldsm_wavefronts'] / s['ldsm_phases']:.2f} (ideal 1.00)" if s["ldsm_phases"] else "-")
     vec = (f"{s['smem_wavefronts'] / s['smem_requests']:.2f} (ideal {s['smem_ideal_wavefronts'] / s['smem_requests']:.2f})"
            if s["smem_requests"] else "-")

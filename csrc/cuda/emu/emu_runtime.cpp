@@ -47,12 +47,12 @@ int g_range_scopes = 0;
 // Warp-level grouping of per-lane memory instructions for the counters: the k-th access of each
 // lane at one source line is one warp request.
 struct Request {
-  std::set<uintptr_t> sectors;
-  int64_t bytes = 0;
+  std::set<uintptr_t> sectors, words;  // 32-byte sectors and distinct 4-byte words touched
   void add(uintptr_t a, size_t n) {
     for (uintptr_t s = a >> 5; s <= (a + n - 1) >> 5; ++s) sectors.insert(s);
-    bytes += static_cast<int64_t>(n);
+    for (uintptr_t w = a >> 2; w <= (a + n - 1) >> 2; ++w) words.insert(w);
   }
+  int64_t ideal() const { return static_cast<int64_t>((words.size() * 4 + 31) / 32); }
 };
 std::map<std::tuple<int, const char*, int, int64_t>, Request> g_vec_requests;
 std::map<std::tuple<int, const char*, int>, int64_t> g_vec_ordinal;
@@ -77,6 +77,21 @@ struct Stacks {
 Stacks g_stacks;
 
 const std::function<void()>* g_body = nullptr;
+
+// Dynamic shared memory: one mapping of kSmemMax bytes between two kSmemGuard-byte PROT_NONE
+// guards, so that every address near the window is the emulator's own (an access there is a
+// shared-memory overflow, never a tensor) and an unchecked access past it faults.
+constexpr size_t kSmemMax = 228 * 1024, kSmemGuard = 64 * 1024;
+unsigned char* smem_window() {
+  static unsigned char* window = [] {
+    void* p = mmap(nullptr, kSmemMax + 2 * kSmemGuard, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw Error("cuda-emu: cannot map the shared-memory window");
+    unsigned char* w = static_cast<unsigned char*>(p) + kSmemGuard;
+    if (mprotect(w, kSmemMax, PROT_READ | PROT_WRITE) != 0) throw Error("cuda-emu: cannot map the shared-memory window");
+    return w;
+  }();
+  return window;
+}
 
 std::string where() {
   char buf[256];
@@ -116,12 +131,12 @@ void flush_counters() {
   for (auto& kv : g_cp_requests) {
     ++st.cp_requests;
     st.cp_sectors += static_cast<int64_t>(kv.second.sectors.size());
-    st.cp_ideal += (kv.second.bytes + 31) / 32;
+    st.cp_ideal += kv.second.ideal();
   }
   for (auto& kv : g_vec_requests) {
     ++st.vec_requests;
     st.vec_sectors += static_cast<int64_t>(kv.second.sectors.size());
-    st.vec_ideal += (kv.second.bytes + 31) / 32;
+    st.vec_ideal += kv.second.ideal();
   }
   for (auto& kv : g_smem_requests) {
     ++st.smem_requests;
@@ -218,6 +233,7 @@ void run_block(Block& b) {
   }
   g_block = nullptr;
   ++stats().blocks;
+  flush_counters();  // a warp request belongs to one block
 }
 
 }  // namespace
@@ -268,11 +284,7 @@ void run_grid(const LaunchInfo& info, const std::function<void()>& body) {
                                           "-byte limit (cudaFuncSetAttribute missing)");
   g_kernel = info.kernel;
   g_body = &body;
-  // Dynamic shared memory ends where the mapping ends: the kernel's writes past it stay visible
-  // to the bounds checks of the PTX twins and of Vec16.
-  std::vector<unsigned char> smem(info.smem + 16);
-  unsigned char* base =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem.data()) + 15) & ~uintptr_t(15));
+  unsigned char* base = smem_window();
   struct Reset {
     ~Reset() {
       g_block = nullptr;
@@ -324,10 +336,10 @@ bool in_dynamic_smem(uintptr_t a, size_t bytes) {
   const auto s = reinterpret_cast<uintptr_t>(g_block->smem);
   return a >= s && a + bytes <= s + g_block->smem_bytes;
 }
-// Shared memory by distance: an address a little past the window is an overflow, not global.
+// Inside the shared-memory mapping (guards included) but outside the launch's window: an overflow.
 bool near_dynamic_smem(uintptr_t a) {
   const auto s = reinterpret_cast<uintptr_t>(g_block->smem);
-  return a + 4096 >= s && a < s + g_block->smem_bytes + 64 * 1024;
+  return a + kSmemGuard >= s && a < s + kSmemMax + kSmemGuard;
 }
 }  // namespace
 
@@ -347,10 +359,10 @@ void check_access(const void* p, size_t bytes, bool write, const char* file, int
     }
     return;
   }
-  // Stack addresses (a thread's own registers reinterpreted as vectors) are always fine.
-  const auto sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
-  if (a + kStack > sp && a < sp + kStack) return;
-  if (g_block->smem_bytes && near_dynamic_smem(a)) {
+  // The thread's own stack (registers reinterpreted as vectors) is always fine.
+  const auto stack = reinterpret_cast<uintptr_t>(g_stacks.get(g_cur->lin));
+  if (a >= stack && a + bytes <= stack + kStack) return;
+  if (near_dynamic_smem(a)) {
     fail(file, line, "%s of %zu bytes at shared offset %ld, outside the launch's %zu bytes of dynamic shared memory",
          write ? "store" : "load", bytes, static_cast<long>(a - reinterpret_cast<uintptr_t>(g_block->smem)),
          g_block->smem_bytes);

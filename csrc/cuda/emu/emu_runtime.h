@@ -73,10 +73,10 @@ struct Block {
 struct Stats {
   int64_t blocks = 0, barriers = 0, collectives = 0;
   // Warp-level requests (the k-th execution of one instruction by the lanes of a warp), the 32-byte
-  // sectors they touch, and the fewest sectors their bytes could take (ceil(bytes / 32)).
+  // sectors they touch, and the fewest sectors their distinct bytes could take (ceil(bytes / 32)).
   int64_t cp_requests = 0, cp_sectors = 0, cp_ideal = 0;     // cp.async (global side)
   int64_t ldsm_phases = 0, ldsm_wavefronts = 0;              // ldmatrix 8-row phases, shared-memory wavefronts
-  int64_t vec_requests = 0, vec_sectors = 0, vec_ideal = 0;  // 16-byte global loads / stores (Vec16, __ldg)
+  int64_t vec_requests = 0, vec_sectors = 0, vec_ideal = 0;  // checked global loads / stores (Vec16, __ldg)
   // 16-byte shared-memory loads / stores (Vec16): wavefronts (per phase of 8 lanes, the worst bank's
   // distinct 4-byte words) and the ideal (one per phase).
   int64_t smem_requests = 0, smem_wavefronts = 0, smem_ideal = 0;
