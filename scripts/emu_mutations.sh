@@ -3,8 +3,9 @@
 # CUDA emulator library (_C_emu), and runs the kernel tests' cuda_emu variants against it. Each
 # bug must make a test fail ("caught"); the script exits 1 if one is not caught. The sources are
 # restored after every mutation (and on exit).
-#   usage: bash scripts/emu_mutations.sh [build dir]   (default: $PAGEDLLM_BUILD_DIR or build/cmake-cuda,
-#          an existing setup.py build directory)
+#   usage: bash scripts/emu_mutations.sh [build dir] [name filter]   (build dir default: $PAGEDLLM_BUILD_DIR
+#          or build/cmake-cuda, an existing setup.py build directory; the filter, a grep -E pattern,
+#          picks mutations by name)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${1:-${PAGEDLLM_BUILD_DIR:-build/cmake-cuda}}
@@ -14,7 +15,7 @@ export PAGEDLLM_CUDA_EMU_LIBRARY="$OUT_DIR/_C_emu.so"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 
-# name | file | text to replace | replacement | tests (pytest args)
+# name | file | text to replace | replacement | tests (pytest args); "\n" in the texts is a line break
 MUTATIONS=(
 "missing __syncwarp after the cp.async wait (decode)|csrc/cuda/attention_decode_kernels.cu|    __syncwarp();                    // ... and every lane's copies are visible to the warp|    // (mutation: no __syncwarp)|tests/kernels/test_attention_decode.py"
 "cp.async wait_group off by one (decode)|csrc/cuda/attention_decode_kernels.cu|cp_async_wait<kStages - 1>();|cp_async_wait<kStages>();|tests/kernels/test_attention_decode.py"
@@ -23,10 +24,7 @@ MUTATIONS=(
 "mis-packed P fragment (prefill)|csrc/cuda/attention_prefill_kernels.cu|pa[mi][kk][1] = pack2<T>(s[mi][2 * kk][2], s[mi][2 * kk][3]);|pa[mi][kk][1] = pack2<T>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);|tests/kernels/test_attention_prefill.py"
 "missing __syncthreads before the V tile is read (prefill)|csrc/cuda/attention_prefill_kernels.cu|    __syncthreads();  // V tile t landed for all threads; every warp is done reading K tile t|    // (mutation: no __syncthreads)|tests/kernels/test_attention_prefill.py"
 "split-KV merge drops the last partition (decode)|csrc/cuda/attention_decode_kernels.cu|(end - 1) / a.partition_size - start / a.partition_size + 1, a.num_partitions)|(end - 1) / a.partition_size - start / a.partition_size, a.num_partitions)|tests/kernels/test_attention_decode.py"
-"missing __syncthreads in block_sum|csrc/cuda/reduce.cuh|  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < num_warps ? scratch[lane] : 0.f;|  if (lane == 0) scratch[warp] = v;
-  v = lane < num_warps ? scratch[lane] : 0.f;|tests/kernels/test_layernorm.py"
+"missing __syncthreads in block_sum|csrc/cuda/reduce.cuh|  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n  v = lane < num_warps ? scratch[lane] : 0.f;|  if (lane == 0) scratch[warp] = v;\n  v = lane < num_warps ? scratch[lane] : 0.f;|tests/kernels/test_layernorm.py"
 )
 
 # Originals are kept aside and copied back (uncommitted edits survive).
@@ -40,10 +38,11 @@ build() { cmake --build "$BUILD_DIR" --target _C_emu -j "${MAX_JOBS:-2}" >/tmp/e
 missed=0
 for m in "${MUTATIONS[@]}"; do
   IFS='|' read -r name file old new tests <<<"$m"
+  [ -n "${2:-}" ] && ! grep -qE "$2" <<<"$name" && continue
   restore
   "$PY" - "$file" "$old" "$new" <<'PYEOF' || { echo "MUTATION NOT APPLIED: $name"; missed=1; continue; }
 import sys
-path, old, new = sys.argv[1:4]
+path, old, new = (a.replace("\\n", "\n") for a in sys.argv[1:4])  # "\n" in a mutation: a line break
 src = open(path).read()
 if src.count(old) != 1:
     sys.exit(f"{path}: the text to mutate occurs {src.count(old)} times")

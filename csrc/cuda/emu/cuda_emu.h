@@ -139,26 +139,19 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
-inline uint32_t __float_as_uint(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
+namespace emu {
+template <typename To, typename From>
+inline To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
 }
-inline float __uint_as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline int __float_as_int(float f) {
-  int i;
-  std::memcpy(&i, &f, 4);
-  return i;
-}
-inline float __int_as_float(int i) {
-  float f;
-  std::memcpy(&f, &i, 4);
-  return f;
-}
+}  // namespace emu
+inline uint32_t __float_as_uint(float f) { return ::emu::bit_cast<uint32_t>(f); }
+inline float __uint_as_float(uint32_t u) { return ::emu::bit_cast<float>(u); }
+inline int __float_as_int(float f) { return ::emu::bit_cast<int>(f); }
+inline float __int_as_float(int i) { return ::emu::bit_cast<float>(i); }
 inline unsigned long long __double2ull_rn(double x) { return x <= 0 ? 0ull : static_cast<unsigned long long>(std::nearbyint(x)); }
 inline unsigned long long __double2ull_ru(double x) { return x <= 0 ? 0ull : static_cast<unsigned long long>(std::ceil(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
