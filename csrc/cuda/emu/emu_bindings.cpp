@@ -14,6 +14,7 @@
 
 #include "cuda/emu/emu_runtime.h"
 #include "cuda/ptx_probe.h"
+#include "cuda/emu/emu_selftest.h"
 #include "ops.h"
 
 namespace {
@@ -89,6 +90,16 @@ std::vector<int64_t> stats() {
 
 void reset_stats() { emu::stats() = emu::Stats{}; }
 
+// Runs one of the broken kernels of emu_selftest_kernels.cu on buf (float, contiguous, >= 64).
+void selftest(int64_t which, at::Tensor& buf) {
+  TORCH_CHECK(which >= 0 && which <= static_cast<int64_t>(pagedllm::cuda::EmuSelftest::kZeroThreads),
+              "selftest: unknown case ", which);
+  TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.numel() >= 64, "selftest: float buf >= 64");
+  const cudaError_t err =
+      pagedllm::cuda::launch_emu_selftest(static_cast<pagedllm::cuda::EmuSelftest>(which), buf.data_ptr<float>(), buf.numel());
+  TORCH_CHECK(err == cudaSuccess, "CUDA error: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(_C_emu, m) {
@@ -101,6 +112,7 @@ TORCH_LIBRARY(_C_emu, m) {
   m.def("configure(int sm_count, int device, bool reverse_schedule, bool count) -> ()", &configure);
   m.def("stats() -> int[]", &stats);
   m.def("reset_stats() -> ()", &reset_stats);
+  m.def("selftest(int which, Tensor(a!) buf) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(_C_emu, CPU, m) {
@@ -112,4 +124,5 @@ TORCH_LIBRARY_IMPL(_C_emu, CPU, m) {
   m.impl("paged_prefill_attention", &Emulated<&pagedllm::cuda::paged_prefill_attention>::call);
   m.impl("sample_tokens", &Emulated<&pagedllm::cuda::sample_tokens>::call);
   m.impl("ptx_probe", &Emulated<&pagedllm::cuda::ptx_probe>::call);
+  m.impl("selftest", &Emulated<&selftest>::call);
 }

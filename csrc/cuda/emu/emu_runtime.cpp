@@ -217,15 +217,16 @@ void run_block(Block& b) {
     }
     if (!progress) {  // every live thread waits, and no barrier can complete: report who waits where
       std::string msg = "cuda-emu: " + where() + ": deadlock (divergent __syncthreads or warp collective):";
-      int shown = 0;
+      std::map<std::tuple<State, std::string, int>, std::pair<int, int>> sites;  // -> (first thread, count)
       for (auto& f : b.fibers) {
         if (f.state == State::kDone) continue;
-        if (shown++ == 8) {
-          msg += " ...";
-          break;
-        }
-        char buf[256];
-        std::snprintf(buf, sizeof(buf), " [thread %d in %s at %s:%d]", f.lin, state_name(f.state), f.file, f.line);
+        auto it = sites.try_emplace({f.state, f.file, f.line}, f.lin, 0).first;
+        ++it->second.second;
+      }
+      for (auto& [site, who] : sites) {
+        char buf[512];
+        std::snprintf(buf, sizeof(buf), " [%d threads from %d in %s at %s:%d]", who.second, who.first,
+                      state_name(std::get<0>(site)), std::get<1>(site).c_str(), std::get<2>(site));
         msg += buf;
       }
       throw Error(msg);
