@@ -59,6 +59,22 @@ def cuda_architectures():
     return ";".join(archs)
 
 
+def emu_cuda_include(nvcc, wheel_include):
+    """CUDA headers for the emulator library _C_emu (csrc/cuda/emu): the toolkit's, else those of
+    torch's nvidia wheels; empty (no _C_emu) when neither exists or PAGEDLLM_CUDA_EMU=0."""
+    if os.environ.get("PAGEDLLM_CUDA_EMU", "1") == "0":
+        return ""
+    candidates = [Path(nvcc).parent.parent / "include"] if nvcc else []
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        candidates.append(Path(home) / "include")
+    candidates.append(wheel_include)
+    for d in candidates:
+        if (d / "cuda_bf16.h").exists() and (d / "driver_types.h").exists():
+            return str(d)
+    return ""
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -85,6 +101,7 @@ class CMakeBuild(build_ext):
             f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DPAGEDLLM_CPU_ARCH={os.environ.get('PAGEDLLM_CPU_ARCH', 'native')}",
             f"-DPAGEDLLM_CUDA={'ON' if target == 'cuda' else 'OFF'}",
+            f"-DPAGEDLLM_EMU_CUDA_INCLUDE={emu_cuda_include(nvcc, cu_include)}",
         ]
         if target == "cuda":
             args += [
@@ -102,7 +119,13 @@ class CMakeBuild(build_ext):
         print(f"pagedllm: building the {target} extension in {build_dir}", flush=True)
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run([cmake, "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True)
+        # Every target: _C and, where CUDA headers exist, the CUDA emulator library _C_emu.
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+        # _C_emu is a plain torch op library (no Python module): setuptools does not know it, so an
+        # in-place / editable build copies it beside the package itself.
+        emu_lib = out_dir / "_C_emu.so"
+        if self.inplace and emu_lib.exists():
+            shutil.copy2(emu_lib, ROOT / "python" / "pagedllm" / "_C_emu.so")
 
 
 def _pip_ninja():

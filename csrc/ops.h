@@ -35,7 +35,7 @@ namespace pagedllm {
 namespace cpu {
 PAGEDLLM_DECLARE_OPS
 }  // namespace cpu
-#ifdef PAGEDLLM_WITH_CUDA
+#if defined(PAGEDLLM_WITH_CUDA) || defined(PAGEDLLM_CUDA_EMU)
 namespace cuda {
 PAGEDLLM_DECLARE_OPS
 }  // namespace cuda

@@ -34,7 +34,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   const int num_seqs = static_cast<int>(query.size(0));
   if (num_seqs == 0) return;
 
-  const c10::cuda::CUDAGuard guard(query.device());
+  const DeviceGuard guard(query.device());
   PagedAttentionParams p;
   p.num_seqs = num_seqs;
   p.num_heads = static_cast<int>(query.size(1));

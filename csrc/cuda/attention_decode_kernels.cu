@@ -22,6 +22,8 @@
 // - Keys outside [window start, seq_len) are never read: their 16-byte copies are zero-fills
 //   (cp.async src-size 0) and their scores are -inf.
 #include "cuda/attention_decode_kernels.h"
+#include "cuda/launch.cuh"
+#include "cuda/ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -94,24 +96,6 @@ struct KernelArgs {
   float q_scale;  // softmax scale * log2(e)
 };
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 2^-inf = +0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// 16-byte global -> shared copy; valid == false writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
 // This lane's part of one row in shared memory, as floats: vectors lane_in_row + j * L.
 template <typename Tr, typename T>
 __device__ __forceinline__ void load_row(const T* row, int lane_in_row,
@@ -166,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<G>()) paged_attentio
   constexpr int E = Tr::kElems, VPR = Tr::kVecsPerRow, L = Tr::kLanesPerRow, NV = Tr::kVecsPerLane;
   constexpr int RPS = Tr::kRowsPerStep, R = Tr::kTileRows, STEPS = Tr::kSteps, SPU = Tr::kStepsPerUpdate;
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  PAGEDLLM_DYNAMIC_SMEM(smem);
 
   const int seq = blockIdx.x;
   const int kv_head = blockIdx.y / a.group_chunks;
@@ -628,12 +612,12 @@ struct LaunchFn {
     const bool split = plan.num_partitions > 1;
     if (split && (tmp_out == nullptr || max_logits == nullptr || exp_sums == nullptr)) return cudaErrorInvalidValue;
     const dim3 grid(p.num_seqs, p.num_kv_heads * group_chunks, plan.num_partitions);
-    paged_attention_decode_kernel<T, D, G><<<grid, kThreads, Tr::kSmemBytes, stream>>>(
+    PAGEDLLM_LAUNCH(grid, kThreads, Tr::kSmemBytes, stream, paged_attention_decode_kernel<T, D, G>)(
         static_cast<T*>(out), tmp_out, max_logits, exp_sums, static_cast<const T*>(query),
         static_cast<const T*>(key_cache), static_cast<const T*>(value_cache), block_tables, seq_lens, a);
     err = cudaGetLastError();
     if (err != cudaSuccess || !split) return err;
-    paged_attention_reduce_kernel<T><<<dim3(p.num_seqs, p.num_heads), kReduceThreads, 0, stream>>>(
+    PAGEDLLM_LAUNCH(dim3(p.num_seqs, p.num_heads), kReduceThreads, 0, stream, paged_attention_reduce_kernel<T>)(
         static_cast<T*>(out), tmp_out, max_logits, exp_sums, seq_lens, D, a);
     return cudaGetLastError();
   }

@@ -36,7 +36,7 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
               "paged_prefill_attention: at most 65535 sequences and 65535 heads per call");
   if (num_seqs == 0 || query.size(0) == 0 || max_query_len == 0) return;
 
-  const c10::cuda::CUDAGuard guard(query.device());
+  const DeviceGuard guard(query.device());
   // <= 0: no window; a window longer than any sequence is no window either.
   const int window = static_cast<int>(std::clamp<int64_t>(sliding_window, 0, 1 << 30));
   PAGEDLLM_CUDA_CHECK(launch_paged_prefill_attention(

@@ -12,6 +12,8 @@
 // fp32 (and fp16/bf16 caches that are not 16-byte aligned): a simple warp-per-query kernel
 // (prefill_simple_kernel), correct but without tensor cores.
 #include "cuda/attention_prefill_kernels.h"
+#include "cuda/launch.cuh"
+#include "cuda/ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -55,51 +57,6 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16 bytes global -> shared, asynchronous, cached in L2 only (K/V tiles are streamed).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// Four 8x8 b16 matrices; lane i gives the address of row (i % 8) of matrix (i / 8). Without .trans
-// lane l receives row l / 4, columns 2 (l % 4) + {0, 1} of each matrix; with .trans it receives
-// rows 2 (l % 4) + {0, 1} of column l / 4 (the transposed matrix).
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// D[16x8] += A[16x16] B[16x8], fp32 accumulators. Fragments (PTX ISA, mma.m16n8k16, g = lane / 4,
-// t = lane % 4; each b32 register holds two b16, the lower column / k index in the low half):
-//   A: a0 = (row g,   cols 2t, 2t+1)   a1 = (row g+8, cols 2t, 2t+1)
-//      a2 = (row g,   cols 2t+8, +9)   a3 = (row g+8, cols 2t+8, +9)
-//   B: b0 = (k 2t, 2t+1, col g)        b1 = (k 2t+8, 2t+9, col g)
-//   C: c0, c1 = (row g, cols 2t, 2t+1) c2, c3 = (row g+8, cols 2t, 2t+1)
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Two floats -> one b32 of two b16 (lo in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -116,13 +73,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   uint32_t r;
   memcpy(&r, &v, sizeof(r));
   return r;
-}
-
-// 2^x, one MUFU op; 2^-inf = 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -173,7 +123,7 @@ __global__ void __launch_bounds__(NW * 32) prefill_mma_kernel(const PrefillParam
   constexpr int KN = BN / 16; // k16 steps of P V
   static_assert(D % 16 == 0 && BN % 16 == 0, "tile shapes");
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PAGEDLLM_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][LDS]; reused for the output tile
   T* sK = sQ + BM * LDS;                   // [BN][LDS]
   T* sV = sK + BN * LDS;                   // [BN][LDS]
@@ -273,7 +223,7 @@ __global__ void __launch_bounds__(NW * 32) prefill_mma_kernel(const PrefillParam
 
   for (int t = t_first; t <= t_last; ++t) {
     const int n0 = t * BN;
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // K tile t (and Q) landed for all threads; every warp is done with V tile t-1
     load_kv(sV, p.v_cache, n0);  // overlaps with S = Q K^T and the softmax
     cp_async_commit();
@@ -370,7 +320,7 @@ __global__ void __launch_bounds__(NW * 32) prefill_mma_kernel(const PrefillParam
         }
     }
 
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // V tile t landed for all threads; every warp is done reading K tile t
     if (t < t_last) {
       load_kv(sK, p.k_cache, n0 + BN);  // overlaps with O += P V
@@ -532,12 +482,12 @@ cudaError_t launch_for(const PrefillParams<T>& p, bool use_mma, int num_seqs, in
       }
       // x: query tiles (tiles past a sequence's q_len exit at once), y: heads, z: sequences.
       const dim3 grid((max_query_len + BM - 1) / BM, num_heads, num_seqs);
-      kernel<<<grid, C::kWarps * 32, smem, stream>>>(p);
+      PAGEDLLM_LAUNCH(grid, C::kWarps * 32, smem, stream, kernel)(p);
       return cudaGetLastError();
     }
   }
   const dim3 grid((max_query_len + kSimpleWarps - 1) / kSimpleWarps, num_heads, num_seqs);
-  prefill_simple_kernel<T, D><<<grid, kSimpleWarps * 32, 0, stream>>>(p);
+  PAGEDLLM_LAUNCH(grid, kSimpleWarps * 32, 0, stream, prefill_simple_kernel<T, D>)(p);
   return cudaGetLastError();
 }
 

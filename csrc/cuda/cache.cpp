@@ -11,7 +11,7 @@ namespace pagedllm::cuda {
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                        at::Tensor& value_cache, const at::Tensor& slot_mapping) {
-  TORCH_CHECK(key.is_cuda(), "reshape_and_cache: key must be a CUDA tensor, got ", key.device());
+  TORCH_CHECK(on_cuda_device(key), "reshape_and_cache: key must be a CUDA tensor, got ", key.device());
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&value, &key_cache, &value_cache, &slot_mapping}) {
     TORCH_CHECK(t->device() == key.device(), "reshape_and_cache: all tensors must be on ", key.device(), ", got ",
                 t->device());
@@ -20,7 +20,7 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   const int64_t num_tokens = slot_mapping.size(0), num_kv_heads = key.size(1), head_size = key.size(2);
   const DType dtype = to_dtype(key.scalar_type());
   if (num_tokens == 0) return;
-  const c10::cuda::CUDAGuard guard(key.device());
+  const DeviceGuard guard(key.device());
   const at::Tensor slots = slot_mapping.contiguous();
   // Slots are not range-checked on the host (a device sync per call); the kernel skips slots
   // outside [0, num_blocks * block_size).

@@ -6,6 +6,7 @@
 // contiguous row cache[block, h, offset, :]. A scalar kernel covers unaligned views and head
 // sizes that are not a multiple of the vector width. The copy is bit-exact.
 #include "cuda/cache_kernels.h"
+#include "cuda/launch.cuh"
 #include "cuda/vec.cuh"
 
 namespace pagedllm::cuda {
@@ -67,11 +68,11 @@ cudaError_t reshape_and_cache_typed(const T* key, const T* value, T* key_cache, 
   const int threads = static_cast<int>(chunks >= 512 ? 512 : (chunks + 31) / 32 * 32);
   const dim3 grid(static_cast<unsigned>(num_tokens));
   if (vec_ok) {
-    reshape_and_cache_kernel<T, Vec16<T>, kN><<<grid, threads, 0, stream>>>(
+    PAGEDLLM_LAUNCH(grid, threads, 0, stream, reshape_and_cache_kernel<T, Vec16<T>, kN>)(
         key, value, key_cache, value_cache, slot_mapping, num_slots, num_kv_heads, head_size, block_size, k_ts,
         k_hs, v_ts, v_hs);
   } else {
-    reshape_and_cache_kernel<T, T, 1><<<grid, threads, 0, stream>>>(
+    PAGEDLLM_LAUNCH(grid, threads, 0, stream, reshape_and_cache_kernel<T, T, 1>)(
         key, value, key_cache, value_cache, slot_mapping, num_slots, num_kv_heads, head_size, block_size, k_ts,
         k_hs, v_ts, v_hs);
   }

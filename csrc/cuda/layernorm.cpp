@@ -9,7 +9,7 @@ namespace pagedllm::cuda {
 namespace {
 
 void check_devices(const at::Tensor& x, const at::Tensor& weight, const char* name) {
-  TORCH_CHECK(x.is_cuda() && weight.device() == x.device(), name,
+  TORCH_CHECK(on_cuda_device(x) && weight.device() == x.device(), name,
               ": input and weight must be on the same CUDA device, got ", x.device(), " and ", weight.device());
 }
 
@@ -20,7 +20,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
   TORCH_CHECK(out.device() == input.device(), "rms_norm: out must be on ", input.device(), ", got ", out.device());
   const at::Tensor out_rows = check_rms_norm(out, input, weight);  // [rows, hidden]
   const DType dtype = to_dtype(input.scalar_type());
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   // The input is only read: when it cannot be viewed as strided rows, a contiguous copy will do.
   auto in_rows = as_rows(input);
   const at::Tensor in2d = in_rows ? *in_rows : input.contiguous().view({-1, input.size(-1)});
@@ -37,7 +37,7 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
   const ResidualRows r = check_fused_add_rms_norm(input, residual, weight);  // [rows, hidden] views
   const DType dtype = to_dtype(input.scalar_type());
   if (r.input.size(0) == 0) return;
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   const at::Tensor w = weight.contiguous();
   PAGEDLLM_CUDA_CHECK(launch_fused_add_rms_norm(dtype, r.input.data_ptr(), r.residual.data_ptr(), w.const_data_ptr(),
                                                 r.input.size(0), r.input.size(1), r.input.stride(0),

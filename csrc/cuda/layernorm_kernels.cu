@@ -15,6 +15,7 @@
 //  * generic path (any hidden, e.g. 769, unaligned views, or rows too long for registers): scalar
 //    strided loops; the second pass re-reads the row (an L2 hit for rows this size).
 #include "cuda/layernorm_kernels.h"
+#include "cuda/launch.cuh"
 
 #include <type_traits>
 
@@ -248,11 +249,11 @@ cudaError_t rms_norm_typed(T* out, const T* input, const T* weight, int64_t rows
   int threads = 0, vecs = 0;
   if (vec_ok && vec_launch_shape(hidden / kN, &threads, &vecs)) {
     return dispatch_vecs(vecs, [&](auto k) {
-      rms_norm_vec_kernel<T, decltype(k)::value><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+      PAGEDLLM_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, rms_norm_vec_kernel<T, decltype(k)::value>)(
           out, input, weight, input_stride, out_stride, static_cast<int>(hidden), eps);
     });
   }
-  rms_norm_generic_kernel<T><<<static_cast<unsigned>(rows), generic_threads(hidden), 0, stream>>>(
+  PAGEDLLM_LAUNCH(static_cast<unsigned>(rows), generic_threads(hidden), 0, stream, rms_norm_generic_kernel<T>)(
       out, input, weight, input_stride, out_stride, static_cast<int>(hidden), eps);
   return cudaGetLastError();
 }
@@ -267,11 +268,11 @@ cudaError_t fused_add_rms_norm_typed(T* input, T* residual, const T* weight, int
   int threads = 0, vecs = 0;
   if (vec_ok && vec_launch_shape(hidden / kN, &threads, &vecs)) {
     return dispatch_vecs(vecs, [&](auto k) {
-      fused_add_rms_norm_vec_kernel<T, decltype(k)::value><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+      PAGEDLLM_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, fused_add_rms_norm_vec_kernel<T, decltype(k)::value>)(
           input, residual, weight, input_stride, residual_stride, static_cast<int>(hidden), eps);
     });
   }
-  fused_add_rms_norm_generic_kernel<T><<<static_cast<unsigned>(rows), generic_threads(hidden), 0, stream>>>(
+  PAGEDLLM_LAUNCH(static_cast<unsigned>(rows), generic_threads(hidden), 0, stream, fused_add_rms_norm_generic_kernel<T>)(
       input, residual, weight, input_stride, residual_stride, static_cast<int>(hidden), eps);
   return cudaGetLastError();
 }

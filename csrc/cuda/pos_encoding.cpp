@@ -9,7 +9,7 @@ namespace pagedllm::cuda {
 
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, std::optional<at::Tensor> key,
                       int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox) {
-  TORCH_CHECK(query.is_cuda(), "rotary_embedding: query must be a CUDA tensor, got ", query.device());
+  TORCH_CHECK(on_cuda_device(query), "rotary_embedding: query must be a CUDA tensor, got ", query.device());
   TORCH_CHECK(positions.device() == query.device() && cos_sin_cache.device() == query.device(),
               "rotary_embedding: positions and cos_sin_cache must be on ", query.device(), ", got ",
               positions.device(), " and ", cos_sin_cache.device());
@@ -22,7 +22,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, std::optio
   const int64_t num_tokens = positions.size(0), rot_dim = layout.rot_dim;
   const DType dtype = to_dtype(query.scalar_type());
   if (num_tokens == 0) return;
-  const c10::cuda::CUDAGuard guard(query.device());
+  const DeviceGuard guard(query.device());
   const at::Tensor pos = positions.contiguous();
   // Positions are not range-checked here (that would need a device sync); the kernel skips
   // tokens whose position lies outside the cache.

@@ -9,6 +9,7 @@
 // The op moves ~2 x (q + k) bytes per token and is launch/latency bound at decode sizes; scalar
 // loads keep it simple and work for every stride (q and k are often slices of a fused qkv).
 #include "cuda/pos_encoding_kernels.h"
+#include "cuda/launch.cuh"
 #include "cuda/vec.cuh"
 
 namespace pagedllm::cuda {
@@ -74,6 +75,7 @@ cudaError_t launch_rotary_embedding(DType dtype, const int64_t* positions, void*
   const int64_t embed = rot_dim / 2;
   const int64_t items = (num_heads > num_kv_heads ? num_heads : num_kv_heads) * embed;
   if (num_tokens > INT32_MAX || embed <= 0 || items > INT32_MAX) return cudaErrorInvalidValue;
+  if (items == 0) return cudaSuccess;  // no heads ([num_tokens, 0]): nothing to rotate, and no 0-thread launch
   // One thread per (query head, pair) up to 512: e.g. 32 heads x 64 pairs = 2048 items -> 512
   // threads, 4 items each; a multiple of 32 so no warp is partly empty for no reason.
   const int threads = static_cast<int>(items >= 512 ? 512 : (items + 31) / 32 * 32);
@@ -82,11 +84,11 @@ cudaError_t launch_rotary_embedding(DType dtype, const int64_t* positions, void*
     auto* k = static_cast<scalar_t*>(key);
     const auto* cache = static_cast<const scalar_t*>(cos_sin_cache);
     if (is_neox) {
-      rotary_embedding_kernel<scalar_t, true><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
+      PAGEDLLM_LAUNCH(static_cast<unsigned>(num_tokens), threads, 0, stream, rotary_embedding_kernel<scalar_t, true>)(
           positions, q, k, cache, max_position, static_cast<int>(rot_dim), static_cast<int>(num_heads),
           static_cast<int>(num_kv_heads), q_token_stride, q_head_stride, k_token_stride, k_head_stride);
     } else {
-      rotary_embedding_kernel<scalar_t, false><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
+      PAGEDLLM_LAUNCH(static_cast<unsigned>(num_tokens), threads, 0, stream, rotary_embedding_kernel<scalar_t, false>)(
           positions, q, k, cache, max_position, static_cast<int>(rot_dim), static_cast<int>(num_heads),
           static_cast<int>(num_kv_heads), q_token_stride, q_head_stride, k_token_stride, k_head_stride);
     }

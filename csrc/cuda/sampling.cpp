@@ -14,7 +14,7 @@ namespace pagedllm::cuda {
 void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature,
                    const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
                    const at::Tensor& seeds, const at::Tensor& offsets) {
-  TORCH_CHECK(logits.is_cuda(), "sample_tokens (cuda): logits must be on a CUDA device, got ", logits.device());
+  TORCH_CHECK(on_cuda_device(logits), "sample_tokens (cuda): logits must be on a CUDA device, got ", logits.device());
   check_sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   // int32 indices in the kernel, and tile starts (+ 8192) must not overflow.
@@ -22,7 +22,7 @@ void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& 
   TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "sample_tokens: batch too large");
   if (batch == 0) return;
 
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const DeviceGuard guard(logits.device());
   PAGEDLLM_CUDA_CHECK(launch_sample_tokens(
       out.data_ptr<int64_t>(), logits.data_ptr<float>(), temperature.data_ptr<float>(), top_k.data_ptr<int32_t>(),
       top_p.data_ptr<float>(), min_p.data_ptr<float>(), seeds.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),

@@ -32,6 +32,7 @@
 #include "common/philox.h"
 #include "cuda/reduce.cuh"
 #include "cuda/sampling_kernels.h"
+#include "cuda/launch.cuh"
 #include "cuda/vec.cuh"
 
 namespace pagedllm::cuda {
@@ -612,7 +613,7 @@ sample_tokens_kernel(int64_t* __restrict__ out,              // [batch]
                      const int64_t* __restrict__ seeds,      // [batch]
                      const int64_t* __restrict__ offsets,    // [batch]
                      int vocab, int64_t row_stride) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PAGEDLLM_DYNAMIC_SMEM(smem_raw);
   SampleSmem& sm = *reinterpret_cast<SampleSmem*>(smem_raw);
   __shared__ Scratch sh;
   const int b = blockIdx.x;
@@ -821,7 +822,7 @@ cudaError_t launch_sample_tokens(int64_t* out, const float* logits, const float*
   if (err != cudaSuccess) return err;
   // One CTA per row: rows are independent and a 1024-thread CTA keeps enough 16-byte loads in
   // flight to stream a row at the SM's share of the bandwidth; batch >= #SMs fills the GPU.
-  sample_tokens_kernel<<<batch, kThreads, smem, stream>>>(out, logits, temperature, top_k, top_p, min_p, seeds,
+  PAGEDLLM_LAUNCH(batch, kThreads, smem, stream, sample_tokens_kernel)(out, logits, temperature, top_k, top_p, min_p, seeds,
                                                           offsets, vocab, logits_row_stride);
   return cudaGetLastError();
 }

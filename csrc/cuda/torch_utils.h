@@ -3,9 +3,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#ifdef PAGEDLLM_CUDA_EMU
+#include <cuda_runtime_api.h>  // implemented for the emulated device by csrc/cuda/emu/emu_cudart.cpp
+#else
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
+#endif
 
 #include "cuda/dtype.h"
 
@@ -20,7 +24,19 @@ inline DType to_dtype(at::ScalarType t) {
   }
 }
 
+#ifdef PAGEDLLM_CUDA_EMU
+// The emulated device (csrc/cuda/emu) computes in host memory: its "CUDA tensors" are CPU tensors,
+// it has one stream and nothing to guard.
+inline bool on_cuda_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const c10::Device&) {}
+};
+inline cudaStream_t current_stream() { return nullptr; }
+#else
+inline bool on_cuda_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 // Every launcher returns the cudaError_t of its launch; this turns a failure into a Python error.
 #define PAGEDLLM_CUDA_CHECK(expr)                                                   \

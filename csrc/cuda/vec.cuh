@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda/dtype.h"
+#include "cuda/launch.cuh"
 
 namespace pagedllm::cuda {
 
@@ -30,12 +31,14 @@ struct alignas(16) Vec16 {
   static constexpr int kN = 16 / sizeof(T);
   T v[kN];
 
-  __device__ __forceinline__ static Vec16 load(const T* p) {
+  __device__ __forceinline__ static Vec16 load(const T* p PAGEDLLM_EMU_SITE_PARAMS) {
+    PAGEDLLM_EMU_CHECK(p, 16, false);
     Vec16 r;
     *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(p);
     return r;
   }
-  __device__ __forceinline__ void store(T* p) const {
+  __device__ __forceinline__ void store(T* p PAGEDLLM_EMU_SITE_PARAMS) const {
+    PAGEDLLM_EMU_CHECK(p, 16, true);
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
   }
   __device__ __forceinline__ void to_floats(float* out) const {

@@ -2,35 +2,112 @@
 the ops write into what they are given (see csrc/torch_bindings.cpp for every shape)."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
 from pagedllm import _C  # noqa: F401 - loading the library registers torch.ops._C.*
 
 ops = torch.ops._C
+# Where the kernel ops (norms, rotary, cache, attention, sampling) run: _C, or the CUDA emulator
+# library _C_emu (csrc/cuda/emu: the CUDA kernels and launchers on CPU fibers, CPU tensors in and
+# out) after use_kernel_backend("cuda_emu"). The other ops always come from _C.
+kernels = ops
+KERNEL_BACKENDS = ("native", "cuda_emu")
+# PAGEDLLM_CUDA_EMU_LIBRARY: another build of it (scripts/emu_mutations.sh tests seeded bugs so).
+_EMU_LIBRARY = Path(os.environ.get("PAGEDLLM_CUDA_EMU_LIBRARY") or Path(__file__).with_name("_C_emu.so"))
+
+
+def cuda_emu_available() -> bool:
+    """True when the CUDA emulator library was built (it needs the CUDA headers at build time)."""
+    return _EMU_LIBRARY.exists()
+
+
+def _load_cuda_emu():
+    if not hasattr(torch.ops, "_C_emu") or not hasattr(torch.ops._C_emu, "configure"):
+        if not cuda_emu_available():
+            raise RuntimeError(f"the CUDA emulator library {_EMU_LIBRARY} was not built "
+                               "(setup.py builds it where the CUDA headers exist)")
+        torch.ops.load_library(str(_EMU_LIBRARY))
+    return torch.ops._C_emu
+
+
+def set_kernel_backend(name: str, *, reverse_schedule: bool = False, sm_count: int = 132, device: int = 0,
+                       count: bool = False) -> None:
+    """"native": the kernel ops of _C for the tensors' device. "cuda_emu": the CUDA kernels, run by
+    the emulator on CPU tensors, with the fiber schedule reversed or not, an emulated SM count and
+    device id (the launchers cache per-device facts: give each SM count its own id), and the
+    memory counters of cuda_emu_stats() collected or not."""
+    global kernels
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {name!r}")
+    if name == "native":
+        kernels = ops
+        return
+    emu = _load_cuda_emu()
+    emu.configure(sm_count, device, reverse_schedule, count)
+    kernels = emu
+
+
+def kernel_backend() -> str:
+    """The backend the kernel ops run on now: "native" or "cuda_emu"."""
+    return "native" if kernels is ops else "cuda_emu"
+
+
+@contextlib.contextmanager
+def use_kernel_backend(name: str, **options) -> Iterator[None]:
+    """set_kernel_backend for a with-block; the previous backend comes back after it."""
+    global kernels
+    previous = kernels
+    set_kernel_backend(name, **options)
+    try:
+        yield
+    finally:
+        kernels = previous
+
+
+CUDA_EMU_STATS = ("blocks", "barriers", "collectives", "cp_requests", "cp_sectors", "cp_ideal_sectors",
+                  "ldsm_phases", "ldsm_wavefronts", "vec_requests", "vec_sectors", "vec_ideal_sectors",
+                  "smem_requests", "smem_wavefronts", "smem_ideal_wavefronts")
+
+
+def cuda_emu_stats(reset: bool = False) -> dict[str, int]:
+    """The emulator's counters since the last reset: blocks run, barriers, warp collectives,
+    cp.async warp requests with the 32-byte sectors they touch and the fewest their bytes could
+    take, ldmatrix 8-row phases and their shared-memory wavefronts, 16-byte global load / store
+    warp requests with their sectors and ideal, 16-byte shared-memory load / store warp requests
+    with their wavefronts and ideal (the memory counters only while the backend was set with
+    count=True)."""
+    emu = _load_cuda_emu()
+    values = dict(zip(CUDA_EMU_STATS, emu.stats()))
+    if reset:
+        emu.reset_stats()
+    return values
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    ops.rms_norm(out, x, weight, eps)
+    kernels.rms_norm(out, x, weight, eps)
     return out
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     """In place: residual += x; x = rms_norm(residual) * weight."""
-    ops.fused_add_rms_norm(x, residual, weight, eps)
+    kernels.fused_add_rms_norm(x, residual, weight, eps)
 
 
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: Optional[torch.Tensor],
                      head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
     """In place on query and key."""
-    ops.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+    kernels.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    kernels.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -39,7 +116,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """Decode attention: query [num_seqs, num_heads, head_size] -> same shape."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    ops.paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window)
+    kernels.paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window)
     return out
 
 
@@ -52,8 +129,8 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
     all of its sequence's keys, for encoders)."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    ops.paged_prefill_attention(out, query, key_cache, value_cache, block_tables, query_start_loc,
-                                seq_lens, max_query_len, scale, sliding_window, causal)
+    kernels.paged_prefill_attention(out, query, key_cache, value_cache, block_tables, query_start_loc,
+                                    seq_lens, max_query_len, scale, sliding_window, causal)
     return out
 
 
@@ -62,7 +139,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                   offsets: torch.Tensor) -> torch.Tensor:
     """One token id per row of logits [batch, vocab] (float32)."""
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    ops.sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets)
+    kernels.sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets)
     return out
 
 

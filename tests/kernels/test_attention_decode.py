@@ -12,7 +12,7 @@ import torch
 
 from pagedllm import _ops
 from pagedllm.layers.attention import paged_attention_native
-from testing_utils import DEVICES, DTYPES, assert_close_to_row_scale, non_contiguous_rows
+from testing_utils import KERNEL_DEVICES, DTYPES, assert_close_to_row_scale, non_contiguous_rows
 
 # Both sides accumulate in fp32 from the same inputs. Errors are bounded relative to each output row's own scale
 # (testing_utils.assert_close_to_row_scale): outputs shrink with the context (~0.03 at 2000 keys), so an absolute
@@ -115,27 +115,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("lens", [SHORT_LENS, MEDIUM_LENS], ids=["short", "medium"])
 @pytest.mark.parametrize("head_size,block_size,num_heads,num_kv_heads,dtype,window", CASES)
 def test_paged_attention(device, lens, head_size, block_size, num_heads, num_kv_heads, dtype, window):
     run_and_check(device, dtype, lens, num_heads, num_kv_heads, head_size, block_size, window)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_attention_dtypes_with_padding_row(device, dtype):
     run_and_check(device, dtype, [83, 0, 17, 1], 8, 2, 128, 16)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("layout", ["padded_heads", "qkv_slice"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_non_contiguous_query(device, layout, dtype):
     run_and_check(device, dtype, MEDIUM_LENS, 8, 2, 96, 16, query_layout=layout)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("window", [0, 700])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_size,block_size,dtype", [
     (8, 2, 128, 16, torch.bfloat16),
@@ -153,7 +153,7 @@ def test_paged_attention_uneven_batch_cpu(lens):
     run_and_check("cpu", torch.float32, lens, 9, 3, 64, 16)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_paged_attention_batch_one_long(device):
     run_and_check(device, torch.float16, [3001], 8, 1, 80, 16)
 
@@ -167,7 +167,7 @@ def test_paged_attention_many_sequences_cuda():
     run_and_check("cuda", torch.bfloat16, lens, 8, 4, 128, 16, seed=1)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_paged_attention_writes_strided_out(device):
     q, kc, vc, bt, lens, _, _ = make_case([5, 40], 4, 2, 64, 16, torch.float32, device)
     wide = torch.full((2, 4, 64 + 8), float("nan"), device=device)
@@ -185,7 +185,7 @@ def _inputs(device, head_size=64, block_size=16, kv_dtype=torch.float32, num_hea
     return q, kc, kc.clone(), bt, lens
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_paged_attention_errors(device):
     with pytest.raises(RuntimeError, match="Unsupported head size: 100"):
         _ops.paged_attention(*_inputs(device, head_size=100), 0.1)

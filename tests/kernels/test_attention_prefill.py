@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from testing_utils import DEVICES, DTYPES, assert_close_to_row_scale, non_contiguous_rows
+from testing_utils import KERNEL_DEVICES, DTYPES, assert_close_to_row_scale, non_contiguous_rows
 
 from pagedllm import _ops
 from pagedllm.layers.attention import paged_attention_native, paged_prefill_attention_native
@@ -91,7 +91,7 @@ def check(q_lens, ctx_lens, num_heads, num_kv_heads, head_size, block_size, dtyp
     return out
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -100,7 +100,7 @@ def test_matches_reference(device, dtype, head_size, block_size):
     check(Q_LENS, CTX_LENS, 8, 2, head_size, block_size, dtype, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 1), (9, 3), (32, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_layouts(device, num_heads, num_kv_heads, dtype):
@@ -108,7 +108,7 @@ def test_head_layouts(device, num_heads, num_kv_heads, dtype):
     check([5, 40], [11, 0], num_heads, num_kv_heads, 64, 16, dtype, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [1, 7, 40, 1000])
 def test_sliding_window(device, dtype, window):
@@ -117,14 +117,14 @@ def test_sliding_window(device, dtype, window):
     check([1, 30, 150], [100, 0, 45], 4, 2, 64, 16, dtype, device, window=window)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_long_sequences(device, dtype):
     # Several CUDA query tiles (128 rows) and KV tiles per sequence, uneven last tiles.
     check([300, 129, 64], [200, 0, 500], 4, 1, 128, 32, dtype, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_query_and_out(device, dtype):
     q_lens, ctx = [7, 83], [16, 0]
@@ -148,7 +148,7 @@ def test_non_contiguous_query_and_out(device, dtype):
     assert out_buf[:, :96].isnan().all() and out_buf[:, 9 * 96 :].isnan().all()  # nothing outside the view
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_unaligned_cache(device, dtype):
     # Contiguous caches whose data starts one element past a 16-byte boundary (a view into a
@@ -166,7 +166,7 @@ def test_unaligned_cache(device, dtype):
     assert_close_to_row_scale(out, ref, TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_empty_sequences_write_nothing(device):
     # A sequence with no new tokens (q_len 0, e.g. a finished chunk) between two real ones: the 14 real rows are
     # right, and nothing is written around them (the output is a window of a sentinel-filled buffer) or into the
@@ -186,7 +186,7 @@ def test_empty_sequences_write_nothing(device):
     assert (buf == 7.0).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
 def test_single_token_equals_decode_reference(device, dtype, window):
@@ -199,7 +199,7 @@ def test_single_token_equals_decode_reference(device, dtype, window):
     assert_close_to_row_scale(out, ref, TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_chunked_prefill_equals_one_shot(device):
     # Prefilling 100 tokens in chunks of 37 / 41 / 22 (each chunk attends to the cached earlier
     # chunks) gives the same outputs as one 100-token prefill.
@@ -214,7 +214,7 @@ def test_chunked_prefill_equals_one_shot(device):
         start += chunk
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bad_inputs_raise(device):
     q, kc, vc, bt, qsl, sl = make_case([7, 3], [16, 0], 8, 2, 64, 16, torch.float32, device)
 

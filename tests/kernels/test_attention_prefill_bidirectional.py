@@ -4,7 +4,7 @@ the NaN-poisoned paged caches of test_attention_prefill.py."""
 import pytest
 import torch
 
-from testing_utils import DEVICES, DTYPES
+from testing_utils import DTYPES, KERNEL_DEVICES
 
 from pagedllm import _ops
 from pagedllm.layers.attention import paged_prefill_attention_native
@@ -22,7 +22,7 @@ def run(case, scale, causal):
     return _ops.paged_prefill_attention(*case, max(q_lens), scale, 0, out=out, causal=causal)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -36,7 +36,7 @@ def test_bidirectional_matches_reference(device, dtype, head_size, block_size, q
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bidirectional_differs_from_causal_and_equals_sdpa(device):
     """The first token sees the whole sequence, so its output is not the causal one; each sequence's
     output equals torch's SDPA without a mask."""

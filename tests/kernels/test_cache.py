@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from testing_utils import DEVICES, DTYPES
+from testing_utils import KERNEL_DEVICES, DTYPES
 
 from pagedllm import _ops
 from pagedllm.layers.kv_cache import reshape_and_cache_native
@@ -32,7 +32,7 @@ def random_slots(num_tokens, block_size, device, generator):
     return slots.to(device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -65,7 +65,7 @@ def test_reshape_and_cache(layout, num_tokens, block_size, head_size, dtype, dev
     assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_reshape_and_cache_padded_key_rows(device):
     """key/value may hold more rows than slot_mapping (padding): the extra rows are not written."""
     key, value = make_kv(9, 64, torch.float32, device, "contiguous")
@@ -80,7 +80,7 @@ def test_reshape_and_cache_padded_key_rows(device):
     assert torch.equal(key_cache[1, :, 1], key[1]) and torch.equal(value_cache[0, :, 0], value[2])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_reshape_and_cache_errors(device):
     key, value = make_kv(3, 64, torch.float32, device, "contiguous")
     cache = torch.zeros(2, NUM_KV_HEADS, 16, 64, device=device)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from testing_utils import DEVICES, DTYPES
+from testing_utils import KERNEL_DEVICES, DTYPES
 
 from pagedllm import _ops
 from pagedllm.layers.rms_norm import RMSNorm
@@ -51,7 +51,7 @@ def make_norm(hidden, dtype, device):
     return norm
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES)
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
@@ -69,7 +69,7 @@ def test_rms_norm(layout, num_tokens, hidden, dtype, device):
     assert torch.equal(x, before)  # the input is not modified
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES)
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
@@ -89,7 +89,7 @@ def test_fused_add_rms_norm(layout, num_tokens, hidden, dtype, device):
     assert_mostly_identical(out, ref_out)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rms_norm_leading_dims(dtype, device):
     """[batch, seq, hidden] inputs: viewable ones run in place on the rows, others through a copy."""
@@ -119,7 +119,7 @@ def test_native_matches_hf_llama_rms_norm(dtype):
     assert torch.equal(norm.forward_native(x), hf(x))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_rms_norm_errors(device):
     x = torch.randn(4, 64, device=device)
     with pytest.raises(RuntimeError, match="weight dtype"):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from testing_utils import DEVICES, DTYPES
+from testing_utils import KERNEL_DEVICES, DTYPES
 
 from pagedllm import _ops
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -35,7 +35,7 @@ def make_qk(num_tokens, head_size, dtype, device, layout):
     return q, k, None
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("head_size,rotary_dim", HEAD_ROT)
@@ -62,7 +62,7 @@ def test_rotary_embedding(layout, num_tokens, head_size, rotary_dim, is_neox, dt
         assert torch.equal(qkv[:, query.shape[1] + key.shape[1]:], value_before)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rotary_without_key(dtype, device):
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def test_rotary_without_key(dtype, device):
     torch.testing.assert_close(out_q, ref_q, **TOL[dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_neox_matches_hf_apply_rotary_pos_emb(device):
     """The op equals transformers' Llama apply_rotary_pos_emb (rotate_half) in fp32."""
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
@@ -96,7 +96,7 @@ def test_neox_matches_hf_apply_rotary_pos_emb(device):
     torch.testing.assert_close(out_k, hf_k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_gptj_matches_complex_rotation(device):
     """GPT-J style equals Meta Llama's complex formulation: pairs (2i, 2i+1) times e^(i pos f_i)."""
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def test_cos_sin_cache_layout():
     assert cache[pos, 16 + i].item() == torch.tensor(math.sin(angle), dtype=torch.bfloat16).item()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_rotary_errors(device):
     positions = torch.zeros(3, dtype=torch.long, device=device)
     q = torch.randn(3, 2 * 64, device=device)
@@ -146,3 +146,15 @@ def test_rotary_position_out_of_range_cpu():
     q = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="outside the cos_sin_cache"):
         _ops.rotary_embedding(torch.tensor([0, 16]), q, None, 64, torch.randn(16, 64), True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_rotary_zero_heads_is_a_no_op(device):
+    """A [num_tokens, 0] query (and key) is accepted and left as it is; the CUDA launcher once
+    launched a block of 0 threads for it (an invalid configuration on a GPU)."""
+    positions = torch.tensor([0, 3, 5], device=device)
+    cache = torch.randn(16, 64, device=device)
+    q, k = torch.empty(3, 0, device=device), torch.empty(3, 0, device=device)
+    _ops.rotary_embedding(positions, q, k, 64, cache, True)
+    _ops.rotary_embedding(positions, q, None, 64, cache, False)
+    assert q.shape == (3, 0) and k.shape == (3, 0)
