@@ -5,7 +5,7 @@ from pagedllm.config import AsyncEngineArgs, EngineArgs
 from pagedllm.inputs import TextPrompt, TokensPrompt
 from pagedllm.outputs import (ChatCompletionOutput, ChatMessage, CompletionOutput, FunctionCall, Logprob,
                               RequestOutput, ToolCall)
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name):
@@ -24,4 +24,4 @@ def __getattr__(name):
 
 __all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "SamplingParams",
            "RequestOutput", "CompletionOutput", "ChatCompletionOutput", "ChatMessage", "ToolCall", "FunctionCall",
-           "Logprob", "TextPrompt", "TokensPrompt"]
+           "Logprob", "TextPrompt", "TokensPrompt", "StructuredOutputsParams", "GuidedDecodingParams"]

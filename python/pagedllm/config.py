@@ -34,6 +34,8 @@ class EngineArgs:
     disable_log_stats: bool = True
     load_format: str = "auto"              # "dummy": random weights from the config (benchmarks)
     skip_tokenizer_init: bool = False      # no tokenizer: token-id prompts in, token ids out (no text)
+    structured_outputs_config: Optional[dict] = None  # {"backend": "auto" | "xgrammar" | "guidance", ...}
+    guided_decoding_backend: Optional[str] = None      # vLLM 0.10's name for structured_outputs_config's backend
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32):

@@ -12,7 +12,8 @@ import torch
 from pagedllm.engine.cuda_graph import CudaGraphBackend, DecodeGraphRunner, GraphBackend, capture_sizes
 from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
-from pagedllm.layers.logits_processing import SampleResult, SampleRow, StepSampler
+from pagedllm.sampling.processors.base import SampleRow
+from pagedllm.sampling.step import SampleResult, StepSampler
 from pagedllm.models.utils import use_native_ops
 from pagedllm.outputs import Logprob
 
@@ -28,12 +29,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, hf_config, device: torch.device, dtype: torch.dtype,
-                 block_size: int, tokenizer=None):
+                 block_size: int, tokenizer=None, sampling_chain=None):
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.sampler = StepSampler(tokenizer)
+        self.sampler = StepSampler(sampling_chain, tokenizer, getattr(model, "vocab_size", 0))
         self.tokenizer = tokenizer
         attn = model.attention_layers()
         self.attn_layers = attn

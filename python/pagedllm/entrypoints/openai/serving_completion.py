@@ -7,6 +7,7 @@ from typing import AsyncIterator, Optional
 from pagedllm.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
                                                   CompletionResponseChoice, CompletionStreamResponse, UsageInfo,
                                                   random_id)
+from pagedllm.entrypoints.openai.structured import apply_request_constraint
 from pagedllm.entrypoints.openai.serving_common import (DeltaTracker, OpenAIError, bad_request, check_lengths,
                                                         chained, merge_async_iterators, not_supported, prime,
                                                         sampled_and_top, sse, sse_stream, token_text)
@@ -70,6 +71,7 @@ class OpenAIServingCompletion:
             max_tokens = check_lengths(len(ids), req.max_tokens, self.max_model_len, "prompt")
             params = req.sampling_params(self.defaults, max_tokens, req.logprobs)
             params.prompt_logprobs = prompt_logprobs
+            apply_request_constraint(req, params)  # response_format, structured_outputs, guided_*
             out.append(({"prompt_token_ids": ids, "prompt": text}, params))
         return out
 
