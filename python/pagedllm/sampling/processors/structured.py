@@ -17,24 +17,11 @@ from pagedllm.sampling.structured_params import REASONING_PARSERS, StructuredOut
 logger = logging.getLogger(__name__)
 
 
-def _ends_with(ids: list[int], tail: list[int]) -> bool:
-    return bool(tail) and len(ids) >= len(tail) and ids[len(ids) - len(tail):] == tail
-
-
-def _last_index(ids: list[int], sub: list[int]) -> int:
-    n = len(sub)
-    for i in range(len(ids) - n, -1, -1):
-        if ids[i:i + n] == sub:
-            return i
-    return -1
-
-
 @dataclass
 class GrammarState:
     so: StructuredOutputsParams
     compiled: Future
     manager: StructuredOutputManager
-    reasoning_end: list[int] = field(default_factory=list)   # token ids of "</think>" ([] : no reasoning)
     reasoning_ended: bool = True
     recent: list[int] = field(default_factory=list)           # tail of the reasoning, to find its end
     matcher: Optional[GrammarMatcher] = None
@@ -51,12 +38,12 @@ class StructuredOutputs(SamplingProcessor):
 
     def __init__(self, manager: StructuredOutputManager, tokenizer):
         self.manager = manager
+        self.tokenizer = tokenizer
         parser = manager.config.reasoning_parser
-        self.reasoning_end: list[int] = []
-        self.reasoning_start: list[int] = []
-        if parser is not None and tokenizer is not None:
-            self.reasoning_end = tokenizer.encode(REASONING_PARSERS[parser], add_special_tokens=False)
-            self.reasoning_start = tokenizer.encode("<think>", add_special_tokens=False)
+        self.end_tag: Optional[str] = REASONING_PARSERS[parser] if parser is not None else None
+        # tokens of the reasoning's tail whose text is searched for the tag
+        self.tail_tokens = len(tokenizer.encode(self.end_tag, add_special_tokens=False)) + 4 \
+            if self.end_tag is not None and tokenizer is not None else 0
 
     def validate(self, params) -> None:
         """At add_request: a bad constraint fails its own request, in vLLM's words."""
@@ -71,12 +58,12 @@ class StructuredOutputs(SamplingProcessor):
         if so._backend is None:
             self.manager.validate(so)
         ended = True
-        if self.reasoning_end:
+        if self.end_tag is not None:
             # vLLM's reasoning-aware mode: a prompt that already closed its reasoning (a template that
             # turns thinking off writes "<think></think>") is constrained from the first token.
-            end_at = _last_index(prompt_token_ids, self.reasoning_end)
-            ended = end_at >= 0 and end_at > _last_index(prompt_token_ids, self.reasoning_start)
-        return GrammarState(so, self.manager.compile_async(so), self.manager, self.reasoning_end, ended)
+            text = self.tokenizer.decode(prompt_token_ids)
+            ended = text.rfind(self.end_tag) > text.rfind("<think>")
+        return GrammarState(so, self.manager.compile_async(so), self.manager, ended)
 
     def ready(self, state: GrammarState) -> bool:
         return state.compiled.done()
@@ -94,8 +81,12 @@ class StructuredOutputs(SamplingProcessor):
         if state.terminated:
             return True
         if not state.reasoning_ended:
-            state.recent = (state.recent + [token_id])[-len(state.reasoning_end):]
-            state.reasoning_ended = _ends_with(state.recent, state.reasoning_end)
+            # The tag is found in the text of the last few tokens: a model may spell it in other tokens
+            # than the tag's own encoding. The constraint applies from the next token on.
+            state.recent = (state.recent + [token_id])[-self.tail_tokens:]
+            state.reasoning_ended = self.end_tag in self.tokenizer.decode(state.recent)
+            if state.reasoning_ended:
+                state.recent = []
             return False
         matcher = state.get_matcher()
         if not matcher.accept(token_id):
@@ -108,6 +99,6 @@ class StructuredOutputs(SamplingProcessor):
         return state.terminated
 
     def forked(self, state: GrammarState) -> GrammarState:
-        return GrammarState(state.so, state.compiled, state.manager, state.reasoning_end, state.reasoning_ended,
-                            list(state.recent), state.matcher.fork() if state.matcher is not None else None,
+        return GrammarState(state.so, state.compiled, state.manager, state.reasoning_ended, list(state.recent),
+                            state.matcher.fork() if state.matcher is not None else None,
                             state.terminated)
