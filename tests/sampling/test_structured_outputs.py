@@ -226,3 +226,12 @@ def test_reasoning_mode_constrains_only_after_the_think_block(llm):
     assert closed.reasoning_ended
     forked = proc.forked(state)
     assert forked.matcher is not state.matcher and forked.reasoning_ended
+
+
+def test_abort_while_the_grammar_compiles_or_runs(llm):
+    engine = llm.llm_engine
+    schema = {"type": "object", "properties": {"abort_case": {"type": "integer"}}, "required": ["abort_case"]}
+    engine.add_request("abort-me", "x", SamplingParams(max_tokens=5, n=2, structured_outputs=so(json=schema)))
+    engine.abort_request("abort-me")
+    assert not engine.has_unfinished_requests()
+    assert engine.step() == [] and not engine.scheduler.has_unfinished()

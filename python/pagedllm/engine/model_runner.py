@@ -34,7 +34,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.sampler = StepSampler(sampling_chain, tokenizer, getattr(model, "vocab_size", 0))
+        self.sampler = StepSampler(sampling_chain, tokenizer)
         self.tokenizer = tokenizer
         attn = model.attention_layers()
         self.attn_layers = attn

@@ -30,7 +30,7 @@ class GrammarAdmission:
     def __init__(self, args, tokenizer, vocab_size: int, eos_token_ids):
         self.manager = StructuredOutputManager(tokenizer, vocab_size, eos_token_ids, structured_config(args))
         self.structured = StructuredOutputs(self.manager, tokenizer)
-        self.chain = default_processors(tokenizer, vocab_size, self.structured)
+        self.chain = default_processors(tokenizer, self.structured)
         self._pending: list[Sequence] = []   # arrival order
 
     def validate(self, params) -> None:
@@ -45,6 +45,10 @@ class GrammarAdmission:
             self._pending.append(seq)
 
     def drop(self, req: Request) -> None:
+        """An aborted request: its sequences waiting for their grammar finish here (the scheduler never had them)."""
+        for seq in self._pending:
+            if seq.request is req:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
         self._pending = [s for s in self._pending if s.request is not req]
 
     def admit_ready(self, scheduler, block: bool) -> list[Request]:
@@ -70,6 +74,7 @@ class GrammarAdmission:
                 logger.error("request %s: its grammar failed to compile: %s", seq.request.request_id, error)
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "abort"
+                seq.request.aborted = True  # finished although n > 1 never forked
                 failed.append(seq.request)
         self._pending = still
         return failed

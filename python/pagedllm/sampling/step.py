@@ -30,10 +30,9 @@ def wants_logprob(p: SamplingParams) -> bool:
     return p.logprobs is not None or (p.best_of or p.n) > p.n
 
 
-def default_processors(tokenizer, vocab_size: int, structured=None) -> ProcessorChain:
+def default_processors(tokenizer, structured=None) -> ProcessorChain:
     """The engine's chain; `structured` (a StructuredOutputs processor) goes last."""
-    procs = [UserLogitsProcessors(), AllowedTokenIds(vocab_size), BadWords(tokenizer), MinTokens(),
-             LogitBias(vocab_size), Penalties()]
+    procs = [UserLogitsProcessors(), AllowedTokenIds(), BadWords(tokenizer), MinTokens(), LogitBias(), Penalties()]
     if structured is not None:
         procs.append(structured)
     return ProcessorChain(procs)
@@ -42,8 +41,8 @@ def default_processors(tokenizer, vocab_size: int, structured=None) -> Processor
 class StepSampler:
     """The whole sampling step of the engine: processors, the sample_tokens op, logprobs."""
 
-    def __init__(self, chain: Optional[ProcessorChain] = None, tokenizer=None, vocab_size: int = 0):
-        self.chain = chain if chain is not None else default_processors(tokenizer, vocab_size)
+    def __init__(self, chain: Optional[ProcessorChain] = None, tokenizer=None):
+        self.chain = chain if chain is not None else default_processors(tokenizer)
         self.sampler = Sampler()
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:

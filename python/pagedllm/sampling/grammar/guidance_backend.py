@@ -58,7 +58,8 @@ class GuidanceBackend(GrammarBackend):
         if kind == "choice":
             return ll.grammar_from_lark(f"start: {choice_literals(so.choice)}")
         if kind == "grammar":
-            lark = so.grammar if is_lark(so.grammar) else self._ll.gbnf_to_lark(so.grammar)
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+            lark = so.grammar if is_lark(so.grammar) else gbnf_to_lark(so.grammar)
             return ll.grammar_from_lark(lark)
         raise ValueError("The guidance backend does not support structural_tag.")
 

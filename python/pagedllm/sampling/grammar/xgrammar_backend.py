@@ -82,37 +82,24 @@ class XgrammarBackend(GrammarBackend):
         xgr, kind = self._xgr, so.kind
         if so.whitespace_pattern is not None:
             raise ValueError("xgrammar does not support whitespace_pattern.")
-        if kind == "json":
-            schema = self._schema(so)
-            if unsupported_json_features(schema):
-                raise ValueError("The provided JSON schema contains features not supported by xgrammar.")
-            try:
-                xgr.Grammar.from_json_schema(json.dumps(schema), **self._whitespace(so))
-            except Exception as e:
-                raise ValueError(f"Failed to transform json schema into a grammar: {e}") from e
-        elif kind == "regex":
-            try:
-                xgr.Grammar.from_regex(so.regex)
-            except Exception as e:
-                raise ValueError(f"Failed to transform regex into a grammar: {e}") from e
-        elif kind == "choice":
-            try:
-                xgr.Grammar.from_ebnf(f"root ::= {choice_literals(so.choice)}")
-            except Exception as e:
-                raise ValueError(f"Failed to transform choices into a grammar: {e}") from e
-        elif kind == "grammar":
-            try:
-                if is_lark(so.grammar):
-                    xgr.Grammar.from_lark(so.grammar)
-                else:
-                    xgr.Grammar.from_ebnf(so.grammar)
-            except Exception as e:
-                raise ValueError(f"Invalid grammar specification. {e}") from e
-        elif kind == "structural_tag":
-            try:
-                self._compile_structural_tag(so.structural_tag, compile_=False)
-            except Exception as e:
-                raise ValueError(f"Invalid structural tag specification. {e}") from e
+        if kind == "json" and unsupported_json_features(self._schema(so)):
+            raise ValueError("The provided JSON schema contains features not supported by xgrammar.")
+        parse, message = {
+            "json": (lambda: xgr.Grammar.from_json_schema(json.dumps(self._schema(so)), **self._whitespace(so)),
+                     "Failed to transform json schema into a grammar: "),
+            "regex": (lambda: xgr.Grammar.from_regex(so.regex), "Failed to transform regex into a grammar: "),
+            "choice": (lambda: xgr.Grammar.from_ebnf(f"root ::= {choice_literals(so.choice or [])}"),
+                       "Failed to transform choices into a grammar: "),
+            "grammar": (lambda: xgr.Grammar.from_lark(so.grammar) if is_lark(so.grammar)
+                        else xgr.Grammar.from_ebnf(so.grammar), "Invalid grammar specification. "),
+            "structural_tag": (lambda: self._compile_structural_tag(so.structural_tag, compile_=False),
+                               "Invalid structural tag specification. "),
+            "json_object": (lambda: None, ""),
+        }[kind]
+        try:
+            parse()
+        except Exception as e:  # xgrammar raises its own error types (RuntimeError, InvalidJSONError ...)
+            raise ValueError(f"{message}{e}") from e
 
     def _compile_structural_tag(self, text: str, compile_: bool = True):
         xgr = self._xgr

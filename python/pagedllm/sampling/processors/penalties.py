@@ -11,19 +11,17 @@ from pagedllm.sampling.processors.base import SamplingBatch, SamplingProcessor
 class LogitBias(SamplingProcessor):
     name = "logit_bias"
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
     def added(self, params, prompt_token_ids) -> Optional[Any]:
         if not params.logit_bias:
             return None
-        ids = [t for t in params.logit_bias if 0 <= t < self.vocab_size]
-        return torch.tensor(ids, dtype=torch.long), torch.tensor([params.logit_bias[t] for t in ids])
+        return (torch.tensor(list(params.logit_bias), dtype=torch.long),
+                torch.tensor(list(params.logit_bias.values()), dtype=torch.float32))
 
     def apply(self, batch: SamplingBatch, rows: list[int], states: list[Any]) -> None:
         logits = batch.logits
         for i, (ids, bias) in zip(rows, states):
-            logits[i, ids.to(logits.device)] += bias.to(logits.device)
+            ok = (ids >= 0) & (ids < batch.vocab)  # the engine rejects others; direct callers may not
+            logits[i, ids[ok].to(logits.device)] += bias[ok].to(logits.device, logits.dtype)
 
 
 class Penalties(SamplingProcessor):

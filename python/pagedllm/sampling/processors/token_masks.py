@@ -11,19 +11,16 @@ from pagedllm.sampling.processors.base import SamplingBatch, SamplingProcessor
 class AllowedTokenIds(SamplingProcessor):
     name = "allowed_token_ids"
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
     def added(self, params, prompt_token_ids) -> Optional[Any]:
         if params.allowed_token_ids is None:
             return None
-        return torch.tensor([t for t in params.allowed_token_ids if 0 <= t < self.vocab_size], dtype=torch.long)
+        return torch.tensor(params.allowed_token_ids, dtype=torch.long)
 
     def apply(self, batch: SamplingBatch, rows: list[int], states: list[Any]) -> None:
         logits = batch.logits
         for i, ids in zip(rows, states):
             keep = torch.zeros(batch.vocab, dtype=torch.bool, device=logits.device)
-            keep[ids.to(logits.device)] = True
+            keep[ids[(ids >= 0) & (ids < batch.vocab)].to(logits.device)] = True
             logits[i].masked_fill_(~keep, float("-inf"))
 
 
