@@ -16,7 +16,7 @@ PERSON = {
         "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,8}$"},
         "age": {"type": "integer", "minimum": 18, "maximum": 99},
         "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 10},
-                   "minItems": 1, "maxItems": 3},
+                   "minItems": 1, "maxItems": 2},
         "address": {"type": "object", "properties": {
             "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
             "country": {"type": "string", "enum": ["FR", "DE", "US"]}},
@@ -25,8 +25,8 @@ PERSON = {
     "required": ["name", "age", "scores", "address"],
 }
 IPV4 = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}"
-ARITH_EBNF = 'root ::= expr\nexpr ::= term (("+" | "-") term)*\nterm ::= [1-9] [0-9]?'
-ARITH_LARK = 'start: expr\nexpr: term (("+" | "-") term)*\nterm: /[1-9][0-9]?/'
+ARITH_EBNF = 'root ::= term ("+" | "-") term\nterm ::= [1-9] [0-9]?'
+ARITH_LARK = 'start: term ("+" | "-") term\nterm: /[1-9][0-9]?/'
 
 
 @pytest.fixture(scope="module")
@@ -43,85 +43,114 @@ def so(**kw):
     return StructuredOutputsParams(**kw)
 
 
-def test_json_schema_greedy_sampled_and_n2_all_validate(llm):
-    prompt = chat_prompt(llm, "Give me a person as JSON.")
-    outs = llm.generate([prompt, prompt, prompt], [
-        SamplingParams(temperature=0, max_tokens=120, structured_outputs=so(json=PERSON)),
-        SamplingParams(temperature=1.0, seed=7, max_tokens=120, structured_outputs=so(json=PERSON)),
-        SamplingParams(temperature=0.9, seed=3, n=2, max_tokens=120,
-                       structured_outputs=so(json=json.dumps(PERSON), disable_any_whitespace=True)),
-    ], use_tqdm=False)
-    texts = [c for o in outs for c in o.outputs]
-    assert len(texts) == 4
-    for c in texts:
+FALLBACK_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7, "minimum": 1,
+                                                          "maximum": 99}}, "required": ["n"]}
+FREE_PROMPT = "The capital of France is"
+FREE = SamplingParams(temperature=0.8, seed=42, max_tokens=8)
+REQUESTS: dict = {}  # the batch's (prompt, params) by name
+
+
+@pytest.fixture(scope="module")
+def batch(llm):
+    """Every kind of constraint next to an unconstrained request, in one batch (the machine is slow:
+    one batch costs one step per token of the longest output)."""
+    tok = llm.get_tokenizer()
+    seven = tok.encode("7", add_special_tokens=False)[0]
+
+    def no_seven(output_ids, logits):
+        logits[seven] = float("-inf")
+        return logits
+
+    person = chat_prompt(llm, "Give me a person as JSON.")
+    compact = dict(json=PERSON, disable_any_whitespace=True)
+    requests = {
+        "person_greedy": (person, SamplingParams(temperature=0, max_tokens=90, structured_outputs=so(json=PERSON))),
+        "person_sampled": (person, SamplingParams(temperature=1.0, seed=7, max_tokens=60,
+                                                  structured_outputs=so(**compact))),
+        "person_n2": (person, SamplingParams(temperature=0.9, seed=3, n=2, max_tokens=60,
+                                             structured_outputs=so(json=json.dumps(PERSON),
+                                                                   disable_any_whitespace=True))),
+        "json_object": (chat_prompt(llm, 'Reply with the JSON object {"ok": true}.'),
+                        SamplingParams(temperature=0, max_tokens=30,
+                                       structured_outputs=so(json_object=True, disable_any_whitespace=True))),
+        "ipv4_greedy": ("An IP address: ", SamplingParams(temperature=0, max_tokens=20,
+                                                          structured_outputs=so(regex=IPV4))),
+        "ipv4_sampled": ("An IP address: ", SamplingParams(temperature=1.0, seed=11, max_tokens=20,
+                                                           structured_outputs=so(regex=IPV4))),
+        "choice": (chat_prompt(llm, "A colour?"), SamplingParams(temperature=1.0, seed=5, max_tokens=10,
+                                                                 structured_outputs=so(choice=["red", "green", "blue"]))),
+        "ebnf": ("Write a sum: ", SamplingParams(temperature=0, max_tokens=12, structured_outputs=so(grammar=ARITH_EBNF))),
+        "lark": ("Write a sum: ", SamplingParams(temperature=0, max_tokens=12, structured_outputs=so(grammar=ARITH_LARK))),
+        "ends": ("Say it: ", SamplingParams(temperature=0, max_tokens=50, structured_outputs=so(regex="(abc|xyz)"))),
+        # ignore_eos: the end of the grammar still ends the output
+        "ends_ignore_eos": ("Say it: ", SamplingParams(temperature=0, max_tokens=50, ignore_eos=True,
+                                                       structured_outputs=so(choice=["yes", "no"]))),
+        "free": (FREE_PROMPT, FREE),
+        "processor": ("Digits: ", SamplingParams(temperature=0, max_tokens=12, logits_processors=[no_seven],
+                                                 repetition_penalty=1.3, structured_outputs=so(regex="[0-9]{8}"))),
+        "stop_string": ("Digits: ", SamplingParams(temperature=0, max_tokens=12, stop=["5"],
+                                                   structured_outputs=so(regex="[1-5]{8}"))),
+        "fallback": (chat_prompt(llm, "A number?"), SamplingParams(
+            temperature=0, max_tokens=20, structured_outputs=so(json=FALLBACK_SCHEMA, disable_any_whitespace=True))),
+        "guidance": ("An IP address: ", SamplingParams(temperature=0, max_tokens=20, guided_decoding=GuidedDecodingParams(
+            regex=IPV4, backend="guidance"))),
+    }
+    outs = llm.generate([p for p, _ in requests.values()], [sp for _, sp in requests.values()], use_tqdm=False)
+    REQUESTS.update(requests)
+    return dict(zip(requests, outs))
+
+
+def test_json_schema_greedy_sampled_and_n2_all_validate(batch):
+    outputs = [c for k in ("person_greedy", "person_sampled", "person_n2") for c in batch[k].outputs]
+    assert len(outputs) == 4
+    for c in outputs:
         assert c.finish_reason == "stop", c.text
         jsonschema.validate(json.loads(c.text), PERSON)
-    compact = [c.text for c in outs[2].outputs]
-    for text in compact:  # no whitespace where it was disabled (the strings here cannot hold any)
-        assert not re.search(r"\s", text), text
-    assert compact[0] != compact[1] or outs[2].outputs[0].token_ids != outs[2].outputs[1].token_ids or True
+    for c in outputs[1:]:  # no whitespace where it was disabled (the strings here cannot hold any)
+        assert not re.search(r"\s", c.text), c.text
+    assert "\n" in outputs[0].text  # whitespace allowed: the model indents
 
 
-def test_json_object_regex_and_choice(llm):
-    prompt = chat_prompt(llm, "Answer.")
-    outs = llm.generate([prompt] * 4, [
-        SamplingParams(temperature=0, max_tokens=60, structured_outputs=so(json_object=True)),
-        SamplingParams(temperature=0, max_tokens=20, structured_outputs=so(regex=IPV4)),
-        SamplingParams(temperature=1.0, seed=11, max_tokens=20, structured_outputs=so(regex=IPV4)),
-        SamplingParams(temperature=1.0, seed=5, max_tokens=10, structured_outputs=so(choice=["red", "green", "blue"])),
-    ], use_tqdm=False)
-    assert isinstance(json.loads(outs[0].outputs[0].text), dict)
-    for o in outs[1:3]:
-        assert re.fullmatch(IPV4, o.outputs[0].text), o.outputs[0].text
-        assert o.outputs[0].finish_reason == "stop"
-    assert outs[3].outputs[0].text in ("red", "green", "blue")
+def test_json_object_regex_and_choice(batch):
+    assert isinstance(json.loads(batch["json_object"].outputs[0].text), dict)
+    for k in ("ipv4_greedy", "ipv4_sampled"):
+        out = batch[k].outputs[0]
+        assert re.fullmatch(IPV4, out.text) and out.finish_reason == "stop", out.text
+    assert batch["choice"].outputs[0].text in ("red", "green", "blue")
 
 
-def test_ebnf_and_the_same_lark_grammar_give_the_same_output(llm):
-    prompt = "Write a sum: "
-    outs = llm.generate([prompt, prompt], [
-        SamplingParams(temperature=0, max_tokens=12, structured_outputs=so(grammar=ARITH_EBNF)),
-        SamplingParams(temperature=0, max_tokens=12, structured_outputs=so(grammar=ARITH_LARK)),
-    ], use_tqdm=False)
-    a, b = (o.outputs[0] for o in outs)
-    assert a.token_ids == b.token_ids
-    assert re.fullmatch(r"[1-9][0-9]?([+-][1-9][0-9]?)*", a.text), a.text
+def test_ebnf_and_the_same_lark_grammar_give_the_same_output(batch):
+    a, b = batch["ebnf"].outputs[0], batch["lark"].outputs[0]
+    assert a.token_ids == b.token_ids and a.finish_reason == "stop"
+    assert re.fullmatch(r"[1-9][0-9]?[+-][1-9][0-9]?", a.text), a.text
 
 
-def test_unconstrained_request_is_unchanged_by_a_constrained_neighbour(llm):
-    free = SamplingParams(temperature=0.8, seed=42, max_tokens=16)
-    alone = llm.generate("The capital of France is", free, use_tqdm=False)[0].outputs[0].token_ids
-    both = llm.generate(["The capital of France is", chat_prompt(llm, "A person?")],
-                        [free, SamplingParams(temperature=0.8, seed=1, max_tokens=40,
-                                              structured_outputs=so(json=PERSON))], use_tqdm=False)
-    assert both[0].outputs[0].token_ids == alone
+def test_unconstrained_request_is_unchanged_by_constrained_neighbours(llm, batch):
+    alone = llm.generate(FREE_PROMPT, FREE, use_tqdm=False)[0].outputs[0].token_ids
+    assert batch["free"].outputs[0].token_ids == alone
 
 
-def test_a_grammar_that_ends_finishes_the_request(llm):
-    outs = llm.generate(["Say it: ", "Say it: "], [
-        SamplingParams(temperature=0, max_tokens=50, structured_outputs=so(regex="(abc|xyz)")),
-        # ignore_eos: the end of the grammar still ends the output
-        SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, structured_outputs=so(choice=["yes", "no"])),
-    ], use_tqdm=False)
-    assert outs[0].outputs[0].text in ("abc", "xyz") and outs[0].outputs[0].finish_reason == "stop"
-    assert outs[1].outputs[0].text in ("yes", "no") and outs[1].outputs[0].finish_reason == "stop"
+def test_a_grammar_that_ends_finishes_the_request(batch):
+    assert batch["ends"].outputs[0].text in ("abc", "xyz") and batch["ends"].outputs[0].finish_reason == "stop"
+    out = batch["ends_ignore_eos"].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
 
 
-def test_guidance_backend_and_auto_fallback(llm):
+def test_user_processor_penalties_and_stop_string_with_a_grammar(batch):
+    """The other processors run next to the grammar: a logits processor that bans a digit, and a stop
+    string that cuts the output before the grammar ends."""
+    first = batch["processor"].outputs[0].text
+    assert re.fullmatch("[0-9]{8}", first) and "7" not in first
+    second = batch["stop_string"].outputs[0]
+    assert re.fullmatch("[1-4]{0,8}", second.text) and (second.stop_reason == "5" or len(second.text) == 8)
+
+
+def test_guidance_backend_and_auto_fallback(llm, batch):
     manager = llm.llm_engine.admission.manager
-    fallback_schema = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7,
-                                                              "minimum": 1, "maximum": 99}}, "required": ["n"]}
     assert manager.validate(so(json=PERSON)) == "xgrammar"
-    assert manager.validate(so(json=fallback_schema)) == "guidance"  # "auto": what xgrammar cannot do
-    prompt = chat_prompt(llm, "A number?")
-    outs = llm.generate([prompt, prompt], [
-        SamplingParams(temperature=0, max_tokens=30, structured_outputs=so(json=fallback_schema)),
-        SamplingParams(temperature=0, max_tokens=30, guided_decoding=GuidedDecodingParams(regex=IPV4,
-                                                                                          backend="guidance")),
-    ], use_tqdm=False)
-    value = json.loads(outs[0].outputs[0].text)
-    jsonschema.validate(value, fallback_schema)
-    assert re.fullmatch(IPV4, outs[1].outputs[0].text)
+    assert manager.validate(so(json=FALLBACK_SCHEMA)) == "guidance"  # "auto": what xgrammar cannot do
+    jsonschema.validate(json.loads(batch["fallback"].outputs[0].text), FALLBACK_SCHEMA)
+    assert re.fullmatch(IPV4, batch["guidance"].outputs[0].text)
 
 
 def test_errors_fail_their_own_request_in_vllm_words(llm):
@@ -135,42 +164,17 @@ def test_errors_fail_their_own_request_in_vllm_words(llm):
             grammar="root ::= (", backend="xgrammar")), use_tqdm=False)
 
 
-def test_preemption_in_the_middle_of_constrained_outputs(llm):
-    """Three constrained requests on a KV cache that holds two: preempted ones recompute and resume
-    their grammar where it was; greedy outputs equal those of the roomy engine."""
-    prompt = chat_prompt(llm, "Give me a person as JSON.")
-    params = [SamplingParams(temperature=0, max_tokens=100, structured_outputs=so(json=PERSON)),
-              SamplingParams(temperature=0, max_tokens=100, structured_outputs=so(json=PERSON,
-                                                                                  disable_any_whitespace=True)),
-              SamplingParams(temperature=0.7, seed=9, max_tokens=100, structured_outputs=so(json=PERSON))]
-    roomy = llm.generate([prompt] * 3, params, use_tqdm=False)
-    tight = LLM(max_model_len=256, num_gpu_blocks_override=17, enable_prefix_caching=False)
-    outs = tight.generate([prompt] * 3, params, use_tqdm=False)
+def test_preemption_in_the_middle_of_constrained_outputs(batch):
+    """The batch's sampled JSON requests (one with n = 2) again, on a KV cache that holds fewer: the
+    preempted ones recompute and resume their grammar where it was; seeded, they give the same tokens."""
+    names = ["person_sampled", "person_n2"]
+    tight = LLM(max_model_len=128, num_gpu_blocks_override=8, enable_prefix_caching=False)
+    outs = tight.generate([REQUESTS[k][0] for k in names], [REQUESTS[k][1] for k in names], use_tqdm=False)
     assert tight.llm_engine.scheduler.num_preemptions > 0
-    for a, b in zip(roomy, outs):
-        jsonschema.validate(json.loads(b.outputs[0].text), PERSON)
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-
-
-def test_user_processor_penalties_and_stop_string_with_a_grammar(llm):
-    """The other processors run next to the grammar: a logits processor that bans a digit, and a stop
-    string that cuts the output before the grammar ends."""
-    tok = llm.get_tokenizer()
-    seven = tok.encode("7", add_special_tokens=False)[0]
-
-    def no_seven(output_ids, logits):
-        logits[seven] = float("-inf")
-        return logits
-
-    outs = llm.generate(["Digits: ", "Digits: "], [
-        SamplingParams(temperature=0, max_tokens=12, logits_processors=[no_seven], repetition_penalty=1.3,
-                       structured_outputs=so(regex="[0-9]{8}")),
-        SamplingParams(temperature=0, max_tokens=12, stop=["5"], structured_outputs=so(regex="[1-5]{8}")),
-    ], use_tqdm=False)
-    first = outs[0].outputs[0].text
-    assert re.fullmatch("[0-9]{8}", first) and "7" not in first
-    second = outs[1].outputs[0]
-    assert re.fullmatch("[1-4]{0,8}", second.text) and (second.stop_reason == "5" or len(second.text) == 8)
+    for name, out in zip(names, outs):
+        assert [c.token_ids for c in out.outputs] == [c.token_ids for c in batch[name].outputs]
+        for c in out.outputs:
+            jsonschema.validate(json.loads(c.text), PERSON)
 
 
 def test_chat_tool_choice_offline(llm):
