@@ -62,6 +62,8 @@ class StructuredOutputManager:
 
     def compile_async(self, so: StructuredOutputsParams) -> Future:
         """The compiled grammar's future (done already when the spec is cached)."""
+        if so._backend is None:
+            self.validate(so)
         key = (so._backend, so.cache_key())
         with self._cache_lock:
             fut = self._cache.get(key)
