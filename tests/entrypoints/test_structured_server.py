@@ -12,6 +12,7 @@ from pagedllm import AsyncEngineArgs, AsyncLLMEngine
 from pagedllm.entrypoints.openai.api_server import build_app
 from server_utils import ServerThread
 
+pytestmark = pytest.mark.slow  # the default model on a CPU: minutes
 MODEL = "smol"
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "enum": ["Paris", "Berlin", "Rome"]},

@@ -25,6 +25,7 @@ PERSON = {
     "required": ["name", "age", "scores", "address"],
 }
 IPV4 = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}"
+pytestmark = pytest.mark.slow  # the default model on a CPU: minutes
 ARITH_EBNF = 'root ::= term ("+" | "-") term\nterm ::= [1-9] [0-9]?'
 ARITH_LARK = 'start: term ("+" | "-") term\nterm: /[1-9][0-9]?/'
 
