@@ -255,7 +255,8 @@ void check_paged_prefill_attention(const at::Tensor& out, const at::Tensor& quer
 
 void check_sample_tokens(const at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature,
                          const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-                         const at::Tensor& seeds, const at::Tensor& offsets) {
+                         const at::Tensor& seeds, const at::Tensor& offsets,
+                         const std::optional<at::Tensor>& token_bitmask) {
   TORCH_CHECK(logits.dim() == 2, "sample_tokens: logits must be 2-D [batch, vocab], got ", logits.sizes());
   TORCH_CHECK(logits.scalar_type() == at::kFloat, "sample_tokens: logits must be float32, got ",
               logits.scalar_type());
@@ -270,6 +271,17 @@ void check_sample_tokens(const at::Tensor& out, const at::Tensor& logits, const 
   check_param(min_p, "min_p", at::kFloat, batch, logits);
   check_param(seeds, "seeds", at::kLong, batch, logits);
   check_param(offsets, "offsets", at::kLong, batch, logits);
+  if (token_bitmask.has_value()) {
+    const at::Tensor& m = *token_bitmask;
+    const int64_t words = (vocab + 31) / 32;
+    TORCH_CHECK(m.device() == logits.device(), "sample_tokens: token_bitmask must be on the logits' device (",
+                logits.device(), "), got ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kInt, "sample_tokens: token_bitmask must be int32, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == batch && m.size(1) == words, "sample_tokens: token_bitmask must have "
+                "shape [", batch, ", ", words, "] (ceil(vocab / 32) words per row), got ", m.sizes());
+    TORCH_CHECK(m.stride(1) == 1 || words == 1, "sample_tokens: the last dim of token_bitmask must be contiguous");
+    TORCH_CHECK(m.stride(0) >= 0, "sample_tokens: token_bitmask has a negative row stride");
+  }
 }
 
 }  // namespace pagedllm

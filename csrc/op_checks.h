@@ -69,6 +69,7 @@ void check_paged_prefill_attention(const at::Tensor& out, const at::Tensor& quer
 // Also checks that every parameter tensor is on the logits' device.
 void check_sample_tokens(const at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature,
                          const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-                         const at::Tensor& seeds, const at::Tensor& offsets);
+                         const at::Tensor& seeds, const at::Tensor& offsets,
+                         const std::optional<at::Tensor>& token_bitmask);
 
 }  // namespace pagedllm

@@ -29,7 +29,8 @@
                                bool causal);                                                 \
   void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature, \
                      const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p, \
-                     const at::Tensor& seeds, const at::Tensor& offsets);
+                     const at::Tensor& seeds, const at::Tensor& offsets,              \
+                     const std::optional<at::Tensor>& token_bitmask);
 
 namespace pagedllm {
 namespace cpu {

@@ -43,10 +43,11 @@ TORCH_LIBRARY(_C, m) {
   // out: [batch] int64; logits: [batch, vocab] float32 (not modified); temperature, top_p,
   // min_p: [batch] float32 (temperature < 1e-5: greedy argmax); top_k: [batch] int32 (<= 0: off);
   // seeds, offsets: [batch] int64. A row's random draw is Philox(seed, offset): it depends on
-  // nothing else in the batch.
+  // nothing else in the batch. token_bitmask (optional): [batch, ceil(vocab / 32)] int32, bit
+  // (t & 31) of word t >> 5 set = token t allowed; a cleared bit makes the token's logit -inf.
   m.def(
       "sample_tokens(Tensor! out, Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
-      "Tensor min_p, Tensor seeds, Tensor offsets) -> ()");
+      "Tensor min_p, Tensor seeds, Tensor offsets, Tensor? token_bitmask=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(_C, CPU, m) {

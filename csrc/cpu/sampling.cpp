@@ -7,6 +7,10 @@
 //      orders like the value), each step one vectorized pass counting / summing e >= t, finished
 //      exactly on the few (<= kFinish) candidates left between the bounds;
 //   3. the inverse-CDF draw in vocabulary order (chunk sums first, then a scan of one chunk).
+// An optional token bitmask (structured outputs) is applied while step 1 reads the logits: a token
+// whose bit is clear gets x = -inf (e = 0), and greedy / fallback argmaxes skip it, so a masked
+// token is never returned unless every token is masked (then the result is the unmasked argmax's
+// rule on an all -inf row: index 0).
 // Inner loops are contiguous: the elementwise ones (division, exp) auto-vectorize with -O3
 // -march=native, the reductions (max, count / sum above a threshold) use GCC vector extensions.
 #include <ATen/Parallel.h>
@@ -163,13 +167,38 @@ int64_t argmax_first(const float* v, int64_t n) {
   return 0;
 }
 
-int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k, float top_p,
-                   float min_p, int64_t seed, int64_t offset, float* e) {
-  if (temperature < kGreedyTemperature) return argmax_first(logits, vocab);
+inline bool allowed(const int32_t* mask, int64_t i) {
+  return (static_cast<uint32_t>(mask[i >> 5]) >> (i & 31)) & 1u;
+}
 
-  for (int64_t i = 0; i < vocab; ++i) e[i] = logits[i] / temperature;
+// argmax_first of the row with the tokens the mask forbids read as -inf (mask nullptr: no mask).
+int64_t argmax_first_masked(const float* v, int64_t n, const int32_t* mask) {
+  if (mask == nullptr) return argmax_first(v, n);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  float m = ninf;
+  for (int64_t i = 0; i < n; ++i)
+    if (allowed(mask, i) && v[i] > m) m = v[i];
+  for (int64_t i = 0; i < n; ++i)
+    if ((allowed(mask, i) ? v[i] : ninf) == m) return i;
+  return 0;
+}
+
+int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k, float top_p,
+                   float min_p, int64_t seed, int64_t offset, const int32_t* mask, float* e) {
+  if (temperature < kGreedyTemperature) return argmax_first_masked(logits, vocab, mask);
+
+  if (mask == nullptr) {
+    for (int64_t i = 0; i < vocab; ++i) e[i] = logits[i] / temperature;
+  } else {  // the mask joins the first read of the logits: no separate pass
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t w = 0; w * 32 < vocab; ++w) {
+      const uint32_t bits = static_cast<uint32_t>(mask[w]);
+      const int64_t end = std::min<int64_t>(vocab, (w + 1) * 32);
+      for (int64_t i = w * 32; i < end; ++i) e[i] = (bits >> (i & 31)) & 1u ? logits[i] / temperature : ninf;
+    }
+  }
   const float m = max_of(e, vocab);
-  if (!std::isfinite(m)) return argmax_first(logits, vocab);  // all -inf, +inf, or overflow
+  if (!std::isfinite(m)) return argmax_first_masked(logits, vocab, mask);  // all -inf, +inf, or overflow
   for (int64_t i = 0; i < vocab; ++i) e[i] = exp_nonpositive(e[i] - m);  // e in [0, 1], max 1
 
   // top_k and min_p: keep e >= t1.
@@ -209,16 +238,17 @@ int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_
   }
   for (int64_t i = vocab - 1; i >= 0; --i)  // rounding edge: the last kept token of non-zero mass
     if (e[i] >= t && e[i] > 0.0f) return i;
-  return argmax_first(logits, vocab);
+  return argmax_first_masked(logits, vocab, mask);
 }
 
 }  // namespace
 
 void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature,
                    const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-                   const at::Tensor& seeds, const at::Tensor& offsets) {
+                   const at::Tensor& seeds, const at::Tensor& offsets,
+                   const std::optional<at::Tensor>& token_bitmask) {
   TORCH_CHECK(logits.device().is_cpu(), "sample_tokens (cpu): logits must be on the CPU, got ", logits.device());
-  check_sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets);
+  check_sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets, token_bitmask);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
 
   const float* temperature_p = temperature.data_ptr<float>();  // [batch]
@@ -238,12 +268,16 @@ void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& 
   const float* logits_p = logits.data_ptr<float>();  // [batch, vocab], row stride logits.stride(0)
   int64_t* out_p = out.data_ptr<int64_t>();          // [batch]
   const int64_t row_stride = logits.stride(0);
+  // [batch, ceil(vocab / 32)], row stride mask_stride; nullptr: no mask
+  const int32_t* mask_p = token_bitmask.has_value() ? token_bitmask->data_ptr<int32_t>() : nullptr;
+  const int64_t mask_stride = token_bitmask.has_value() ? token_bitmask->stride(0) : 0;
   // One row per task: a row is O(vocab) work, and each worker reuses one [vocab] workspace.
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> workspace(static_cast<size_t>(vocab));
     for (int64_t b = begin; b < end; ++b) {
       out_p[b] = sample_row(logits_p + b * row_stride, vocab, temperature_p[b], top_k_p[b], top_p_p[b],
-                            min_p_p[b], seeds_p[b], offsets_p[b], workspace.data());
+                            min_p_p[b], seeds_p[b], offsets_p[b],
+                            mask_p != nullptr ? mask_p + b * mask_stride : nullptr, workspace.data());
     }
   });
 }

@@ -13,9 +13,10 @@ namespace pagedllm::cuda {
 
 void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature,
                    const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-                   const at::Tensor& seeds, const at::Tensor& offsets) {
+                   const at::Tensor& seeds, const at::Tensor& offsets,
+                   const std::optional<at::Tensor>& token_bitmask) {
   TORCH_CHECK(on_cuda_device(logits), "sample_tokens (cuda): logits must be on a CUDA device, got ", logits.device());
-  check_sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets);
+  check_sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets, token_bitmask);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   // int32 indices in the kernel, and tile starts (+ 8192) must not overflow.
   TORCH_CHECK(vocab <= (int64_t{1} << 30), "sample_tokens: vocab ", vocab, " too large (max 2^30)");
@@ -26,7 +27,9 @@ void sample_tokens(at::Tensor& out, const at::Tensor& logits, const at::Tensor& 
   PAGEDLLM_CUDA_CHECK(launch_sample_tokens(
       out.data_ptr<int64_t>(), logits.data_ptr<float>(), temperature.data_ptr<float>(), top_k.data_ptr<int32_t>(),
       top_p.data_ptr<float>(), min_p.data_ptr<float>(), seeds.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-      static_cast<int>(batch), static_cast<int>(vocab), logits.stride(0), current_stream()));
+      static_cast<int>(batch), static_cast<int>(vocab), logits.stride(0),
+      token_bitmask.has_value() ? token_bitmask->data_ptr<int32_t>() : nullptr,
+      token_bitmask.has_value() ? token_bitmask->stride(0) : 0, current_stream()));
 }
 
 }  // namespace pagedllm::cuda

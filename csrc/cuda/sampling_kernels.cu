@@ -24,6 +24,9 @@
 // In shared memory everything is exact: the candidates are sorted (bitonic, <= 4096 values), the
 // k-th largest read off, the top_p prefix found by a block scan, the draw done by a block scan.
 // Typical cost: 2 passes with min_p (the candidates come out of pass 2), 3 otherwise.
+// An optional token bitmask (structured outputs) is applied inside Row::load, so every pass reads
+// a forbidden token as a -inf logit (e = 0): no separate pass over the logits, and greedy, the
+// degenerate fallback and every draw skip it.
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -96,9 +99,22 @@ struct Row {
   bool vec;           // 16-byte aligned: vector loads
   float temperature;
   float max_x;
+  const int32_t* mask;  // [ceil(vocab / 32)] bit set = allowed; nullptr: no mask
 
-  // Logits [base, base + kPerThread) (base is a multiple of kPerThread); -inf past the vocab.
+  // Logits [base, base + kPerThread) (base is a multiple of kPerThread); -inf past the vocab and
+  // where the mask forbids the token.
   __device__ __forceinline__ void load(int base, float (&v)[kPerThread]) const {
+    load_logits(base, v);
+    if (mask != nullptr) {
+      static_assert(32 % kPerThread == 0, "a thread's logits share one mask word");
+      const uint32_t bits = base < vocab ? static_cast<uint32_t>(__ldg(mask + (base >> 5))) >> (base & 31) : 0u;
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j)
+        if (!((bits >> j) & 1u)) v[j] = -INFINITY;
+    }
+  }
+
+  __device__ __forceinline__ void load_logits(int base, float (&v)[kPerThread]) const {
     if (vec && base + kPerThread <= vocab) {
       const float4 a = __ldg(reinterpret_cast<const float4*>(p + base));
       const float4 b = __ldg(reinterpret_cast<const float4*>(p + base + 4));
@@ -598,7 +614,7 @@ __device__ int finish_in_smem(SampleSmem& sm, Scratch& sh, int n, bool binding, 
   return j >= 0 ? sm.cand.idx[j] : fallback;
 }
 
-// ptxas (sm_90, CUDA 13.0): 60 registers (limit 64 for 1024 threads), 0 bytes spilled,
+// ptxas (sm_90, CUDA 13.0): 64 registers with the token bitmask (limit 64 for 1024 threads), 0 bytes spilled,
 // 944 B static shared memory + sizeof(SampleSmem) = 63 KiB dynamic: one CTA per SM.
 // Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
 // occupancy(sm_90) if all: >= 1 CTAs/SM of 1024 threads with 65536 B dynamic smem
@@ -612,7 +628,9 @@ sample_tokens_kernel(int64_t* __restrict__ out,              // [batch]
                      const float* __restrict__ min_p,        // [batch]
                      const int64_t* __restrict__ seeds,      // [batch]
                      const int64_t* __restrict__ offsets,    // [batch]
-                     int vocab, int64_t row_stride) {
+                     int vocab, int64_t row_stride,
+                     const int32_t* __restrict__ token_bitmask,  // [batch, ceil(vocab / 32)] or nullptr
+                     int64_t mask_row_stride) {
   PAGEDLLM_DYNAMIC_SMEM(smem_raw);
   SampleSmem& sm = *reinterpret_cast<SampleSmem*>(smem_raw);
   __shared__ Scratch sh;
@@ -624,6 +642,7 @@ sample_tokens_kernel(int64_t* __restrict__ out,              // [batch]
   row.vec = aligned16(row.p);
   row.temperature = temperature[b];
   row.max_x = 0.f;
+  row.mask = token_bitmask != nullptr ? token_bitmask + static_cast<int64_t>(b) * mask_row_stride : nullptr;
 
   // Greedy (NaN temperature too: its scaled logits would all be NaN): first index of the max.
   if (!(row.temperature >= kGreedyTemperature)) {
@@ -814,7 +833,8 @@ sample_tokens_kernel(int64_t* __restrict__ out,              // [batch]
 
 cudaError_t launch_sample_tokens(int64_t* out, const float* logits, const float* temperature, const int32_t* top_k,
                                  const float* top_p, const float* min_p, const int64_t* seeds, const int64_t* offsets,
-                                 int batch, int vocab, int64_t logits_row_stride, cudaStream_t stream) {
+                                 int batch, int vocab, int64_t logits_row_stride, const int32_t* token_bitmask,
+                                 int64_t mask_row_stride, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   // 63 KiB of dynamic shared memory (histograms + candidates): above the default 48 KiB limit.
   const int smem = static_cast<int>(sizeof(SampleSmem));
@@ -823,7 +843,8 @@ cudaError_t launch_sample_tokens(int64_t* out, const float* logits, const float*
   // One CTA per row: rows are independent and a 1024-thread CTA keeps enough 16-byte loads in
   // flight to stream a row at the SM's share of the bandwidth; batch >= #SMs fills the GPU.
   PAGEDLLM_LAUNCH(batch, kThreads, smem, stream, sample_tokens_kernel)(out, logits, temperature, top_k, top_p, min_p, seeds,
-                                                          offsets, vocab, logits_row_stride);
+                                                          offsets, vocab, logits_row_stride, token_bitmask,
+                                                          mask_row_stride);
   return cudaGetLastError();
 }
 

@@ -18,6 +18,8 @@ cudaError_t launch_sample_tokens(int64_t* out,              // [batch]
                                  const float* min_p,        // [batch]
                                  const int64_t* seeds,      // [batch]
                                  const int64_t* offsets,    // [batch]
-                                 int batch, int vocab, int64_t logits_row_stride, cudaStream_t stream);
+                                 int batch, int vocab, int64_t logits_row_stride,
+                                 const int32_t* token_bitmask,  // [batch, ceil(vocab / 32)] or nullptr
+                                 int64_t mask_row_stride, cudaStream_t stream);
 
 }  // namespace pagedllm::cuda

@@ -9,7 +9,7 @@ from pagedllm.pooling.outputs import (ClassificationOutput, ClassificationReques
                                       EmbeddingRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringOutput,
                                       ScoringRequestOutput)
 from pagedllm.pooling_params import PoolingParams
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name):
@@ -30,4 +30,4 @@ __all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs"
            "RequestOutput", "CompletionOutput", "ChatCompletionOutput", "ChatMessage", "ToolCall", "FunctionCall",
            "Logprob", "TextPrompt", "TokensPrompt", "PoolingParams", "PoolingOutput", "PoolingRequestOutput",
            "EmbeddingOutput", "EmbeddingRequestOutput", "ClassificationOutput", "ClassificationRequestOutput",
-           "ScoringOutput", "ScoringRequestOutput"]
+           "ScoringOutput", "ScoringRequestOutput", "StructuredOutputsParams", "GuidedDecodingParams"]

@@ -136,10 +136,11 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
-                  offsets: torch.Tensor) -> torch.Tensor:
-    """One token id per row of logits [batch, vocab] (float32)."""
+                  offsets: torch.Tensor, token_bitmask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One token id per row of logits [batch, vocab] (float32). token_bitmask: int32
+    [batch, ceil(vocab / 32)], bit set = allowed (structured outputs); None: every token allowed."""
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    kernels.sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets)
+    kernels.sample_tokens(out, logits, temperature, top_k, top_p, min_p, seeds, offsets, token_bitmask)
     return out
 
 

@@ -41,6 +41,8 @@ class EngineArgs:
     task: Optional[str] = None
     pooler_config: Optional[object] = None
     override_pooler_config: Optional[object] = None
+    structured_outputs_config: Optional[dict] = None  # {"backend": "auto" | "xgrammar" | "guidance", ...}
+    guided_decoding_backend: Optional[str] = None      # vLLM 0.10's name for structured_outputs_config's backend
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32):

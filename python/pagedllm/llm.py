@@ -62,7 +62,7 @@ class LLM(PoolingMixin):  # PoolingMixin: embed, classify, score, reward, encode
              chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: Optional[list] = None, documents: Optional[list] = None,
              chat_template_kwargs: Optional[dict] = None, tool_parser: Optional[str] = None,
-             mm_processor_kwargs: Optional[dict] = None) -> list[ChatCompletionOutput]:
+             mm_processor_kwargs: Optional[dict] = None, tool_choice=None) -> list[ChatCompletionOutput]:
         """Answers one conversation (a list of {"role", "content"} messages) or a list of conversations, in
         order: each is rendered with the chat template (the chat_template argument: a template, a path to a
         .jinja file or a shipped template's name; else the tokenizer's; else pagedllm's for GPT-2 / DialoGPT),
@@ -71,13 +71,16 @@ class LLM(PoolingMixin):  # PoolingMixin: embed, classify, score, reward, encode
         when tool calls were parsed) and vLLM's .outputs. tools (OpenAI function format) and documents
         ([{"title", "text"}]) reach the template; chat_template_kwargs are further template variables
         (e.g. enable_thinking); tool_parser names the parser ("hermes", "llama3_json", "mistral",
-        "pythonic"), else the template's format picks one when tools are given."""
+        "pythonic"), else the template's format picks one when tools are given. tool_choice: "auto" (the
+        default with tools), "none" (tools left out of the prompt), "required" (at least one call, each one
+        of the tools with its parameters' schema) or {"type": "function", "function": {"name": ...}} (one
+        call of that function): the last two constrain the output with structured outputs."""
         from pagedllm.chat.chat import chat
         return chat(self, messages, sampling_params, use_tqdm=use_tqdm, chat_template=chat_template,
                     chat_template_content_format=chat_template_content_format,
                     add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                     tools=tools, documents=documents, chat_template_kwargs=chat_template_kwargs,
-                    tool_parser=tool_parser, mm_processor_kwargs=mm_processor_kwargs)
+                    tool_parser=tool_parser, mm_processor_kwargs=mm_processor_kwargs, tool_choice=tool_choice)
 
     def _run(self, prompts: list, params_list: list, use_tqdm: bool) -> list[RequestOutput]:
         """Every valid request runs to the end; an invalid one (add_request's ValueError) or one that fails

@@ -9,6 +9,9 @@ from pagedllm.sampling_params_validation import normalize_fields, verify_greedy_
 
 _SAMPLING_EPS = 1e-5
 
+from pagedllm.sampling.structured_params import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401
+from pagedllm.sampling.structured_params import normalize as normalize_structured_outputs
+
 LogitsProcessor = Callable[..., Any]
 
 
@@ -40,6 +43,8 @@ class SamplingParams:
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
     detokenize: bool = True
+    structured_outputs: Optional[Any] = None   # StructuredOutputsParams (or a dict of its fields)
+    guided_decoding: Optional[Any] = None      # vLLM 0.10's GuidedDecodingParams: the same thing
     # Filled by the engine: the stop token ids that come from the tokenizer / generation config (EOS ...).
     _all_stop_token_ids: set = field(default_factory=set, repr=False, compare=False)
 
@@ -50,6 +55,7 @@ class SamplingParams:
         if self.top_k == 0:
             self.top_k = -1  # 0 also disables, as in vLLM
         self._verify_args()
+        normalize_structured_outputs(self)
         if self.temperature < _SAMPLING_EPS:
             # Greedy: the other random-sampling knobs do not apply (vLLM resets them the same way).
             self.top_p = 1.0

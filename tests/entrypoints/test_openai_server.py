@@ -293,13 +293,11 @@ def test_tool_calls_streamed(client):
     assert all(c["id"] for c in calls.values())
 
 
-def test_tool_choice_none_and_unsupported(client):
+def test_tool_choice_none(client):
+    # tool_choice "required" / named: tests/entrypoints/test_structured_server.py
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "FORCE_ONE_CALL"}],
                                        tools=[WEATHER_TOOL], tool_choice="none", **GREEDY)
     assert r.choices[0].message.tool_calls in (None, []) and r.choices[0].message.content == TOOL_TEXT
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
-        client.chat.completions.create(model=MODEL, messages=chat_messages(), tools=[WEATHER_TOOL],
-                                       tool_choice="required", max_tokens=4)
 
 
 def test_tool_history_renders(http, engine):

@@ -437,3 +437,97 @@ def test_bad_values_raise_on_cpu():
                       ([(1.0, 0, 1.0, 1.5, 0, 0)], r"min_p must be in \[0, 1\]")]:
         with pytest.raises(RuntimeError, match=msg):
             _ops.sample_tokens(logits[:1], *params(rows))
+
+
+# ---------------------------------------------------------------- token bitmask (structured outputs)
+
+def pack_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """bool [batch, vocab] -> int32 [batch, ceil(vocab / 32)], bit set = allowed (xgrammar's layout)."""
+    batch, vocab = allowed.shape
+    words = (vocab + 31) // 32
+    padded = torch.zeros(batch, words * 32, dtype=torch.int64)
+    padded[:, :vocab] = allowed.long()
+    packed = (padded.view(batch, words, 32) << torch.arange(32)).sum(-1)
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+MASK_VOCABS = [7, 97, 8193, 49152]  # odd sizes: a partial last word, a partial last 8-token group
+
+
+def test_unpack_bitmask_round_trips():
+    from pagedllm.layers.sampler import unpack_bitmask
+    gen = torch.Generator().manual_seed(5)
+    allowed = torch.rand(3, 77, generator=gen) < 0.4
+    assert torch.equal(unpack_bitmask(pack_mask(allowed), 77), allowed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", MASK_VOCABS)
+def test_masked_tokens_are_never_drawn(device, vocab):
+    """Rows of every filter kind, each with a random mask that forbids the most likely tokens too:
+    no draw (greedy included) is ever a forbidden token, and the op agrees with sample_native."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = random_rows(16, vocab, gen)
+    logits = torch.randn(16, vocab, generator=gen) * 3
+    allowed = torch.rand(16, vocab, generator=gen) < 0.3
+    top = logits.argmax(dim=1)
+    allowed[torch.arange(16), top] = False  # the unmasked argmax is forbidden
+    allowed[torch.arange(16), (top + 1) % vocab] = True  # at least one token per row
+    mask = pack_mask(allowed)
+    for step in range(20):
+        r = [(t, k, p, m, s, step) for (t, k, p, m, s) in rows]
+        t = params(r, device)
+        got = _ops.sample_tokens(logits.to(device), *t, token_bitmask=mask.to(device)).cpu()
+        assert allowed[torch.arange(16), got].all(), (step, got)
+        ref = sample_native(logits, *params(r), token_bitmask=mask)
+        assert allowed[torch.arange(16), ref].all()
+        greedy = [i for i, row in enumerate(r) if row[0] < 1e-5]
+        if greedy:  # greedy: the first index of the largest allowed logit
+            expect = logits.masked_fill(~allowed, float("-inf")).argmax(dim=1)
+            assert torch.equal(got[greedy], expect[greedy])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_equals_minus_inf_logits(device):
+    """A mask draws exactly what the same logits with -inf at the forbidden tokens draw (same
+    seeds and offsets), for every kind of row: the mask is the -inf rule, applied in the op."""
+    vocab = 1000
+    gen = torch.Generator().manual_seed(11)
+    rows = [(t, k, p, m, s, 3) for (t, k, p, m, s) in random_rows(24, vocab, gen)]
+    logits = torch.randn(24, vocab, generator=gen) * 2
+    allowed = torch.rand(24, vocab, generator=gen) < 0.5
+    t = params(rows, device)
+    masked = _ops.sample_tokens(logits.to(device), *t, token_bitmask=pack_mask(allowed).to(device)).cpu()
+    minus_inf = _ops.sample_tokens(logits.masked_fill(~allowed, float("-inf")).to(device), *t).cpu()
+    assert torch.equal(masked, minus_inf)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_frequencies_follow_the_renormalized_distribution(device):
+    """Temperature sampling over a mask: empirical frequencies match softmax over the allowed tokens."""
+    vocab, n = 64, 4000
+    logits = torch.linspace(-2, 2, vocab).repeat(n, 1)
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[[3, 10, 40, 63]] = True
+    mask = pack_mask(allowed.repeat(n, 1))
+    rows = [(1.0, 0, 1.0, 0.0, 1234, i) for i in range(n)]
+    got = _ops.sample_tokens(logits.to(device), *params(rows, device), token_bitmask=mask.to(device)).cpu()
+    assert allowed[got].all()
+    probs = torch.softmax(logits[0].masked_fill(~allowed, float("-inf")), 0)
+    freq = torch.bincount(got, minlength=vocab).float() / n
+    for tok in (3, 10, 40, 63):  # 4 sigma of a binomial proportion
+        sigma = math.sqrt(float(probs[tok]) * (1 - float(probs[tok])) / n)
+        assert abs(float(freq[tok]) - float(probs[tok])) < 4 * sigma + 1e-3, tok
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_bitmask_raises(device):
+    logits = torch.randn(2, 70, device=device)
+    t = params([(1.0, 0, 1.0, 0.0, 0, 0)] * 2, device)
+    ok = torch.full((2, 3), -1, dtype=torch.int32, device=device)
+    _ops.sample_tokens(logits, *t, token_bitmask=ok)
+    for bad, msg in [(ok[:, :2], r"token_bitmask must have shape \[2, 3\]"),
+                     (ok[:1], r"token_bitmask must have shape"),
+                     (ok.long(), "token_bitmask must be int32")]:
+        with pytest.raises(RuntimeError, match=msg):
+            _ops.sample_tokens(logits, *t, token_bitmask=bad)

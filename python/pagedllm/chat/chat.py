@@ -73,8 +73,9 @@ def chat(llm, messages, sampling_params=None, *, use_tqdm: bool = True,
          add_generation_prompt: bool = True, continue_final_message: bool = False,
          tools: Optional[list] = None, documents: Optional[list] = None,
          chat_template_kwargs: Optional[dict] = None, tool_parser: Optional[str] = None,
-         mm_processor_kwargs: Optional[dict] = None) -> list[ChatCompletionOutput]:
+         mm_processor_kwargs: Optional[dict] = None, tool_choice=None) -> list[ChatCompletionOutput]:
     """The logic of LLM.chat (see there)."""
+    from pagedllm.chat import tool_choice as forced_tools
     from pagedllm.llm import RequestErrors
 
     if isinstance(messages, Mapping) or not isinstance(messages, (list, tuple)):
@@ -92,6 +93,9 @@ def chat(llm, messages, sampling_params=None, *, use_tqdm: bool = True,
     chat_template = overrides.get("chat_template", chat_template)
     if add_generation_prompt and continue_final_message:
         raise ValueError(CONTINUE_GENERATION_ERROR)
+    constraint = forced_tools.tool_choice_constraint(tool_choice, tools)  # "required" / named: a JSON schema
+    if tool_choice == "none":
+        tools = None
     # mm_processor_kwargs only concern multimodal processors; pagedllm's models are text-only.
 
     engine = llm.llm_engine
@@ -102,13 +106,24 @@ def chat(llm, messages, sampling_params=None, *, use_tqdm: bool = True,
         chat_template_content_format=chat_template_content_format, add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message, tools=tools, documents=documents,
         chat_template_kwargs=kwargs, model_type=model_type)
-    parser = ChatRenderer(tokenizer).tool_parser_for(template, tools, tool_parser)
+    parser = ChatRenderer(tokenizer).tool_parser_for(template, tools, tool_parser) if constraint is None else None
+    if constraint is not None:
+        sampling_params = forced_tools.constrained_params(sampling_params, constraint, len(conversations),
+                                                          llm.get_default_sampling_params)
     # The template already wrote the special tokens (BOS, turn markers): the tokenizer must not add them again.
     prompts = [{"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False), "prompt": text}
                for text in texts]
     try:
         outputs = llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)
     except RequestErrors as e:  # some conversations failed: the others' answers still come back, as chat outputs
-        e.outputs = [to_chat_output(o, parser) if o is not None else None for o in e.outputs]
+        e.outputs = [_chat_output(o, parser, tool_choice, constraint) if o is not None else None for o in e.outputs]
         raise
-    return [to_chat_output(out, parser) for out in outputs]
+    return [_chat_output(out, parser, tool_choice, constraint) for out in outputs]
+
+
+def _chat_output(out: RequestOutput, parser, tool_choice, constraint) -> ChatCompletionOutput:
+    result = to_chat_output(out, parser)
+    if constraint is not None:  # the output is the forced tool calls' JSON
+        from pagedllm.chat.tool_choice import forced_tool_message
+        forced_tool_message(result, tool_choice)
+    return result

@@ -19,8 +19,10 @@ from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.engine.stop_checker import check_stop
 from pagedllm.inputs import PromptType, checked_prompt_text, token_id_list
 from pagedllm.layers.linear import pack_linear_weights
-from pagedllm.layers.logits_processing import SampleRow, wants_logprob
+from pagedllm.engine.structured_admission import GrammarAdmission
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling.processors.base import SampleRow
+from pagedllm.sampling.step import wants_logprob
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,11 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(args.max_model_len, loader.max_model_len_of(self.hf_config))
         self.vocab_size = getattr(model, "vocab_size", None) or self.hf_config.vocab_size
 
-        self.runner = ModelRunner(model, self.hf_config, self.device, self.dtype, args.block_size, self.tokenizer)
+        self.eos_token_ids = self._eos_ids()
+        # Sampling processors (penalties ... structured outputs) and the requests waiting for a grammar.
+        self.admission = GrammarAdmission(args, self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(model, self.hf_config, self.device, self.dtype, args.block_size, self.tokenizer,
+                                  self.admission.chain)
         # Chunked prefill's default step budget. On the CPU, 2048 tokens already run the GEMMs at their peak;
         # larger steps only delay first tokens and grow activations past glibc's largest heap block (32 MiB,
         # cpu_malloc.py), which then page-fault on every step.
@@ -92,7 +98,6 @@ class LLMEngine:
             swap_blocks = int(args.swap_space * (1 << 30) // self.runner.bytes_per_block)
         self.runner.allocate_swap_space(swap_blocks)  # pinned once on a GPU (engine/swap_space.py)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, mnbt, args.enable_chunked_prefill, swap_blocks)
-        self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}
         self._request_errors: dict[str, tuple[Request, BaseException]] = {}  # failed, not yet popped
         self._arrivals = itertools.count()
@@ -171,6 +176,7 @@ class LLMEngine:
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
         self._validate(ids, params)
+        self.admission.validate(params)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
         if params.logits_processors:  # a processor's exception fails this request only (request_failures.py)
@@ -179,7 +185,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, text, ids, params, next(self._arrivals), seed, salt)
         self.requests[request_id] = req
-        self.scheduler.add(req.seqs[0])
+        self.admission.add(req.seqs[0], self.scheduler)  # the scheduler gets it once its grammar is compiled
         self.stats["prompt_tokens"] += len(ids)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
@@ -215,6 +221,7 @@ class LLMEngine:
             if req is None:
                 continue
             req.aborted = True
+            self.admission.drop(req)
             for seq in req.seqs:
                 self.scheduler.finish(seq, "abort")
                 self.runner.drop_host_copy(seq.seq_id)
@@ -231,8 +238,11 @@ class LLMEngine:
         sampling values, logits processor, grammar, detokenization) fails that request alone: it is aborted
         (blocks freed) and its exception waits in pop_request_errors(); the others go on. A failure of the
         forward itself cannot be pinned on one request: it fails the requests of this step the same way."""
+        for req, exc in self.admission.admit_ready(self.scheduler, block=not self.scheduler.has_unfinished()):
+            self.fail_request(req.request_id, exc)  # its grammar did not compile
         sched = self.scheduler.schedule()
         if not sched.scheduled:
+            self._abort_failed()
             if self.scheduler.has_unfinished():
                 raise RuntimeError("The scheduler could not schedule any sequence although requests are waiting "
                                    f"({self.block_manager.num_free_blocks} free KV blocks)")
@@ -284,6 +294,8 @@ class LLMEngine:
         req = seq.request
         if len(samples) > 1:  # the fork point of n > 1
             children = [Sequence(req, k, req.seed + k) for k in range(1, len(samples))]
+            for child in children:  # before the parent takes its own token: the fork point's state
+                child.sampling_state = self.admission.chain.forked(seq.sampling_state)
             req.seqs.extend(children)
             self.scheduler.fork(seq, children)
             for child, sample in zip(children, samples[1:]):
@@ -324,10 +336,10 @@ class LLMEngine:
         req = seq.request
         stop_ids = frozenset(req.params.stop_token_ids) | (frozenset() if req.params.ignore_eos else self.eos_token_ids)
         if len(req.seqs) == 1 and req.num_samples > 1 and not seq.output_token_ids:
-            return [SampleRow(req.params, req.prompt_token_ids, [], req.seed + k, 0, stop_ids)
+            return [SampleRow(req.params, req.prompt_token_ids, [], req.seed + k, 0, stop_ids, seq.sampling_state)
                     for k in range(req.num_samples)]
         return [SampleRow(req.params, req.prompt_token_ids, seq.output_token_ids, seq.seed,
-                          len(seq.output_token_ids), stop_ids)]
+                          len(seq.output_token_ids), stop_ids, seq.sampling_state)]
 
     def _append(self, seq: Sequence, sample) -> None:
         params = seq.request.params
@@ -343,7 +355,10 @@ class LLMEngine:
                 seq.logprobs = []
             seq.logprobs.append(entry)
         new_text = detokenize_incrementally(self.tokenizer, seq) if params.detokenize and self.tokenizer else ""
+        grammar_ended = self.admission.chain.accepted(seq.sampling_state, sample.token_id)
         stop = check_stop(seq, new_text, self.eos_token_ids, self.max_model_len)
+        if stop is None and grammar_ended:
+            stop = ("stop", None)  # the grammar reached its end
         if stop is not None:
             self.scheduler.finish(seq, *stop)
 

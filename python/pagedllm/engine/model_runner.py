@@ -15,8 +15,9 @@ from pagedllm.engine.request_failures import sample_isolated
 from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from pagedllm.engine.swap_space import HostSwapSpace
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
-from pagedllm.layers.logits_processing import SampleResult, SampleRow, StepSampler
 from pagedllm.models import cpu_decoder_layers
+from pagedllm.sampling.processors.base import SampleRow
+from pagedllm.sampling.step import SampleResult, StepSampler
 from pagedllm.models.utils import use_native_ops
 from pagedllm.outputs import Logprob
 
@@ -33,12 +34,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, hf_config, device: torch.device, dtype: torch.dtype,
-                 block_size: int, tokenizer=None):
+                 block_size: int, tokenizer=None, sampling_chain=None):
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.sampler = StepSampler(tokenizer)
+        self.sampler = StepSampler(sampling_chain, tokenizer)
         self.tokenizer = tokenizer
         attn = model.attention_layers()
         self.attn_layers = attn

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -41,6 +41,7 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     _detok_ids: int = 0                # output tokens already fed to the detokenizer
+    sampling_state: Any = None         # its sampling processors' states (pagedllm.sampling.processors.base)
 
     @property
     def prompt_token_ids(self) -> list[int]:

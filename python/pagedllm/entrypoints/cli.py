@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import Optional
 
@@ -42,6 +43,9 @@ _ENGINE_OPTIONS = {
     "override_pooler_config": (str, "vLLM 0.10's name of --pooler-config"),
     "enforce_eager": (bool, "run every step eagerly: no CUDA graphs (by default decode steps of up to "
                             "max_num_seqs sequences replay graphs captured at start-up, on CUDA)"),
+    "structured_outputs_config": (json.loads, 'structured outputs, as JSON: {"backend": "auto" | "xgrammar" | '
+                                              '"guidance", "reasoning_parser": "deepseek_r1" | "qwen3"}'),
+    "guided_decoding_backend": (str, "vLLM 0.10's name for the structured outputs backend"),
 }
 
 

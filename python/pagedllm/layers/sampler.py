@@ -18,6 +18,9 @@ for each row of logits [batch, vocab] independently:
   zero probability (filtered, or logit -inf) is never returned.
 * rows whose largest scaled logit is not finite (all -inf, or +inf present) return the greedy
   token. NaN logits are not supported.
+* token_bitmask (optional, int32 [batch, ceil(vocab / 32)]): bit (t & 31) of word t >> 5 clear =
+  token t forbidden; everything above runs as if its logit were -inf (the kernels apply it as they
+  read the logits, not in a separate pass).
 
 The kernels work on unnormalized e = exp(x - max x) (so max e = 1 and min_p is the threshold
 e >= min_p) and never sort; they compute the same thresholds and so pick the same token for the
@@ -104,14 +107,24 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     return torch.where(probs >= t, probs, torch.zeros_like(probs))
 
 
+def unpack_bitmask(token_bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 [batch, ceil(vocab / 32)] -> bool [batch, vocab] (True = allowed)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=token_bitmask.device)
+    bits = (token_bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(token_bitmask.shape[0], -1)[:, :vocab].bool()
+
+
 def sample_native(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
-                  offsets: torch.Tensor) -> torch.Tensor:
+                  offsets: torch.Tensor, token_bitmask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain-torch reference of the sample_tokens op (it sorts; the kernels do not).
     logits [batch, vocab] float32; temperature, top_p, min_p [batch] float32; top_k [batch] int;
-    seeds, offsets [batch] int64. Returns [batch] int64 token ids."""
+    seeds, offsets [batch] int64; token_bitmask None or int32 [batch, ceil(vocab / 32)].
+    Returns [batch] int64 token ids."""
     vocab = logits.shape[1]
     logits = logits.float()
+    if token_bitmask is not None:
+        logits = logits.masked_fill(~unpack_bitmask(token_bitmask.to(logits.device), vocab), float("-inf"))
     greedy = temperature.float() < GREEDY_TEMPERATURE
     greedy_tokens = logits.argmax(dim=-1)  # first index of the max
     masked = filtered_probs(logits, temperature, top_k, top_p, min_p)
@@ -135,13 +148,15 @@ class SamplingTensors:
     min_p: torch.Tensor  # float32 in [0, 1], 0: off
     seeds: torch.Tensor  # int64
     offsets: torch.Tensor  # int64: the step of the request (tokens generated so far)
+    token_bitmask: Optional[torch.Tensor] = None  # int32 [batch, ceil(vocab / 32)], bit set = allowed
 
     @classmethod
     def build(cls, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
               min_p: Sequence[float], seeds: Sequence[int], offsets: Sequence[int],
-              device: torch.device | str = "cpu") -> "SamplingTensors":
+              device: torch.device | str = "cpu", token_bitmask: Optional[torch.Tensor] = None) -> "SamplingTensors":
         """Validates the values on the host (no device sync) and copies them to `device` in one go.
-        Seeds may be any 64-bit integer (unsigned ones wrap to int64: the same Philox key)."""
+        Seeds may be any 64-bit integer (unsigned ones wrap to int64: the same Philox key).
+        token_bitmask: a host tensor (structured outputs), moved along with the rest."""
         n = len(temperature)
         for name, seq in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seeds", seeds),
                           ("offsets", offsets)):
@@ -166,6 +181,10 @@ class SamplingTensors:
             torch.tensor(wrapped_seeds, dtype=torch.int64),
             torch.tensor(list(offsets), dtype=torch.int64),
         ]
+        if token_bitmask is not None:
+            if token_bitmask.shape[0] != n:
+                raise ValueError(f"token_bitmask has {token_bitmask.shape[0]} rows, temperature has {n}")
+            host.append(token_bitmask)
         moved = [(t.pin_memory() if pin else t).to(device, non_blocking=pin) for t in host]
         return cls(*moved)
 
@@ -191,11 +210,11 @@ class Sampler:
         from pagedllm import _ops
 
         return _ops.sample_tokens(logits.float(), params.temperature, params.top_k, params.top_p,
-                                  params.min_p, params.seeds, params.offsets)
+                                  params.min_p, params.seeds, params.offsets, params.token_bitmask)
 
     def forward_native(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         return sample_native(logits, params.temperature, params.top_k, params.top_p, params.min_p,
-                             params.seeds, params.offsets)
+                             params.seeds, params.offsets, params.token_bitmask)
 
     __call__ = forward
 

@@ -7,12 +7,14 @@ from typing import AsyncIterator, Optional
 
 from pagedllm.chat.reasoning import ReasoningStreamer, split_reasoning
 from pagedllm.chat.renderer import ChatRenderer
+from pagedllm.chat.tool_choice import ForcedToolCallParser, constrains
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionLogProbs, ChatCompletionRequest,
                                                   ChatCompletionResponse, ChatCompletionResponseChoice,
                                                   ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse,
                                                   ChatLogProb, ChatLogProbsContent, ChatMessageModel,
                                                   DeltaFunctionCall, DeltaMessageModel, DeltaToolCallModel,
                                                   FunctionCallModel, ToolCallModel, UsageInfo, random_id)
+from pagedllm.entrypoints.openai.structured import apply_request_constraint
 from pagedllm.entrypoints.openai.serving_common import (DeltaTracker, OpenAIError, bad_request, chained,
                                                         check_lengths, merge_async_iterators, not_supported, off_loop,
                                                         prime, sampled_and_top, sse, sse_stream, token_text)
@@ -73,12 +75,6 @@ class OpenAIServingChat:
         self.limits.check_samples(req.n, req.best_of)
         if req.use_beam_search:
             raise not_supported("use_beam_search", "use_beam_search")
-        if req.tool_choice == "required":
-            raise not_supported('tool_choice="required"', "tool_choice")
-        if isinstance(req.tool_choice, dict):
-            raise not_supported("A named tool_choice", "tool_choice")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise not_supported(f"response_format {req.response_format.get('type')!r}", "response_format")
         if req.stream and req.best_of is not None and req.best_of > req.n:
             raise ValueError("best_of must equal n when streaming (best_of > n picks the best sequences at the end).")
         if req.top_logprobs is not None and not req.logprobs and req.top_logprobs > 0:
@@ -97,8 +93,10 @@ class OpenAIServingChat:
         check_kv_capacity(len(ids), max_tokens, req.n, req.best_of, bm.block_size, bm.num_blocks)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = req.sampling_params(self.defaults, max_tokens, logprobs)
+        apply_request_constraint(req, params, tools)  # response_format, structured_outputs, guided_*, tool_choice
+        parser = ForcedToolCallParser(req.tool_choice) if constrains(req.tool_choice) else self._parser(template, tools)
         think_in_prompt = text.rstrip().endswith("<think>")
-        return {"prompt_token_ids": ids, "prompt": text}, params, self._parser(template, tools), think_in_prompt
+        return {"prompt_token_ids": ids, "prompt": text}, params, parser, think_in_prompt
 
     async def create(self, req: ChatCompletionRequest):
         """A ChatCompletionResponse, or (stream) an async iterator of SSE strings. Raises OpenAIError."""
@@ -127,6 +125,8 @@ class OpenAIServingChat:
     def _parser_factory(parser):
         if parser is None:
             return None
+        if isinstance(parser, ForcedToolCallParser):
+            return parser.fresh
         cls, tokenizer = type(parser), parser.tokenizer
         return lambda: cls(tokenizer)
 

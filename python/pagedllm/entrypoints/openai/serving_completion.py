@@ -7,6 +7,7 @@ from typing import AsyncIterator, Optional
 from pagedllm.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
                                                   CompletionResponseChoice, CompletionStreamResponse, UsageInfo,
                                                   random_id)
+from pagedllm.entrypoints.openai.structured import apply_request_constraint
 from pagedllm.entrypoints.openai.serving_common import (DeltaTracker, OpenAIError, bad_request, check_lengths,
                                                         chained, merge_async_iterators, not_supported, off_loop,
                                                         prime, sampled_and_top, sse, sse_stream, token_text)
@@ -77,6 +78,7 @@ class OpenAIServingCompletion:
             check_kv_capacity(len(ids), max_tokens, req.n, req.best_of, bm.block_size, bm.num_blocks)
             params = req.sampling_params(self.defaults, max_tokens, req.logprobs)
             params.prompt_logprobs = prompt_logprobs
+            apply_request_constraint(req, params)  # response_format, structured_outputs, guided_*
             out.append(({"prompt_token_ids": ids, "prompt": text}, params))
         return out
 
