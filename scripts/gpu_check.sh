@@ -58,6 +58,10 @@ if ! python -c "import fastapi, uvicorn" 2>/dev/null; then
   fi
 fi
 
+# First each PTX twin of the emulator (csrc/cuda/ptx.cuh) against the real instruction, one micro-kernel each:
+# if a twin is wrong, every emulated result CI trusts is suspect.
+stage ptx_twins 60 python -m pytest -m cuda tests/kernels/test_ptx_twins.py -q -p no:cacheprovider
+tail -3 "$logs/ptx_twins.log"
 # shellcheck disable=SC2086
 stage tests 240 python -m pytest -m cuda $CUDA_TESTS -q -x -p no:cacheprovider
 tests_rc=$?

@@ -48,7 +48,7 @@ class SamplingBatch:
     @property
     def logits(self) -> torch.Tensor:
         if self._logits is None:
-            self._logits = self.raw.clone()
+            self._logits = self.raw.clone(memory_format=torch.contiguous_format)  # flat views (index_add_)
         return self._logits
 
     @property
