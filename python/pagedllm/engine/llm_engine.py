@@ -9,6 +9,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.engine.beam_search import BeamSearch
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.cpu_malloc import keep_freed_memory
 from pagedllm.engine.detokenizer import detokenize_incrementally
@@ -20,7 +21,7 @@ from pagedllm.inputs import PromptType
 from pagedllm.layers.linear import pack_linear_weights
 from pagedllm.layers.logits_processing import SampleRow, wants_logprob
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, mnbt, args.enable_chunked_prefill, swap_blocks)
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}
+        self.beam_searches: dict[str, BeamSearch] = {}  # request id -> its beams (engine/beam_search.py)
         self._arrivals = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
 
@@ -155,6 +157,8 @@ class LLMEngine:
                     arrival_time: Optional[float] = None, **_ignored) -> None:
         if request_id in self.requests:
             raise ValueError(f"Request id {request_id} already running.")
+        if isinstance(params, BeamSearchParams):
+            return self._add_beam_search(request_id, prompt, params)
         params = (params or self.get_default_sampling_params()).clone()
         text, ids, salt = self._tokenize(prompt)
         if params.truncate_prompt_tokens is not None:
@@ -164,6 +168,16 @@ class LLMEngine:
             params.max_tokens = self.max_model_len - len(ids)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, text, ids, params, next(self._arrivals), seed, salt)
+        self.requests[request_id] = req
+        self.scheduler.add(req.seqs[0])
+        self.stats["prompt_tokens"] += len(ids)
+
+    def _add_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams) -> None:
+        text, ids, salt = self._tokenize(prompt)
+        self._validate(ids, SamplingParams(max_tokens=params.max_tokens))
+        req = BeamSearch.make_request(request_id, text, ids, params, next(self._arrivals), self.eos_token_ids)
+        req.cache_salt = salt
+        self.beam_searches[request_id] = BeamSearch(req, params, self.eos_token_ids, self.max_model_len)
         self.requests[request_id] = req
         self.scheduler.add(req.seqs[0])
         self.stats["prompt_tokens"] += len(ids)
@@ -194,6 +208,7 @@ class LLMEngine:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             req = self.requests.pop(rid, None)
+            self.beam_searches.pop(rid, None)
             if req is None:
                 continue
             req.aborted = True
@@ -221,6 +236,7 @@ class LLMEngine:
         self.scheduler.commit(sched)
 
         touched: dict[str, Request] = {}
+        beams: dict[str, BeamSearch] = {}
         for seq_id, entries in result.prompt_logprobs.items():
             seq = next(it.seq for it in sched.scheduled if it.seq.seq_id == seq_id)
             if seq.request.prompt_logprobs is None:
@@ -231,8 +247,12 @@ class LLMEngine:
             if seq.seq_id not in result.samples:
                 continue
             req = seq.request
-            touched[req.request_id] = req
             samples = result.samples[seq.seq_id]
+            if req.request_id in self.beam_searches:  # a beam: its logprobs wait for the selection
+                beams[req.request_id] = self.beam_searches[req.request_id]
+                beams[req.request_id].record(seq, samples[0].top_logprobs)
+                continue
+            touched[req.request_id] = req
             if len(samples) > 1:  # the fork point of n > 1
                 children = [Sequence(req, k, req.seed + k) for k in range(1, len(samples))]
                 req.seqs.extend(children)
@@ -240,7 +260,21 @@ class LLMEngine:
                 for child, sample in zip(children, samples[1:]):
                     self._append(child, sample)
             self._append(seq, samples[0])
-        return [self._output(req) for req in touched.values()]
+        return [self._output(req) for req in touched.values()] + self._advance_beams(beams)
+
+    def _advance_beams(self, beams: dict[str, BeamSearch]) -> list[RequestOutput]:
+        """One selection for each beam search whose live beams all reported; the finished ones' outputs."""
+        outputs = []
+        for rid, beam in beams.items():
+            if not beam.ready():
+                continue
+            beam.advance(self.scheduler)
+            if beam.done:
+                self.stats["generation_tokens"] += sum(len(h.token_ids) for h in beam.finished)
+                outputs.append(beam.output(self.tokenizer))
+                del self.beam_searches[rid]
+                self.requests.pop(rid, None)
+        return outputs
 
     def _sample_rows(self, seq: Sequence) -> list[SampleRow]:
         req = seq.request

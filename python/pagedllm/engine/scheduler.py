@@ -121,6 +121,8 @@ class Scheduler:
         return True
 
     def _emit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        if n <= 0:
+            return  # a beam waiting for its siblings' logprobs (engine/beam_search.py) has nothing to compute
         item = ScheduledSeq(seq, seq.num_computed_tokens, n)
         (out.decodes if n == 1 else out.prefills).append(item)
 
