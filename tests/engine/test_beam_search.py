@@ -157,3 +157,20 @@ def test_bad_params_raise():
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens must be at least 1"):
         BeamSearchParams(beam_width=2, max_tokens=0)
+
+
+@pytest.mark.slow
+def test_default_model_beams_equal_transformers():
+    from pagedllm.models.loader import load_hf_reference
+    llm = LLM(max_model_len=512)
+    tok = llm.get_tokenizer()
+    eos = tok.eos_token_id
+    hf = load_hf_reference(None)
+    prompts = [tok.encode(p) for p in ("The capital of France is", "def fibonacci(n):")]
+    for width in (1, 4):
+        outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts],
+                               BeamSearchParams(beam_width=width, max_tokens=MAX_TOKENS))
+        for prompt, out in zip(prompts, outs):
+            ref = hf_beams(hf, prompt, width, 1.0, MAX_TOKENS, eos)
+            assert [s.tokens[len(prompt):] for s in out.sequences] == [t for t, _ in ref]
+    assert llm.llm_engine.block_manager.num_used_blocks == 0

@@ -183,7 +183,7 @@ class AsyncLLMEngine:
             if len(self._streams) >= limit:
                 raise QueueFullError(f"The server is busy: {len(self._streams)} requests are queued or running "
                                      f"(limit {limit}). Retry later.")
-        if params is not None and params.logits_processors:
+        if params is not None and getattr(params, "logits_processors", None):  # (BeamSearchParams has none)
             params = params.clone()
 
             def report(e, rid=request_id):

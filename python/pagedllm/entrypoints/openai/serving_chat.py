@@ -73,8 +73,6 @@ class OpenAIServingChat:
         return get_tool_parser(name)(self.tokenizer) if name is not None else None
 
     def _prepare(self, req: ChatCompletionRequest):
-        if req.use_beam_search:
-            raise not_supported("use_beam_search", "use_beam_search")
         if req.tool_choice == "required":
             raise not_supported('tool_choice="required"', "tool_choice")
         if isinstance(req.tool_choice, dict):
@@ -96,7 +94,8 @@ class OpenAIServingChat:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = check_lengths(len(ids), max_tokens, self.max_model_len, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = req.sampling_params(self.defaults, max_tokens, logprobs)
+        params = (req.beam_search_params(max_tokens) if req.use_beam_search
+                  else req.sampling_params(self.defaults, max_tokens, logprobs))
         think_in_prompt = text.rstrip().endswith("<think>")
         return {"prompt_token_ids": ids, "prompt": text}, params, self._parser(template, tools), think_in_prompt
 

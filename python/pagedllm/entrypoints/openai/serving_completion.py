@@ -57,8 +57,6 @@ class OpenAIServingCompletion:
     def _requests(self, req: CompletionRequest):
         if req.suffix is not None:
             raise not_supported("suffix", "suffix")
-        if req.use_beam_search:
-            raise not_supported("use_beam_search", "use_beam_search")
         if req.stream and req.best_of is not None and req.best_of > req.n:
             raise ValueError("best_of must equal n when streaming (best_of > n picks the best sequences at the end).")
         prompts = self._prompts(req)
@@ -68,6 +66,9 @@ class OpenAIServingCompletion:
         out = []
         for text, ids in prompts:
             max_tokens = check_lengths(len(ids), req.max_tokens, self.max_model_len, "prompt")
+            if req.use_beam_search:  # the engine runs the beams (engine/beam_search.py)
+                out.append(({"prompt_token_ids": ids, "prompt": text}, req.beam_search_params(max_tokens)))
+                continue
             params = req.sampling_params(self.defaults, max_tokens, req.logprobs)
             params.prompt_logprobs = prompt_logprobs
             out.append(({"prompt_token_ids": ids, "prompt": text}, params))
