@@ -34,6 +34,7 @@ class EngineArgs:
     disable_log_stats: bool = True
     load_format: str = "auto"              # "dummy": random weights from the config (benchmarks)
     skip_tokenizer_init: bool = False      # no tokenizer: token-id prompts in, token ids out (no text)
+    speculative_config: Optional[dict] = None  # {"method": "ngram" | "draft_model", ...} (engine/spec_decode)
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32):
@@ -58,6 +59,9 @@ class EngineArgs:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
+        if self.speculative_config is not None:  # validated before any model loads
+            from pagedllm.engine.spec_decode.config import SpeculativeConfig
+            SpeculativeConfig.from_dict(self.speculative_config)
 
     @classmethod
     def field_names(cls) -> set[str]:

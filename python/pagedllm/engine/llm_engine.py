@@ -96,8 +96,24 @@ class LLMEngine:
         self.beam_searches: dict[str, BeamSearch] = {}  # request id -> its beams (engine/beam_search.py)
         self._arrivals = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.speculator = self._speculator(args, mnbt)
+        if self.speculator is not None:
+            self.stats["spec_decode"] = self.speculator.stats  # drafts, draft / accepted tokens, per position
 
     # -- construction helpers -------------------------------------------------------------------
+    def _speculator(self, args: EngineArgs, max_num_batched_tokens: int):
+        if args.speculative_config is None:
+            return None
+        from pagedllm.engine.spec_decode.config import SpeculativeConfig
+        from pagedllm.engine.spec_decode.speculator import Speculator
+        config = SpeculativeConfig.from_dict(args.speculative_config)
+        draft = None
+        if config.method == "draft_model":
+            from pagedllm.engine.spec_decode.draft_model import DraftModel
+            draft = DraftModel.load(config, self)
+        return Speculator(config, self.block_manager, self.max_model_len, max_num_batched_tokens, self.tokenizer,
+                          draft)
+
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
         return cls(engine_args)
@@ -230,9 +246,15 @@ class LLMEngine:
                 raise RuntimeError("The scheduler could not schedule any sequence although requests are waiting "
                                    f"({self.block_manager.num_free_blocks} free KV blocks)")
             return []
+        if self.speculator is not None:  # proposals join the step (engine/spec_decode/speculator.py)
+            self.speculator.propose(sched, lambda s: s.request.request_id not in self.beam_searches,
+                                    self.block_manager.get_block_table, lambda s: self._sample_rows(s)[0])
         tables = {it.seq.seq_id: self.block_manager.get_block_table(it.seq.seq_id) for it in sched.scheduled}
         rows = {it.seq.seq_id: self._sample_rows(it.seq) for it in sched.scheduled if it.samples}
         result = self.runner.execute(sched, tables, rows)
+        spec = {}
+        if self.speculator is not None and result.spec_logits:
+            spec = self.speculator.verify(sched, result.spec_logits, lambda s: self._sample_rows(s)[0])
         self.scheduler.commit(sched)
 
         touched: dict[str, Request] = {}
@@ -244,6 +266,13 @@ class LLMEngine:
             seq.request.prompt_logprobs.extend(entries)
         for it in sched.scheduled:
             seq = it.seq
+            if seq.seq_id in spec:  # the accepted drafts and one more token, until a stop
+                touched[seq.request.request_id] = seq.request
+                for sample in spec[seq.seq_id]:
+                    self._append(seq, sample)
+                    if seq.is_finished:
+                        break
+                continue
             if seq.seq_id not in result.samples:
                 continue
             req = seq.request

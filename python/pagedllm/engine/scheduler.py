@@ -27,6 +27,7 @@ class ScheduledSeq:
     seq: Sequence
     start: int              # first position whose KV this step computes
     num_new_tokens: int
+    spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens verified after the newest one
 
     @property
     def samples(self) -> bool:
