@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import Optional
 
@@ -32,6 +33,9 @@ _ENGINE_OPTIONS = {
     "preemption_mode": (str, "recompute or swap"),
     "load_format": (str, "auto, or dummy: random weights from the model's config.json (benchmarks)"),
     "trust_remote_code": (bool, "accepted for vLLM compatibility (pagedllm runs no remote code)"),
+    "speculative_config": (json.loads, 'speculative decoding, as JSON: {"method": "ngram", '
+                           '"num_speculative_tokens": 4, "prompt_lookup_max": 4} or {"method": "draft_model", '
+                           '"model": PATH, "num_speculative_tokens": 4}'),
     "enforce_eager": (bool, "run every step eagerly: no CUDA graphs (by default decode steps of up to "
                             "max_num_seqs sequences replay graphs captured at start-up, on CUDA)"),
 }

@@ -1,5 +1,5 @@
-"""The server's use_beam_search (n = the beam width, length_penalty): the n choices are LLM.beam_search's
-beams, best first, on /v1/completions and /v1/chat/completions."""
+"""The server's use_beam_search (n = the beam width, length_penalty: the n choices are LLM.beam_search's beams,
+best first) and its speculative decoding (--speculative-config, the spec_decode counters in /metrics)."""
 import httpx
 import pytest
 
@@ -51,3 +51,27 @@ def test_streamed_beam_search_is_a_400(http):
     body = {"model": "tiny", "prompt": PROMPT, "n": 2, "use_beam_search": True, "stream": True, "max_tokens": 4}
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 400 and "streaming" in r.json()["error"]["message"]
+
+
+def test_serve_parses_speculative_config():
+    from pagedllm.entrypoints import cli
+    args = cli.build_parser().parse_args(
+        ["serve", "m", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    assert cli.engine_args_from(args).speculative_config == {"method": "ngram", "num_speculative_tokens": 3}
+
+
+def test_spec_decode_counters_in_metrics(model_path):
+    engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
+        model=model_path, device="cpu", max_model_len=256, num_gpu_blocks_override=100,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}))
+    app = build_app(engine, served_model_names=["tiny"], model_path=model_path)
+    prompt = "Hello world! Hello world! Hello world! Hello"
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=300) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 12,
+                                                 "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        text = client.get("/metrics").text
+    stats = engine.engine.stats["spec_decode"]
+    assert stats.num_drafts > 0
+    assert f'pagedllm:spec_decode_num_draft_tokens_total{{model_name="tiny"}} {float(stats.num_draft_tokens)}' in text
+    assert 'pagedllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="tiny",position="0"}' in text
