@@ -254,7 +254,8 @@ class LLMEngine:
         result = self.runner.execute(sched, tables, rows)
         spec = {}
         if self.speculator is not None and result.spec_logits:
-            spec = self.speculator.verify(sched, result.spec_logits, lambda s: self._sample_rows(s)[0])
+            spec = self.speculator.verify(sched, result.spec_logits, lambda s: self._sample_rows(s)[0],
+                                          self.block_manager.get_block_table)
         self.scheduler.commit(sched)
 
         touched: dict[str, Request] = {}

@@ -96,11 +96,11 @@ class Speculator:
             if k > 0:
                 wants[seq.seq_id] = k
                 budget -= k
-        if not wants:
-            return
         items = [it for it in sched.decodes if it.seq.seq_id in wants]
-        if self.draft is not None:
+        if self.draft is not None:  # (runs even with no proposal wanted: its cache mirrors every step)
             proposals = self.draft.propose(sched, items, wants, self.bm, block_tables, sample_row)
+        elif not wants:
+            return
         else:
             c = self.config
             proposals = {it.seq.seq_id: (propose_ngram(it.seq.token_ids(), wants[it.seq.seq_id],
@@ -126,9 +126,11 @@ class Speculator:
 
     # -- 2. verification -----------------------------------------------------------------------------------
     def verify(self, sched: SchedulerOutput, spec_logits: dict[int, torch.Tensor],
-               sample_row: Callable[[Sequence], SampleRow]) -> dict[int, list[SampleResult]]:
+               sample_row: Callable[[Sequence], SampleRow],
+               block_tables: Callable[[int], list[int]]) -> dict[int, list[SampleResult]]:
         """The emitted tokens of every speculating sequence; rolls back the rejected drafts' slots."""
         out: dict[int, list[SampleResult]] = {}
+        fully_accepted = []
         for item in sched.prefills:
             if not item.spec_token_ids:
                 continue
@@ -141,6 +143,8 @@ class Speculator:
             item.num_new_tokens = 1 + accepted
             item.spec_token_ids = drafts[:accepted]
             out[seq.seq_id] = results
+            if accepted == len(drafts):
+                fully_accepted.append(item)
         if self.draft is not None:
-            self.draft.after_verify(sched, out)
+            self.draft.after_verify(fully_accepted, block_tables)
         return out
