@@ -231,6 +231,8 @@ class LLMEngine:
             for seq in req.seqs:
                 self.scheduler.finish(seq, "abort")
                 self.runner.drop_host_copy(seq.seq_id)
+                if self.speculator is not None and self.speculator.draft is not None:
+                    self.speculator.draft.runner.drop_host_copy(seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
