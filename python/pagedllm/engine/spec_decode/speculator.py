@@ -12,6 +12,11 @@ The engine then appends the emitted tokens one by one (stop checks, detokenizati
 A sequence does not speculate when: it asks for user logits processors or a structured output (their
 state would see tokens that get rolled back), it is a beam, the step's token budget, max_tokens or the
 context length leave no room, or its KV blocks for the drafts are not free (no preemption for drafts).
+
+Proposal length adapts per sequence (verifying a token costs about as much as decoding one on a CPU at
+batch 8): after a partly rejected round a sequence proposes accepted + 1 tokens next, after a fully
+accepted one k again; a round with nothing accepted also pauses its proposals for 1, 2, 4 .. 16 steps
+(doubling while rounds keep failing). The output never depends on this: only the speed does.
 """
 from __future__ import annotations
 
@@ -76,7 +81,11 @@ class Speculator:
     def _room(self, seq: Sequence) -> int:
         """How many drafts seq can take this step."""
         params = seq.request.params
-        k = min(self.k, self.max_model_len - seq.num_tokens)
+        state = seq.__dict__.setdefault("_spec_state", [self.k, 0, 0])  # [next k, steps to pause, last pause]
+        if state[1] > 0:
+            state[1] -= 1
+            return 0
+        k = min(state[0], self.max_model_len - seq.num_tokens)
         if params.max_tokens is not None:
             k = min(k, params.max_tokens - len(seq.output_token_ids) - 1)  # k + 1 tokens may come out
         return k
@@ -124,6 +133,15 @@ class Speculator:
         sched.decodes[:] = [it for it in sched.decodes if not it.spec_token_ids]
         sched.prefills.extend(moved)  # a multi-token step: prefill attention over the cached KV
 
+    def _adapt(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        state = seq.__dict__.setdefault("_spec_state", [self.k, 0, 0])
+        state[0] = self.k if accepted == proposed else accepted + 1
+        if accepted == 0:
+            state[2] = min(16, max(1, 2 * state[2]))
+            state[1] = state[2]
+        else:
+            state[2] = 0
+
     # -- 2. verification -----------------------------------------------------------------------------------
     def verify(self, sched: SchedulerOutput, spec_logits: dict[int, torch.Tensor],
                sample_row: Callable[[Sequence], SampleRow],
@@ -139,6 +157,7 @@ class Speculator:
             results, accepted = verify(spec_logits[seq.seq_id], drafts, sample_row(seq), self.tokenizer,
                                        self._draft_probs.pop(seq.seq_id, None))
             self.stats.observe(len(drafts), accepted)
+            self._adapt(seq, len(drafts), accepted)
             self.bm.truncate(seq.seq_id, seq.num_tokens + accepted)
             item.num_new_tokens = 1 + accepted
             item.spec_token_ids = drafts[:accepted]
