@@ -98,3 +98,16 @@ def test_bad_configs_raise_vllm_errors(path):
         LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 0})
     with pytest.raises(ValueError, match="Unsupported speculative method"):
         LLM(path, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
+
+
+def test_n_and_best_of_with_speculation(spec):
+    """Forked samples speculate each on its own; seeded, they repeat; best_of ranks them by logprob."""
+    params = SamplingParams(n=2, best_of=3, temperature=0.9, max_tokens=16, ignore_eos=True, seed=11)
+    prompt = [{"prompt_token_ids": _prompts()[0]}]
+    first = spec.generate(prompt, params, use_tqdm=False)[0]
+    second = spec.generate(prompt, params, use_tqdm=False)[0]
+    assert len(first.outputs) == 2
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]
+    assert first.outputs[0].cumulative_logprob >= first.outputs[1].cumulative_logprob
+    assert all(len(o.token_ids) == 16 for o in first.outputs)
+    assert spec.llm_engine.block_manager.num_used_blocks == 0
