@@ -160,6 +160,9 @@ bad arguments -> ValueError / TypeError.)doc")
            "entries (only computed blocks can ever be hit). Values not above the current count are no-ops.")
       .def("fork", &BlockManager::fork, py::arg("parent_id"), py::arg("child_id"),
            "The child shares all of the parent's blocks (ref + 1 each), tokens, salt and counters.")
+      .def("truncate", &BlockManager::truncate_tokens, py::arg("seq_id"), py::arg("num_tokens"),
+           "Drops the slots of tokens [num_tokens, len) (rejected speculative tokens); blocks left empty are "
+           "released tail first. ValueError when num_tokens is below num_computed_tokens or above the length.")
       .def("free", &BlockManager::free, py::arg("seq_id"),
            "Releases the sequence's blocks tail first: a block reaching ref 0 stays cached (evictable, LRU) if it "
            "is in the prefix cache, else joins the back of the free list. KeyError when unknown or already freed.")

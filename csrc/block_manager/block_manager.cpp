@@ -336,6 +336,23 @@ void BlockManager::fork(int64_t parent_id, int64_t child_id) {
   seqs_.emplace(child_id, std::move(child));
 }
 
+void BlockManager::truncate_tokens(int64_t seq_id, int64_t num_tokens) {
+  Sequence& s = seq(seq_id);
+  if (num_tokens < s.num_computed_tokens || num_tokens > int64_t(s.tokens.size())) {
+    throw std::invalid_argument("truncate: num_tokens " + std::to_string(num_tokens) + " is outside [" +
+                                std::to_string(s.num_computed_tokens) + ", " + std::to_string(s.tokens.size()) +
+                                "] (computed .. reserved) for " + seq_name(seq_id));
+  }
+  const size_t keep = size_t(blocks_for(num_tokens, block_size_));
+  while (s.table.size() > keep) {  // tail first, like free()
+    release(s.table.back());
+    s.table.pop_back();
+  }
+  s.tokens.resize(size_t(num_tokens));
+  const size_t full = size_t(num_tokens / block_size_);  // hashes of blocks that are no longer full go
+  if (s.hashes.size() > full) s.hashes.resize(full);
+}
+
 void BlockManager::free(int64_t seq_id) {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) throw UnknownSequenceError("unknown " + seq_name(seq_id));

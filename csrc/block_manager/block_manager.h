@@ -120,6 +120,10 @@ class BlockManager {
   // The KV of the first n tokens is written: caches the full blocks in that prefix. Never decreases.
   void mark_computed(int64_t seq_id, int64_t num_computed_tokens);
   void fork(int64_t parent_id, int64_t child_id);
+  // Drops the slots of the tokens from num_tokens on (speculative decoding's rejected drafts): blocks left
+  // empty are released tail first, as free() does. num_tokens must not be below num_computed_tokens (a
+  // computed prefix may already be cached), so the cache never holds a dropped token.
+  void truncate_tokens(int64_t seq_id, int64_t num_tokens);
   void free(int64_t seq_id);
   // Drops every EVICTABLE cache entry (those blocks join the free list in LRU order). Returns true when
   // the prefix cache is now empty, false when cached blocks still used by sequences remain cached.

@@ -43,6 +43,7 @@ class EngineArgs:
     override_pooler_config: Optional[object] = None
     structured_outputs_config: Optional[dict] = None  # {"backend": "auto" | "xgrammar" | "guidance", ...}
     guided_decoding_backend: Optional[str] = None      # vLLM 0.10's name for structured_outputs_config's backend
+    speculative_config: Optional[dict] = None  # {"method": "ngram" | "draft_model", ...} (engine/spec_decode)
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32):
@@ -67,6 +68,9 @@ class EngineArgs:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
+        if self.speculative_config is not None:  # validated before any model loads
+            from pagedllm.engine.spec_decode.config import SpeculativeConfig
+            SpeculativeConfig.from_dict(self.speculative_config)
 
     @classmethod
     def field_names(cls) -> set[str]:

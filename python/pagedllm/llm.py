@@ -58,6 +58,29 @@ class LLM(PoolingMixin):  # PoolingMixin: embed, classify, score, reward, encode
             params_list = [sampling_params] * len(prompts)
         return self._run(prompts, params_list, use_tqdm)
 
+    def beam_search(self, prompts, params, lora_request=None, use_tqdm: bool = False,
+                    concurrency_limit: Optional[int] = None) -> list:
+        """vLLM's LLM.beam_search: one BeamSearchOutput per prompt (a str, TextPrompt or TokensPrompt), its
+        params.beam_width sequences best first. The beams run inside the engine as forked sequences that
+        share KV blocks (engine/beam_search.py); the search is transformers' (num_beams, length_penalty)."""
+        from pagedllm.beam_search import BeamSearchOutput, BeamSearchSequence
+        if lora_request is not None:
+            raise ValueError("pagedllm does not support LoRA adapters.")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        limit = concurrency_limit or len(prompts)
+        results: list[BeamSearchOutput] = []
+        for first in range(0, len(prompts), max(limit, 1)):
+            outs = self._run(prompts[first:first + limit], [params] * len(prompts[first:first + limit]), use_tqdm)
+            for out in outs:
+                results.append(BeamSearchOutput([
+                    BeamSearchSequence(tokens=list(out.prompt_token_ids) + list(o.token_ids),
+                                       cum_logprob=o.cumulative_logprob, text=o.text,
+                                       finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                    for o in out.outputs]))
+        return results
+
     def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True, chat_template=None,
              chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: Optional[list] = None, documents: Optional[list] = None,

@@ -87,3 +87,23 @@ class SamplingParams:
             self.logits_processors = procs
         cloned.logits_processors = procs
         return cloned
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's parameters (vLLM's fields and defaults). temperature is accepted as vLLM accepts it:
+    beams are ranked by the raw model logprobs, so it does not change the result."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be at least 1, got {self.beam_width}.")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")

@@ -318,6 +318,7 @@ class AsyncLLMEngine:
             "num_preemptions": sched.num_preemptions,
             "prompt_tokens": e.stats["prompt_tokens"],
             "generation_tokens": e.stats["generation_tokens"],
+            "spec_decode": e.stats["spec_decode"].as_dict() if "spec_decode" in e.stats else None,
         }
 
 

@@ -9,6 +9,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.engine.beam_search import BeamSearch
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.cpu_malloc import keep_freed_memory
 from pagedllm.engine.detokenizer import detokenize_incrementally
@@ -23,7 +24,7 @@ from pagedllm.engine.structured_admission import GrammarAdmission
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling.processors.base import SampleRow
 from pagedllm.sampling.step import wants_logprob
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +101,27 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, mnbt, args.enable_chunked_prefill, swap_blocks)
         self.requests: dict[str, Request] = {}
         self._request_errors: dict[str, tuple[Request, BaseException]] = {}  # failed, not yet popped
+        self.beam_searches: dict[str, BeamSearch] = {}  # request id -> its beams (engine/beam_search.py)
         self._arrivals = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.speculator = self._speculator(args, mnbt)
+        if self.speculator is not None:
+            self.stats["spec_decode"] = self.speculator.stats  # drafts, draft / accepted tokens, per position
 
     # -- construction helpers -------------------------------------------------------------------
+    def _speculator(self, args: EngineArgs, max_num_batched_tokens: int):
+        if args.speculative_config is None:
+            return None
+        from pagedllm.engine.spec_decode.config import SpeculativeConfig
+        from pagedllm.engine.spec_decode.speculator import Speculator
+        config = SpeculativeConfig.from_dict(args.speculative_config)
+        draft = None
+        if config.method == "draft_model":
+            from pagedllm.engine.spec_decode.draft_model import DraftModel
+            draft = DraftModel.load(config, self)
+        return Speculator(config, self.block_manager, self.max_model_len, max_num_batched_tokens,
+                          self.admission.chain, draft)
+
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
         return cls(engine_args)
@@ -170,6 +188,8 @@ class LLMEngine:
         """Validates the request completely (ValueError with vLLM's words) before it enters the engine."""
         if request_id in self.requests:
             raise ValueError(f"Request id {request_id} already running.")
+        if isinstance(params, BeamSearchParams):
+            return self._add_beam_search(request_id, prompt, params)
         params = (params or self.get_default_sampling_params()).clone()
         params.__post_init__()  # validated again: fields may have been set after construction
         text, ids, salt = self._tokenize(prompt)
@@ -186,6 +206,16 @@ class LLMEngine:
         req = Request(request_id, text, ids, params, next(self._arrivals), seed, salt)
         self.requests[request_id] = req
         self.admission.add(req.seqs[0], self.scheduler)  # the scheduler gets it once its grammar is compiled
+        self.stats["prompt_tokens"] += len(ids)
+
+    def _add_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams) -> None:
+        text, ids, salt = self._tokenize(prompt)
+        self._validate(ids, SamplingParams(max_tokens=params.max_tokens))
+        req = BeamSearch.make_request(request_id, text, ids, params, next(self._arrivals), self.eos_token_ids)
+        req.cache_salt = salt
+        self.beam_searches[request_id] = BeamSearch(req, params, self.eos_token_ids, self.max_model_len)
+        self.requests[request_id] = req
+        self.scheduler.add(req.seqs[0])
         self.stats["prompt_tokens"] += len(ids)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
@@ -218,6 +248,7 @@ class LLMEngine:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             req = self.requests.pop(rid, None)
+            self.beam_searches.pop(rid, None)
             if req is None:
                 continue
             req.aborted = True
@@ -225,6 +256,8 @@ class LLMEngine:
             for seq in req.seqs:
                 self.scheduler.finish(seq, "abort")
                 self.runner.drop_host_copy(seq.seq_id)
+                if self.speculator is not None and self.speculator.draft is not None:
+                    self.speculator.draft.runner.drop_host_copy(seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -247,6 +280,9 @@ class LLMEngine:
                 raise RuntimeError("The scheduler could not schedule any sequence although requests are waiting "
                                    f"({self.block_manager.num_free_blocks} free KV blocks)")
             return []
+        if self.speculator is not None:  # proposals join the step (engine/spec_decode/speculator.py)
+            self.speculator.propose(sched, lambda s: s.request.request_id not in self.beam_searches,
+                                    self.block_manager.get_block_table, lambda s: self._sample_rows(s)[0])
         tables = {it.seq.seq_id: self.block_manager.get_block_table(it.seq.seq_id) for it in sched.scheduled}
         rows = {}
         for it in sched.scheduled:
@@ -263,11 +299,16 @@ class LLMEngine:
                 self.fail_request(seq.request.request_id, e)
             self._abort_failed()
             return []
+        spec = {}
+        if self.speculator is not None and result.spec_logits:
+            spec = self.speculator.verify(sched, result.spec_logits, lambda s: self._sample_rows(s)[0],
+                                          self.block_manager.get_block_table)
         self.scheduler.commit(sched)
         for seq_id, exc in result.failures.items():
             self.fail_request(self._seq_by_id(sched, seq_id).request.request_id, exc)
 
         touched: dict[str, Request] = {}
+        beams: dict[str, BeamSearch] = {}
         for seq_id, entries in result.prompt_logprobs.items():
             seq = self._seq_by_id(sched, seq_id)
             if seq.request.prompt_logprobs is None:
@@ -276,16 +317,34 @@ class LLMEngine:
         for it in sched.scheduled:
             seq = it.seq
             req = seq.request
-            if seq.seq_id not in result.samples or self._failed(req):
+            if self._failed(req):
+                continue
+            if seq.seq_id in spec:  # the accepted drafts and one more token, until a stop
+                touched[req.request_id] = req
+                try:
+                    for sample in spec[seq.seq_id]:
+                        self._append(seq, sample)
+                        if seq.is_finished:
+                            break
+                except Exception as e:  # noqa: BLE001 - e.g. its detokenization
+                    self.fail_request(req.request_id, e)
+                continue
+            if seq.seq_id not in result.samples:
+                continue
+            samples = result.samples[seq.seq_id]
+            if req.request_id in self.beam_searches:  # a beam: its logprobs wait for the selection
+                beams[req.request_id] = self.beam_searches[req.request_id]
+                beams[req.request_id].record(seq, samples[0].top_logprobs)
                 continue
             try:
-                self._take_samples(seq, result.samples[seq.seq_id])
+                self._take_samples(seq, samples)
             except Exception as e:  # noqa: BLE001 - e.g. its detokenization
                 self.fail_request(req.request_id, e)
                 continue
             touched[req.request_id] = req
         self._abort_failed()
-        return [self._output(req) for req in touched.values() if not self._failed(req)]
+        return ([self._output(req) for req in touched.values() if not self._failed(req)]
+                + self._advance_beams(beams))
 
     def _failed(self, req: Request) -> bool:
         return self._request_errors.get(req.request_id, (None,))[0] is req
@@ -331,6 +390,20 @@ class LLMEngine:
         self._abort_failed()
         errors, self._request_errors = self._request_errors, {}
         return {rid: exc for rid, (_, exc) in errors.items()}
+
+    def _advance_beams(self, beams: dict[str, BeamSearch]) -> list[RequestOutput]:
+        """One selection for each beam search whose live beams all reported; the finished ones' outputs."""
+        outputs = []
+        for rid, beam in beams.items():
+            if not beam.ready():
+                continue
+            beam.advance(self.scheduler)
+            if beam.done:
+                self.stats["generation_tokens"] += sum(len(h.token_ids) for h in beam.finished)
+                outputs.append(beam.output(self.tokenizer))
+                del self.beam_searches[rid]
+                self.requests.pop(rid, None)
+        return outputs
 
     def _sample_rows(self, seq: Sequence) -> list[SampleRow]:
         req = seq.request

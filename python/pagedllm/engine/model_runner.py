@@ -30,6 +30,7 @@ class StepResult:
     samples: dict[int, list[SampleResult]]            # seq_id -> one result (n results for a fork point)
     prompt_logprobs: dict[int, list[Optional[dict]]]  # seq_id -> entries for the positions computed this step
     failures: dict[int, BaseException] = field(default_factory=dict)  # seq_id -> its rows' sampling error
+    spec_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq_id -> [1 + drafts, vocab] (verify)
 
 
 class ModelRunner:
@@ -187,7 +188,10 @@ class ModelRunner:
         ids, pos, slots = [], [], []
         for item in sched.scheduled:
             seq, s, n = item.seq, item.start, item.num_new_tokens
-            ids.extend(seq.token_slice(s, s + n))
+            known = seq.num_tokens
+            ids.extend(seq.token_slice(min(s, known), min(s + n, known)))
+            if s + n > known:  # speculative decoding's proposals follow the sequence's tokens
+                ids.extend(item.spec_token_ids[max(s - known, 0):s + n - known])
             p = np.arange(s, s + n)
             table = np.asarray(block_tables[seq.seq_id], dtype=np.int64)
             pos.append(p)
@@ -242,6 +246,7 @@ class ModelRunner:
         # Which hidden rows need logits: each sampling sequence's last token, and every prompt
         # position of a sequence that asked for prompt logprobs.
         sample_idx, rows, owners = [], [], []
+        spec_spans: dict[int, tuple[int, int]] = {}  # seq_id -> its verified rows (engine/spec_decode)
         prompt_lp: dict[int, tuple[int, list[int], list[int]]] = {}
         claimed: dict[str, int] = {}  # request id -> prompt positions already taken this step
         offset = 0
@@ -258,6 +263,8 @@ class ModelRunner:
                     claimed[seq.request.request_id] = positions_here[-1] + 1
                     prompt_lp[seq.seq_id] = (offset + positions_here[0] - item.start, positions_here,
                                              [seq.prompt_token_ids[p + 1] for p in positions_here])
+            if item.spec_token_ids:
+                spec_spans[seq.seq_id] = (offset, item.num_new_tokens)
             if item.samples and seq.seq_id in sample_rows:
                 for r in sample_rows[seq.seq_id]:
                     sample_idx.append(offset + item.num_new_tokens - 1)
@@ -276,7 +283,13 @@ class ModelRunner:
                 samples.setdefault(owner, []).append(results[i])
         prompt_results = {seq_id: self._prompt_logprobs(hidden, first, positions_here, targets, seq_id, sched)
                           for seq_id, (first, positions_here, targets) in prompt_lp.items()}
-        return StepResult(samples, prompt_results, failures)
+        spec_logits = {}
+        if spec_spans:
+            idx = torch.cat([torch.arange(o, o + n) for o, n in spec_spans.values()]).to(self.device)
+            logits = self.model.compute_logits(hidden[idx]).float().cpu()
+            for seq_id, part in zip(spec_spans, logits.split([n for _, n in spec_spans.values()])):
+                spec_logits[seq_id] = part
+        return StepResult(samples, prompt_results, failures, spec_logits)
 
     def _prompt_logprobs(self, hidden, first, positions_here, targets, seq_id, sched) -> list[Optional[dict]]:
         k = next(it.seq.request.params.prompt_logprobs for it in sched.scheduled if it.seq.seq_id == seq_id)

@@ -27,6 +27,7 @@ class ScheduledSeq:
     seq: Sequence
     start: int              # first position whose KV this step computes
     num_new_tokens: int
+    spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens verified after the newest one
 
     @property
     def samples(self) -> bool:
@@ -122,6 +123,8 @@ class Scheduler:
         return True
 
     def _emit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        if n <= 0:
+            return  # a beam waiting for its siblings' logprobs (engine/beam_search.py) has nothing to compute
         item = ScheduledSeq(seq, seq.num_computed_tokens, n)
         (out.decodes if n == 1 else out.prefills).append(item)
 

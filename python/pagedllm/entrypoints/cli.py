@@ -41,6 +41,9 @@ _ENGINE_OPTIONS = {
     "task": (str, "vLLM 0.10's name: embed, classify, score or reward (implies --runner pooling)"),
     "pooler_config": (str, 'JSON, e.g. \'{"pooling_type": "MEAN", "normalize": false}\''),
     "override_pooler_config": (str, "vLLM 0.10's name of --pooler-config"),
+    "speculative_config": (json.loads, 'speculative decoding, as JSON: {"method": "ngram", '
+                           '"num_speculative_tokens": 4, "prompt_lookup_max": 4} or {"method": "draft_model", '
+                           '"model": PATH, "num_speculative_tokens": 4}'),
     "enforce_eager": (bool, "run every step eagerly: no CUDA graphs (by default decode steps of up to "
                             "max_num_seqs sequences replay graphs captured at start-up, on CUDA)"),
     "structured_outputs_config": (json.loads, 'structured outputs, as JSON: {"backend": "auto" | "xgrammar" | '

@@ -52,6 +52,18 @@ class _SnapshotCollector:
         yield counter("num_preemptions", "Sequences preempted (recompute or swap).", s["num_preemptions"])
         yield counter("prompt_tokens", "Prompt tokens received.", s["prompt_tokens"])
         yield counter("generation_tokens", "Tokens generated.", s["generation_tokens"])
+        spec = s.get("spec_decode")
+        if spec is not None:  # speculative decoding (vLLM's spec_decode_* counters)
+            yield counter("spec_decode_num_drafts", "Verification rounds of proposed tokens.", spec["num_drafts"])
+            yield counter("spec_decode_num_draft_tokens", "Proposed tokens.", spec["num_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Accepted proposed tokens.",
+                          spec["num_accepted_tokens"])
+            per_pos = CounterMetricFamily("pagedllm:spec_decode_num_accepted_tokens_per_pos",
+                                          "Accepted proposed tokens, by position in the proposal.",
+                                          labels=["model_name", "position"])
+            for pos, n in enumerate(spec["accepted_per_pos"]):
+                per_pos.add_metric([self.model_name, str(pos)], n)
+            yield per_pos
 
 
 class ServerMetrics:

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -90,6 +90,15 @@ class SamplingFields(OpenAIBaseModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     use_beam_search: bool = False
+    length_penalty: float = 1.0
+
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """use_beam_search: n is the beam width (vLLM's mapping); the n best beams are the choices."""
+        if self.stream:
+            raise ValueError("use_beam_search does not support streaming: the beams are known at the end.")
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                temperature=self.temperature or 0.0, length_penalty=self.length_penalty,
+                                include_stop_str_in_output=self.include_stop_str_in_output)
 
     def sampling_params(self, defaults: SamplingParams, max_tokens: Optional[int],
                         logprobs: Optional[int]) -> SamplingParams:

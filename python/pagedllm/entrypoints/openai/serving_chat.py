@@ -73,8 +73,6 @@ class OpenAIServingChat:
     def _prepare(self, req: ChatCompletionRequest):
         check_text(req)
         self.limits.check_samples(req.n, req.best_of)
-        if req.use_beam_search:
-            raise not_supported("use_beam_search", "use_beam_search")
         if req.stream and req.best_of is not None and req.best_of > req.n:
             raise ValueError("best_of must equal n when streaming (best_of > n picks the best sequences at the end).")
         if req.top_logprobs is not None and not req.logprobs and req.top_logprobs > 0:
@@ -92,9 +90,14 @@ class OpenAIServingChat:
         bm = self.engine.engine.block_manager
         check_kv_capacity(len(ids), max_tokens, req.n, req.best_of, bm.block_size, bm.num_blocks)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = req.sampling_params(self.defaults, max_tokens, logprobs)
-        apply_request_constraint(req, params, tools)  # response_format, structured_outputs, guided_*, tool_choice
-        parser = ForcedToolCallParser(req.tool_choice) if constrains(req.tool_choice) else self._parser(template, tools)
+        if req.use_beam_search:  # the engine runs the beams (engine/beam_search.py)
+            params = req.beam_search_params(max_tokens)
+            parser = self._parser(template, tools)
+        else:
+            params = req.sampling_params(self.defaults, max_tokens, logprobs)
+            apply_request_constraint(req, params, tools)  # response_format, structured_outputs, guided_*, tool_choice
+            parser = (ForcedToolCallParser(req.tool_choice) if constrains(req.tool_choice)
+                      else self._parser(template, tools))
         think_in_prompt = text.rstrip().endswith("<think>")
         return {"prompt_token_ids": ids, "prompt": text}, params, parser, think_in_prompt
 

@@ -63,8 +63,6 @@ class OpenAIServingCompletion:
         self.limits.check_samples(req.n, req.best_of)
         if req.suffix is not None:
             raise not_supported("suffix", "suffix")
-        if req.use_beam_search:
-            raise not_supported("use_beam_search", "use_beam_search")
         if req.stream and req.best_of is not None and req.best_of > req.n:
             raise ValueError("best_of must equal n when streaming (best_of > n picks the best sequences at the end).")
         prompts = self._prompts(req)
@@ -76,6 +74,9 @@ class OpenAIServingCompletion:
             max_tokens = check_lengths(len(ids), req.max_tokens, self.max_model_len, "prompt")
             bm = self.engine.engine.block_manager
             check_kv_capacity(len(ids), max_tokens, req.n, req.best_of, bm.block_size, bm.num_blocks)
+            if req.use_beam_search:  # the engine runs the beams (engine/beam_search.py)
+                out.append(({"prompt_token_ids": ids, "prompt": text}, req.beam_search_params(max_tokens)))
+                continue
             params = req.sampling_params(self.defaults, max_tokens, req.logprobs)
             params.prompt_logprobs = prompt_logprobs
             apply_request_constraint(req, params)  # response_format, structured_outputs, guided_*

@@ -1,0 +1,142 @@
+"""Verifies k proposed tokens against the target model's k + 1 rows of logits (one forward).
+
+Row j of the logits predicts the token after the sequence + drafts[:j]; its sampling row (penalties,
+min_tokens, bad words ... and the Philox counter) is the one plain decoding would build there.
+- Greedy: the target's token t_j (the first index of the largest processed logit, as sample_tokens)
+  is computed for every row; drafts are accepted while d_j == t_j; the first mismatch emits t_j, and
+  when all match the bonus t_k follows. The tokens are exactly plain greedy decoding's.
+- Random: p_j = the processed, filtered (temperature, top_k, top_p, min_p) target distribution, q_j the
+  proposer's (a point mass for ngram). d_j is accepted when u < p_j(d_j) / q_j(d_j); the first rejection
+  draws from the residual max(p_j - q_j, 0) (renormalised); when all are accepted the bonus is drawn
+  from p_k. Each emitted token is then distributed exactly as p (Leviathan et al. 2023).
+Randomness: Philox(seed, counter = (m, stream)) for the sequence's m-th output token, one stream per
+use (accept / draw), never the (m, 0) counter of sample_tokens: a seeded request repeats exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from pagedllm.sampling.processors.base import ProcessorChain, SampleRow, SamplingBatch
+from pagedllm.sampling.step import SampleResult, wants_logprob
+from pagedllm.layers.sampler import GREEDY_TEMPERATURE, _to_int64, filtered_probs, philox4x32
+
+_MASK32 = 0xFFFFFFFF
+STREAM_DRAFT, STREAM_ACCEPT, STREAM_DRAW = 1, 2, 3
+
+
+def philox_uniforms(seed: int, counters: list[int], stream: int) -> torch.Tensor:
+    """float32 uniforms in [0, 1), one per counter: (x0 >> 8) * 2^-24 of Philox(seed, (c, c >> 32, stream, 0))."""
+    seed = _to_int64(seed)
+    c = torch.tensor(counters, dtype=torch.int64)
+    key = (torch.tensor(seed & _MASK32), torch.tensor((seed >> 32) & _MASK32))
+    x0, _, _, _ = philox4x32((c & _MASK32, (c >> 32) & _MASK32, torch.full_like(c, stream), torch.zeros_like(c)), key)
+    return (x0 >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def rows_for_drafts(row: SampleRow, drafts: list[int]) -> list[SampleRow]:
+    """The sampling rows of positions 0..len(drafts): each sees the drafts before it as output."""
+    return [replace(row, output_token_ids=row.output_token_ids + drafts[:j], offset=row.offset + j)
+            for j in range(len(drafts) + 1)]
+
+
+def processed_logits(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None
+                     ) -> torch.Tensor:
+    """float32 logits after the rows' sampling processors (the engine's chain: penalties, bias, token masks),
+    as the sampling step applies them."""
+    batch = SamplingBatch(logits.float(), rows)
+    if chain is not None and any(r.state is not None for r in rows):
+        chain.apply(batch)
+    return batch.processed
+
+
+def target_probs(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None) -> torch.Tensor:
+    """Processed, filtered, normalised float32 probabilities [rows, vocab] (rows of one sampling kind)."""
+    processed = processed_logits(logits, rows, chain)
+    p = rows[0].params
+    n = len(rows)
+    probs = filtered_probs(processed, torch.full((n,), float(p.temperature)), torch.full((n,), p.top_k),
+                           torch.full((n,), float(p.top_p)), torch.full((n,), float(p.min_p)))
+    total = probs.sum(dim=-1, keepdim=True)
+    # A row with no finite logit has no distribution: sample_tokens takes its greedy token.
+    bad = ~(total > 0) | ~torch.isfinite(total)
+    if bad.any():
+        greedy = torch.zeros_like(probs).scatter_(1, processed.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(bad, greedy, probs)
+        total = probs.sum(dim=-1, keepdim=True)
+    return probs / total
+
+
+def processed_argmax(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None
+                     ) -> list[int]:
+    return processed_logits(logits, rows, chain).argmax(dim=-1).tolist()
+
+
+def draw(probs: torch.Tensor, u: float) -> int:
+    """Inverse CDF: the first token whose running mass exceeds u * total; never a zero-probability token."""
+    cum = probs.cumsum(dim=0)
+    idx = int(torch.searchsorted(cum, u * cum[-1], right=True))  # cum rises there: probs[idx] > 0
+    if idx >= probs.shape[0]:  # rounding left no such token: the last one of non-zero probability
+        idx = int(torch.flatnonzero(probs > 0)[-1])
+    return idx
+
+
+def verify(logits: torch.Tensor, drafts: list[int], row: SampleRow, chain: Optional[ProcessorChain] = None,
+           draft_probs: Optional[torch.Tensor] = None) -> tuple[list[SampleResult], int]:
+    """logits: [len(drafts) + 1, vocab] raw target logits; row: the sampling row of position 0;
+    draft_probs: [len(drafts), vocab] the proposer's distributions (None: point masses, as ngram).
+    Returns (the emitted tokens' results, the number of accepted drafts)."""
+    k = len(drafts)
+    rows = rows_for_drafts(row, drafts)
+    params = row.params
+    if params.temperature < GREEDY_TEMPERATURE:
+        target = processed_argmax(logits, rows, chain)
+        accepted = 0
+        while accepted < k and drafts[accepted] == target[accepted]:
+            accepted += 1
+        tokens = drafts[:accepted] + [target[accepted]]
+    else:
+        probs = target_probs(logits, rows, chain)
+        m = [row.offset + j for j in range(k + 1)]
+        u_accept = philox_uniforms(row.seed, m[:k], STREAM_ACCEPT).tolist() if k else []
+        u_draw = philox_uniforms(row.seed, m, STREAM_DRAW).tolist()
+        accepted = 0
+        tokens = []
+        while accepted < k:
+            d = drafts[accepted]
+            p_d = float(probs[accepted, d])
+            q_d = 1.0 if draft_probs is None else float(draft_probs[accepted, d])
+            if u_accept[accepted] * q_d < p_d:  # accept with probability min(1, p/q)
+                tokens.append(d)
+                accepted += 1
+                continue
+            if draft_probs is None:
+                residual = probs[accepted].clone()
+                residual[d] = 0.0
+            else:
+                residual = (probs[accepted] - draft_probs[accepted]).clamp_(min=0.0)
+            if not bool((residual > 0).any()):  # p == q up to rounding: p itself is the residual's limit
+                residual = probs[accepted]
+            tokens.append(draw(residual, u_draw[accepted]))
+            break
+        if accepted == k:
+            tokens.append(draw(probs[k], u_draw[k]))
+    return _results(logits, tokens, params), accepted
+
+
+def _results(logits: torch.Tensor, tokens: list[int], params) -> list[SampleResult]:
+    if not wants_logprob(params):
+        return [SampleResult(t, None, None) for t in tokens]
+    raw = torch.log_softmax(logits[:len(tokens)].float(), dim=-1)  # vLLM's default: raw model logprobs
+    idx = torch.tensor(tokens).view(-1, 1)
+    chosen = raw.gather(1, idx)
+    ranks = ((raw > chosen).sum(dim=1) + 1).tolist()
+    k = params.logprobs or 0
+    top = torch.topk(raw, k, dim=1) if k else None
+    out = []
+    for j, t in enumerate(tokens):
+        tops = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else None
+        out.append(SampleResult(t, float(chosen[j]), ranks[j], tops))
+    return out
