@@ -461,7 +461,7 @@ def test_unpack_bitmask_round_trips():
     assert torch.equal(unpack_bitmask(pack_mask(allowed), 77), allowed)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("vocab", MASK_VOCABS)
 def test_masked_tokens_are_never_drawn(device, vocab):
     """Rows of every filter kind, each with a random mask that forbids the most likely tokens too:
@@ -487,7 +487,7 @@ def test_masked_tokens_are_never_drawn(device, vocab):
             assert torch.equal(got[greedy], expect[greedy])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_mask_equals_minus_inf_logits(device):
     """A mask draws exactly what the same logits with -inf at the forbidden tokens draw (same
     seeds and offsets), for every kind of row: the mask is the -inf rule, applied in the op."""
@@ -502,7 +502,7 @@ def test_mask_equals_minus_inf_logits(device):
     assert torch.equal(masked, minus_inf)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_mask_frequencies_follow_the_renormalized_distribution(device):
     """Temperature sampling over a mask: empirical frequencies match softmax over the allowed tokens."""
     vocab, n = 64, 4000
@@ -520,7 +520,7 @@ def test_mask_frequencies_follow_the_renormalized_distribution(device):
         assert abs(float(freq[tok]) - float(probs[tok])) < 4 * sigma + 1e-3, tok
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bad_bitmask_raises(device):
     logits = torch.randn(2, 70, device=device)
     t = params([(1.0, 0, 1.0, 0.0, 0, 0)] * 2, device)
