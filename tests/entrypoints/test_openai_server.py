@@ -133,7 +133,9 @@ def test_completion_prompt_forms_n_and_echo(client, engine):
     ids = tok.encode("Hello world")
     base = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=5, **GREEDY).choices[0].text
     for prompt in (ids, [ids, tok.encode("How are you")], ["Hello world", "How are you"]):
-        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, n=2, **GREEDY)
+        # n > 1 needs sampling (vLLM: "n must be 1 when using greedy sampling"); top_k=1 samples the argmax
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, n=2, temperature=1.0,
+                                      extra_body={"top_k": 1})
         num_prompts = 1 if isinstance(prompt[0], int) else 2
         assert [c.index for c in r.choices] == list(range(2 * num_prompts))
         assert r.choices[0].text == r.choices[1].text == base   # greedy: the same text from ids or string
@@ -550,7 +552,7 @@ BAD_BODIES = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_object"}}),
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "no_schema"}}}),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
                               "n": 2, "best_of": 3}),
     ("/v1/completions", {"model": MODEL, "prompt": []}),

@@ -137,13 +137,14 @@ def structured_of(params) -> Optional[StructuredOutputsParams]:
 
 
 def normalize(params) -> None:
-    """SamplingParams.__post_init__: dicts become params objects; guided_decoding becomes structured_outputs."""
+    """SamplingParams.__post_init__: dicts become params objects; guided_decoding becomes structured_outputs.
+    Idempotent (the engine validates a clone again): after a first call both fields hold the same object."""
     so, gd = params.structured_outputs, params.guided_decoding
     if isinstance(so, dict):
         so = StructuredOutputsParams(**so)
     if isinstance(gd, dict):
         gd = GuidedDecodingParams(**gd)
-    if so is not None and gd is not None:
+    if so is not None and gd is not None and so is not gd:
         raise ValueError("Cannot set both structured_outputs and guided_decoding; use structured_outputs.")
     for value, name in ((so, "structured_outputs"), (gd, "guided_decoding")):
         if value is not None and not isinstance(value, StructuredOutputsParams):
