@@ -47,6 +47,18 @@ def test_engine_options_reach_engine_args():
         _parse(["serve", "--block-size", "x"])
 
 
+def test_reasoning_parser_makes_structured_outputs_reasoning_aware():
+    # vLLM: a server started with a reasoning parser constrains an output only after its reasoning.
+    ea = cli.engine_args_from(_parse(["serve", "--reasoning-parser", "qwen3"]))
+    assert ea.structured_outputs_config == {"reasoning_parser": "qwen3"}
+    ea = cli.engine_args_from(_parse(["serve", "--reasoning-parser", "granite"]))   # any <think> style
+    assert ea.structured_outputs_config == {"reasoning_parser": "think"}
+    ea = cli.engine_args_from(_parse(["serve", "--reasoning-parser", "qwen3", "--structured-outputs-config",
+                                      '{"backend": "guidance", "reasoning_parser": "deepseek_r1"}']))
+    assert ea.structured_outputs_config == {"backend": "guidance", "reasoning_parser": "deepseek_r1"}
+    assert cli.engine_args_from(_parse(["serve"])).structured_outputs_config is None
+
+
 def test_chat_keeps_history_resets_and_exits(model_path, monkeypatch):
     prompts = []
     real = LLMEngine.add_request

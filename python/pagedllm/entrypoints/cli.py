@@ -72,6 +72,12 @@ def engine_args_from(args):
     """AsyncEngineArgs from a parsed namespace (the EngineArgs fields it holds)."""
     from pagedllm.config import AsyncEngineArgs
     kwargs = {name: getattr(args, name) for name in AsyncEngineArgs.field_names() if hasattr(args, name)}
+    reasoning = getattr(args, "reasoning_parser", None)
+    if reasoning is not None:  # as in vLLM: a reasoning server constrains outputs only after the reasoning
+        from pagedllm.sampling.structured_params import REASONING_PARSERS
+        config = dict(kwargs.get("structured_outputs_config") or {})
+        config.setdefault("reasoning_parser", reasoning if reasoning in REASONING_PARSERS else "think")
+        kwargs["structured_outputs_config"] = config
     return AsyncEngineArgs(**kwargs)
 
 
