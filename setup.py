@@ -121,10 +121,15 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         # Every target: _C and, where CUDA headers exist, the CUDA emulator library _C_emu.
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
-        # _C_emu is a plain torch op library (no Python module): setuptools does not know it, so an
-        # in-place / editable build copies it beside the package itself.
-        emu_lib = out_dir / "_C_emu.so"
-        if self.inplace and emu_lib.exists():
+        self._emu_lib = out_dir / "_C_emu.so"
+
+    def copy_extensions_to_source(self):
+        """In-place and editable builds (`build_ext --inplace`, `pip install -e .`): setuptools builds into a
+        temporary build-lib and copies the extensions it knows into the source tree. _C_emu is a plain torch
+        op library (no Python module) that setuptools does not know: it is copied beside the package too."""
+        super().copy_extensions_to_source()
+        emu_lib = getattr(self, "_emu_lib", None)
+        if emu_lib is not None and emu_lib.exists():
             shutil.copy2(emu_lib, ROOT / "python" / "pagedllm" / "_C_emu.so")
 
 
