@@ -73,9 +73,12 @@ def engine_args_from(args):
     from pagedllm.config import AsyncEngineArgs
     kwargs = {name: getattr(args, name) for name in AsyncEngineArgs.field_names() if hasattr(args, name)}
     reasoning = getattr(args, "reasoning_parser", None)
-    if reasoning is not None:  # as in vLLM: a reasoning server constrains outputs only after the reasoning
+    config = kwargs.get("structured_outputs_config")
+    # As in vLLM: a reasoning server constrains outputs only after the reasoning. A config that is not a JSON
+    # object is left to the engine's own validation (its error names the problem).
+    if reasoning is not None and (config is None or isinstance(config, dict)):
         from pagedllm.sampling.structured_params import REASONING_PARSERS
-        config = dict(kwargs.get("structured_outputs_config") or {})
+        config = dict(config or {})
         config.setdefault("reasoning_parser", reasoning if reasoning in REASONING_PARSERS else "think")
         kwargs["structured_outputs_config"] = config
     return AsyncEngineArgs(**kwargs)
