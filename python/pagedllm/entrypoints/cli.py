@@ -91,6 +91,13 @@ def _finish_engine_args(args) -> None:
         args.model = args.model_flag
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: a small vLLM-compatible LLM engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM / SIGINT, how long running requests may finish before the rest are "
                              "aborted; a second signal exits at once")
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    replicas = serve.add_argument_group("replicas (Ray Serve: pip install pagedllm[ray])")
+    replicas.add_argument("--replicas", type=_positive_int, default=None,
+                          help="serve N engine replicas behind this endpoint, on Ray Serve (each with the engine "
+                               "options above)")
+    replicas.add_argument("--autoscaling-config", type=json.loads, default=None,
+                          help='Ray Serve autoscaling, as JSON, e.g. \'{"min_replicas": 1, "max_replicas": 4, '
+                               '"target_ongoing_requests": 32}\' (--replicas, if given, is the initial count)')
+    replicas.add_argument("--ray-address", default=None,
+                          help="a running Ray cluster (e.g. auto or ray://host:10001; default: a local Ray "
+                               "instance started for this server)")
+    replicas.add_argument("--ray-actor-options", type=json.loads, default=None,
+                          help='each replica\'s Ray resources, as JSON, e.g. \'{"num_cpus": 4}\' (default: one '
+                               'CPU, or one GPU on CUDA, per tensor-parallel rank)')
+    replicas.add_argument("--max-ongoing-requests", type=_positive_int, default=None,
+                          help="requests Serve sends one replica at once (default: --max-num-seqs)")
 
     chat = sub.add_parser("chat", help="chat with a model in the terminal",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -149,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _finish_engine_args(args)
+    if args.command == "serve" and (args.replicas is not None or args.autoscaling_config is not None):
+        from pagedllm.entrypoints.ray_cli import run_replicas
+        return run_replicas(args)
     if args.command == "serve":
         from pagedllm.entrypoints.openai.api_server import run_server
         run_server(args)

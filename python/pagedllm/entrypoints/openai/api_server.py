@@ -306,35 +306,47 @@ def build_app(engine, *, served_model_names: Optional[list[str]] = None, model_p
     return app
 
 
-def run_server(args) -> None:
-    """`pagedllm serve`: build the engine, then serve until SIGTERM / SIGINT (shutdown.DrainingServer: a bounded
-    drain, then what still runs is aborted; a second signal exits at once)."""
-    import uvicorn
-
+def build_server(args, state: Optional[ServerState] = None):
+    """The engine and its app from parsed `pagedllm serve` options: (engine, app, names). Used by run_server
+    and by each Ray Serve replica (entrypoints/ray_serve.py), so both serve the same routes the same way."""
     from pagedllm.engine.async_engine import AsyncLLMEngine
     from pagedllm.entrypoints.cli import engine_args_from
-    from pagedllm.entrypoints.openai.shutdown import DrainingServer
+    from pagedllm.entrypoints.openai.serving_pooling import AsyncPoolingEngine
+    from pagedllm.pooling.engine import wants_pooling
 
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None
     limits = ServerLimits.build(max_prompt_chars=args.max_prompt_chars, max_best_of=args.max_best_of,
                                 chat_template_timeout_s=args.chat_template_timeout,
                                 chat_template_max_memory_mb=args.chat_template_max_memory_mb)
     set_default_limits(limits.render)
-    from pagedllm.entrypoints.openai.serving_pooling import AsyncPoolingEngine
-    from pagedllm.pooling.engine import wants_pooling
     engine_args = engine_args_from(args)
     engine = (AsyncPoolingEngine.from_engine_args(engine_args) if wants_pooling(engine_args)
               else AsyncLLMEngine.from_engine_args(engine_args, max_queue_size=args.max_queue_size))
     names = args.served_model_name or [args.model or "pagedllm-default"]
-    state = ServerState()
     try:
         app = build_app(engine, served_model_names=names, model_path=args.model, api_key=api_key,
                         chat_template=args.chat_template, tool_parser=args.tool_call_parser,
                         reasoning_parser=args.reasoning_parser,
                         chat_template_content_format=args.chat_template_content_format,
                         max_request_body_bytes=args.max_request_body_bytes, limits=limits, state=state)
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine, app, names
+
+
+def run_server(args) -> None:
+    """`pagedllm serve`: build the engine, then serve until SIGTERM / SIGINT (shutdown.DrainingServer: a bounded
+    drain, then what still runs is aborted; a second signal exits at once)."""
+    import uvicorn
+
+    from pagedllm.entrypoints.openai.shutdown import DrainingServer
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    state = ServerState()
+    engine, app, names = build_server(args, state)
+    try:
         logger.info("serving %s as %s on http://%s:%d", args.model or "the default model", ", ".join(names),
                     args.host, args.port)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=str(args.log_level).lower(),
