@@ -39,5 +39,5 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda-13.0/bin/nvcc ]; then
 fi
 export CCACHE_BASEDIR="$PWD"
 step "build pagedllm._C and install pagedllm (minutes on a fresh clone, seconds after)" \
-  pip install -q --no-build-isolation -e ".[test]"
+  pip install -q --no-build-isolation -e ".[test,ray]"
 python -m pagedllm.env
