@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 
@@ -142,9 +143,31 @@ def test_health_models_and_metrics_through_serve(replicas):
 
 @pytest.mark.ray
 def test_sigterm_shuts_serve_and_ray_down(replicas):
+    """With a long stream running: the CLI exits 0 (the stream ends, finished or cut after the drain) and every
+    process of its Ray instance is gone."""
     assert len(_marked_processes(replicas.marker)) >= 4   # the CLI, Ray's daemons, the two replicas at least
+    first_chunk = threading.Event()
+    stream_ended = threading.Event()
+
+    def stream():
+        body = {"model": "tiny", "prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", replicas.url + "/v1/completions", json=body, timeout=300) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        first_chunk.set()
+        except httpx.HTTPError:   # cut when its replica was killed after the drain
+            pass
+        finally:
+            first_chunk.set()
+            stream_ended.set()
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    assert first_chunk.wait(300)
     replicas.proc.send_signal(signal.SIGTERM)
     assert replicas.wait(180) == 0, replicas.log()
+    assert stream_ended.wait(120), "the stream neither finished nor ended with the server"
     assert _wait_gone(replicas.marker, 120) == [], "Ray processes left behind after the CLI exited"
 
 
@@ -168,6 +191,8 @@ def test_serve_run_builder_passes_options_through():
 
     with pytest.raises(ValueError, match="Unknown pagedllm serve option: 'no_such_flag'"):
         build_app({"no_such_flag": "1"})
+    with pytest.raises(ValueError, match="--autoscaling-config must be a JSON object"):
+        build_app({"model": "/m", "device": "cpu", "autoscaling_config": "[1, 2]"})
 
 
 def test_each_tensor_parallel_rank_gets_a_device():

@@ -2,9 +2,9 @@
 --host:--port, until SIGTERM / SIGINT.
 
 Ray: a local instance started for this server (no dashboard), or the cluster of --ray-address. On the first
-signal Serve deletes the application (each replica gets its graceful-shutdown wait, --shutdown-drain-seconds, then
-fails what still runs) and, for a local instance, shuts Serve and Ray down; the process exits 0. A second signal
-exits at once (128 + signal number), as the one-engine server does.
+signal Serve deletes the application (the running requests of each replica get --shutdown-drain-seconds to finish;
+a replica still busy after that is killed, cutting its streams) and, for a local instance, Serve and Ray shut down;
+the process exits 0. A second signal exits at once (128 + signal number), as the one-engine server does.
 """
 from __future__ import annotations
 
@@ -49,7 +49,10 @@ def run_replicas(args) -> int:
 
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    app = build_serve_app(args)          # option errors surface before Ray starts
+    try:
+        app = build_serve_app(args)      # option errors surface before Ray starts
+    except ValueError as e:              # ours, and Serve's validation of the deployment options (pydantic)
+        raise SystemExit(f"error: {e}") from None
     local = args.ray_address is None
     # "local": always a fresh instance of our own, never a cluster someone else started on this host.
     ray.init(address="local" if local else args.ray_address, include_dashboard=False if local else None,

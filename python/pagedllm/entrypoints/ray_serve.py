@@ -67,7 +67,8 @@ class PagedLLMReplica:
             raise RuntimeError(f"replica {self.replica_id}: the engine is not running")
 
     def __del__(self):
-        # Serve calls this after its graceful-shutdown wait: what still runs is failed, new requests get 503.
+        # Serve calls this once the replica has no running request (a replica still busy when
+        # graceful_shutdown_timeout_s runs out is killed instead): stop the engine thread and the render workers.
         state = getattr(self, "state", None)
         if state is not None:
             state.draining = True
@@ -123,10 +124,16 @@ def _per_replica_resources(args: argparse.Namespace) -> dict:
 
 def deployment_options(args: argparse.Namespace) -> dict:
     """Serve deployment options from `pagedllm serve` options: replicas, autoscaling, actor resources."""
+    for name in ("autoscaling_config", "ray_actor_options"):
+        value = getattr(args, name)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"--{name.replace('_', '-')} must be a JSON object, got {value!r}.")
     options: dict = {"name": DEPLOYMENT_NAME, "ray_actor_options": _per_replica_resources(args),
                      # Serve's router queues beyond this; the engine itself batches up to --max-num-seqs.
                      "max_ongoing_requests": args.max_ongoing_requests or args.max_num_seqs,
-                     "health_check_period_s": 10, "graceful_shutdown_timeout_s": args.shutdown_drain_seconds}
+                     # Serve waits this long for running requests, then kills the replica (streams are cut).
+                     "health_check_period_s": 10, "graceful_shutdown_timeout_s": args.shutdown_drain_seconds,
+                     "graceful_shutdown_wait_loop_s": 0.5}
     if args.autoscaling_config is not None:
         config = dict(args.autoscaling_config)
         if args.replicas is not None:
