@@ -62,7 +62,11 @@ def run_replicas(args) -> int:
         signal.signal(sig, _on_signal)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as e:   # the replicas failed to start (Serve has retried them): their error is above
+            logger.error("%s", e)
+            return 1
         logger.info("serving %s on http://%s:%d with Ray Serve (%s)", args.model or "the default model",
                     args.host, args.port,
                     f"autoscaling {args.autoscaling_config}" if args.autoscaling_config is not None

@@ -69,11 +69,12 @@ class PagedLLMReplica:
     def __del__(self):
         # Serve calls this once the replica has no running request (a replica still busy when
         # graceful_shutdown_timeout_s runs out is killed instead): stop the engine thread and the render workers.
-        state = getattr(self, "state", None)
-        if state is not None:
-            state.draining = True
-            self.engine.shutdown(reason="The server is shutting down. The request was aborted.")
+        engine = getattr(self, "engine", None)   # None: __init__ failed before the engine existed
+        if engine is not None:
             from pagedllm.chat.render_pool import default_pool
+            from pagedllm.entrypoints.openai.shutdown import SHUTDOWN_MESSAGE
+            self.state.draining = True
+            engine.shutdown(reason=f"{SHUTDOWN_MESSAGE} The request was aborted.")
             default_pool().close()
 
 
