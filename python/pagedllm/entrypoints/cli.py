@@ -140,20 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "aborted; a second signal exits at once")
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     replicas = serve.add_argument_group("replicas (Ray Serve: pip install pagedllm[ray])")
-    replicas.add_argument("--replicas", type=_positive_int, default=None,
+    replicas.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
                           help="serve N engine replicas behind this endpoint, on Ray Serve (each with the engine "
                                "options above)")
-    replicas.add_argument("--autoscaling-config", type=json.loads, default=None,
+    replicas.add_argument("--autoscaling-config", type=json.loads, default=None, metavar="JSON",
                           help='Ray Serve autoscaling, as JSON, e.g. \'{"min_replicas": 1, "max_replicas": 4, '
                                '"target_ongoing_requests": 32}\' (--replicas, if given, is the initial count)')
-    replicas.add_argument("--ray-address", default=None,
-                          help="a running Ray cluster (e.g. auto or ray://host:10001; default: a local Ray "
-                               "instance started for this server)")
-    replicas.add_argument("--ray-actor-options", type=json.loads, default=None,
-                          help='each replica\'s Ray resources, as JSON, e.g. \'{"num_cpus": 4}\' (default: one '
-                               'CPU, or one GPU on CUDA, per tensor-parallel rank)')
-    replicas.add_argument("--max-ongoing-requests", type=_positive_int, default=None,
-                          help="requests Serve sends one replica at once (default: --max-num-seqs)")
+    replicas.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                          help="a running Ray cluster, e.g. auto or ray://host:10001 (None: a local Ray instance "
+                               "started for this server)")
+    replicas.add_argument("--ray-actor-options", type=json.loads, default=None, metavar="JSON",
+                          help='each replica\'s Ray resources, as JSON, e.g. \'{"num_cpus": 4}\' (None: one CPU, '
+                               'or one GPU on CUDA, per tensor-parallel rank)')
+    replicas.add_argument("--max-ongoing-requests", type=_positive_int, default=None, metavar="N",
+                          help="requests Serve sends one replica at once (None: --max-num-seqs)")
 
     chat = sub.add_parser("chat", help="chat with a model in the terminal",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
