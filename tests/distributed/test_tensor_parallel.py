@@ -185,20 +185,26 @@ def test_deleting_the_llm_stops_the_workers(root):
     assert wait_until(lambda: not any(alive(pid) for pid in pids))
 
 
-def test_worker_processes_exit_with_the_driver(root):
-    """A driver killed outright (no cleanup) takes its workers with it (PR_SET_PDEATHSIG)."""
+@pytest.mark.parametrize("end", ["exit", "kill"])
+def test_worker_processes_end_with_the_driver(root, end):
+    """A driver that exits normally stops its workers (told to stop at exit) and exits 0; one killed outright
+    (no cleanup at all) takes them along too (PR_SET_PDEATHSIG)."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
             "from tp_testing import engine_kwargs\n"
             "from pagedllm import LLM\n"
             f"llm = LLM({str(make_tp_model(root, 'llama'))!r}, **engine_kwargs(tensor_parallel_size=2))\n"
             "print(*[p.pid for p in llm.llm_engine.executor.procs], flush=True)\n"
-            "sys.stdin.read()\n")
+            "sys.stdin.readline()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(x) for x in proc.stdout.readline().split()]
         assert pids and all(alive(pid) for pid in pids)
-        proc.kill()
-        proc.wait(DEADLINE)
+        if end == "kill":
+            proc.kill()
+        else:
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        assert proc.wait(DEADLINE) == (0 if end == "exit" else -signal.SIGKILL)
         assert wait_until(lambda: not any(alive(pid) for pid in pids))
     finally:
         proc.kill()
