@@ -208,3 +208,12 @@ def test_worker_processes_end_with_the_driver(root, end):
         assert wait_until(lambda: not any(alive(pid) for pid in pids))
     finally:
         proc.kill()
+
+
+def test_serve_flags_reach_the_engine_args():
+    from pagedllm.entrypoints.cli import build_parser, engine_args_from
+
+    args = build_parser().parse_args(["serve", "some-model", "--tensor-parallel-size", "2",
+                                      "--distributed-executor-backend", "ray"])
+    engine_args = engine_args_from(args)
+    assert (engine_args.tensor_parallel_size, engine_args.distributed_executor_backend) == (2, "ray")
