@@ -176,6 +176,31 @@ def test_killed_worker_fails_the_generation_and_leaves_no_process(root, monkeypa
     llm.llm_engine.shutdown()
 
 
+def test_a_failure_on_rank_0_stops_the_workers(root, monkeypatch):
+    """Rank 0 failing inside a step may leave the workers inside a collective: the group is not reused, the
+    workers are stopped and every request gets the error."""
+    from pagedllm import SamplingParams
+
+    llm = LLM(str(make_tp_model(root, "qwen2")), **engine_kwargs(tensor_parallel_size=2))
+    executor = llm.llm_engine.executor
+    pids = [p.pid for p in executor.procs]
+    real, calls = executor.runner.run, {"n": 0}
+
+    def run(step):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("device lost on rank 0")
+        return real(step)
+
+    monkeypatch.setattr(executor.runner, "run", run)
+    with pytest.raises(RequestErrors) as info:
+        llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert all("rank 0 failed" in msg and "device lost on rank 0" in msg for msg in info.value.errors.values())
+    assert wait_until(lambda: not any(alive(pid) for pid in pids))
+    assert executor.closed
+    llm.llm_engine.shutdown()  # idempotent
+
+
 def test_deleting_the_llm_stops_the_workers(root):
     llm = LLM(str(make_tp_model(root, "qwen2")), **engine_kwargs(tensor_parallel_size=2))
     pids = [p.pid for p in llm.llm_engine.executor.procs]

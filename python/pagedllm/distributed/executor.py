@@ -32,8 +32,12 @@ logger = logging.getLogger(__name__)
 JOIN_SECONDS = 30  # a worker told to stop has this long to exit before it is killed
 
 
-class WorkerDiedError(RuntimeError):
-    """A tensor-parallel worker is gone: the engine cannot run another step."""
+class TensorParallelError(RuntimeError):
+    """The tensor-parallel group is broken (the workers were stopped): the engine cannot run another step."""
+
+
+class WorkerDiedError(TensorParallelError):
+    """A tensor-parallel worker is gone."""
 
 
 class UniProcExecutor:
@@ -152,8 +156,9 @@ class TensorParallelExecutor(abc.ABC):
     def collective(self, method: str, *args):
         """(method, args) to every worker, then the same call here; its result (rank 0's)."""
         if self.closed:
-            raise WorkerDiedError(self.dead and f"Tensor-parallel worker {self.dead}" or
-                                  "The tensor-parallel executor was shut down")
+            if self.dead is not None:
+                raise WorkerDiedError(f"Tensor-parallel worker {self.dead}")
+            raise TensorParallelError("The tensor-parallel executor was shut down")
         dead = self._dead_worker()
         try:
             if dead is None:
@@ -162,7 +167,12 @@ class TensorParallelExecutor(abc.ABC):
         except Exception as e:
             dead = self._wait_for_death()
             if dead is None:
-                raise
+                # Rank 0 failed alone, maybe between two collectives of the forward: the workers may be waiting
+                # in one that will never come, so the group cannot be trusted with another step.
+                logger.error("tensor-parallel rank 0 failed in %s: stopping the workers", method)
+                self.shutdown(graceful=False)
+                raise TensorParallelError(f"Tensor-parallel rank 0 failed in {method} ({type(e).__name__}: {e}); "
+                                          "the workers were stopped") from e
             self._died(dead)
             raise WorkerDiedError(f"Tensor-parallel worker {dead}; the other workers were stopped") from e
         self._died(dead)

@@ -11,7 +11,7 @@ import torch
 from pagedllm.config import EngineArgs
 from pagedllm.engine.beam_search import BeamSearch
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.distributed.executor import WorkerDiedError, make_executor
+from pagedllm.distributed.executor import TensorParallelError, make_executor
 from pagedllm.engine.detokenizer import detokenize_incrementally
 from pagedllm.engine.request_failures import describe, guard_processor
 from pagedllm.engine.runner_io import build_step_input
@@ -287,7 +287,7 @@ class LLMEngine:
             step = build_step_input(sched, self.runner.block_size)  # plain data (engine/runner_io.py)
             plan = self.sampling.plan(sched, rows, step)
             result = self.sampling.finish(plan, self.executor.execute_model(step))
-        except WorkerDiedError:  # the engine cannot run another step: the error goes up to every request
+        except TensorParallelError:  # the engine cannot run another step: the error goes up to every request
             raise
         except Exception as e:  # noqa: BLE001 - not pinnable: the requests whose KV this step touched fail
             logger.exception("the model step failed; failing the %d requests it ran", len(sched.scheduled))
