@@ -85,4 +85,19 @@ if [ -n "${GPU_CHECK_HF:-}" ]; then
     --max-output 512 --temperature 0.6 --max-model-len 4096 || echo "throughput vs transformers failed or skipped (rc $?)"
   grep -h '^RESULT ' "$logs/throughput_hf.log" | sed 's/^RESULT //' >>"$out/results.jsonl"
 fi
+# Multi-GPU (issue 14), only when at least 2 GPUs are visible: the tensor-parallel tests over NCCL (the tiny
+# models of tests/distributed on cuda), then TP 1 vs 2 (and 4 with 4 GPUs) on the Qwen3-0.6B-config workload
+# (random bf16 weights; TP steps run eagerly, without decode graphs).
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  tps="1 2"
+  [ "$gpus" -ge 4 ] && tps="1 2 4"
+  stage tp_tests 180 python -m pytest tests/distributed -q -x -p no:cacheprovider || echo "tp tests failed (rc $?)"
+  tail -3 "$logs/tp_tests.log"
+  # shellcheck disable=SC2086
+  stage tp 240 python benchmarks/tp.py --device cuda --model benchmarks/configs/qwen3-0.6b --load-format dummy \
+    --tp $tps --num-prompts 256 --min-input 100 --max-input 1024 --max-output 256 --max-model-len 4096 \
+    || echo "tp benchmark failed or skipped (rc $?)"
+  grep -h '^RESULT ' "$logs/tp.log" | sed 's/^RESULT //' >>"$out/results.jsonl"
+fi
 finish

@@ -10,6 +10,7 @@ def fmt(value, spec):
 def main(path: str) -> None:
     rows = [json.loads(line) for line in open(path) if line.strip()]
     end_to_end = [r for r in rows if r.get("bench") == "throughput"]
+    tensor_parallel = [r for r in rows if r.get("bench") == "tp"]
     rows = [r for r in rows if "op" in r]
     print("| op | shape | median us | GB/s | % copy BW | TFLOP/s | % matmul peak | x native |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -26,6 +27,10 @@ def main(path: str) -> None:
               if r.get("transformers_tok_s") else "")
         print(f"end to end ({r['num_prompts']} prompts, concurrency {r['concurrency']}, {r['device']}): "
               f"{r['pagedllm_tok_s']:.0f} output tok/s{floor}{hf}")
+    for r in tensor_parallel:
+        sizes = ", ".join(f"TP={tp}: {v:.0f}" for tp, v in r["tok_per_s"].items())
+        print(f"tensor parallel ({r['num_prompts']} prompts, {r['device']}): {sizes} output tok/s; "
+              f"same first tokens: {r['same_first_tokens']}")
 
 
 if __name__ == "__main__":

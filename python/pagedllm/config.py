@@ -25,6 +25,7 @@ class EngineArgs:
     max_logprobs: int = 20
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None  # "mp" (default when tensor_parallel_size > 1) or "ray"
     device: str = "auto"
     trust_remote_code: bool = False
     revision: Optional[str] = None
@@ -58,8 +59,11 @@ class EngineArgs:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"pagedllm runs on one device: tensor_parallel_size must be 1, got {self.tensor_parallel_size}.")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}.")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError("distributed_executor_backend must be one of mp or ray, got "
+                             f"{self.distributed_executor_backend!r}.")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         if self.preemption_mode not in (None, "recompute", "swap"):

@@ -81,7 +81,7 @@ def test_failed_sampling_step_is_pinned_on_its_row(llm, monkeypatch):
     prompts = _prompts(2, 4)
     params = [SamplingParams(temperature=0.9, seed=10 + i, max_tokens=6, ignore_eos=True) for i in range(4)]
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    sampler = llm.llm_engine.runner.sampler
+    sampler = llm.llm_engine.sampling.sampler
     real_call = type(sampler).__call__
     poisoned = params[2].seed
 
@@ -101,8 +101,8 @@ def test_failed_sampling_step_is_pinned_on_its_row(llm, monkeypatch):
 
 
 def test_failed_forward_fails_its_requests_and_the_engine_recovers(llm, monkeypatch):
-    runner = llm.llm_engine.runner
-    real_execute = runner.execute
+    executor = llm.llm_engine.executor
+    real_execute = executor.execute_model
     calls = {"n": 0}
 
     def execute(*args, **kwargs):
@@ -111,7 +111,7 @@ def test_failed_forward_fails_its_requests_and_the_engine_recovers(llm, monkeypa
             raise RuntimeError("device lost")
         return real_execute(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(executor, "execute_model", execute)
     prompts = _prompts(3)
     with pytest.raises(RequestErrors) as info:
         llm.generate(prompts, GREEDY, use_tqdm=False)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from pagedllm.layers.attention_metadata import AttentionMetadata, set_attention_metadata
+from pagedllm.models import cpu_decoder_layers
 from pagedllm.models.utils import native_ops
 
 BLOCK_SIZE = 16
@@ -61,6 +62,7 @@ class PagedRunner:
 
     def __init__(self, model, prompt_lens: list[int], max_new: int, native: bool, dtype=torch.float32):
         self.model, self.native = model, native
+        cpu_decoder_layers.install(model)  # as the engine's model runner does
         self.lens = list(prompt_lens)
         per_seq = [(n + max_new + BLOCK_SIZE - 1) // BLOCK_SIZE for n in prompt_lens]
         first = [sum(per_seq[:i]) for i in range(len(per_seq))]

@@ -11,15 +11,15 @@ import torch
 from pagedllm.config import EngineArgs
 from pagedllm.engine.beam_search import BeamSearch
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.cpu_malloc import keep_freed_memory
+from pagedllm.distributed.executor import TensorParallelError, make_executor
 from pagedllm.engine.detokenizer import detokenize_incrementally
-from pagedllm.engine.model_runner import ModelRunner
 from pagedllm.engine.request_failures import describe, guard_processor
+from pagedllm.engine.runner_io import build_step_input
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.sequence import Request, Sequence
+from pagedllm.engine.step_sampling import StepSampling
 from pagedllm.engine.stop_checker import check_stop
 from pagedllm.inputs import PromptType, checked_prompt_text, token_id_list
-from pagedllm.layers.linear import pack_linear_weights
 from pagedllm.engine.structured_admission import GrammarAdmission
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling.processors.base import SampleRow
@@ -30,13 +30,6 @@ logger = logging.getLogger(__name__)
 
 _GENERATION_CONFIG_KEYS = {"repetition_penalty": "repetition_penalty", "temperature": "temperature",
                            "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_new_tokens": "max_tokens"}
-
-
-@torch.no_grad()
-def _init_dummy_weights(model: torch.nn.Module) -> None:
-    """load_format="dummy": small uniform weights (vLLM's range), for throughput runs without a checkpoint."""
-    for p in model.parameters():
-        p.uniform_(-1e-3, 1e-3)
 
 
 class LLMEngine:
@@ -53,24 +46,19 @@ class LLMEngine:
         if args.seed is not None:
             torch.manual_seed(args.seed)
         self._rng = random.Random(args.seed)
-        if args.load_format == "dummy":
-            model = loader.build_model(self.hf_config, self.dtype, self.device)
-            _init_dummy_weights(model)
-        else:
-            model = loader.load_model(source, self.hf_config, self.dtype, self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # glibc: no page faults on every step's activations (cpu_malloc.py)
-        packed = pack_linear_weights(model)  # CPU fp32: packed weights (or their exact GGUF codes) for decode GEMMs
-        if packed:
-            logger.info("Packed %.0f MiB of linear weights for the CPU decode kernels", packed / (1 << 20))
+        if args.tensor_parallel_size > 1 and args.speculative_config is not None:
+            raise ValueError("Speculative decoding is not supported with tensor_parallel_size > 1 in pagedllm.")
         self.max_model_len = self._max_model_len(args.max_model_len, loader.max_model_len_of(self.hf_config))
+        # The model runner(s): rank 0 here, ranks 1..N-1 in worker processes (distributed/executor.py).
+        self.executor = make_executor(args, source, self.hf_config, self.dtype, self.device)
+        self.runner = self.executor.runner
+        model = self.runner.model
         self.vocab_size = getattr(model, "vocab_size", None) or self.hf_config.vocab_size
 
         self.eos_token_ids = self._eos_ids()
         # Sampling processors (penalties ... structured outputs) and the requests waiting for a grammar.
         self.admission = GrammarAdmission(args, self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.runner = ModelRunner(model, self.hf_config, self.device, self.dtype, args.block_size, self.tokenizer,
-                                  self.admission.chain)
+        self.sampling = StepSampling(self.admission.chain, self._text)  # rank 0 samples (engine/step_sampling.py)
         # Chunked prefill's default step budget. On the CPU, 2048 tokens already run the GEMMs at their peak;
         # larger steps only delay first tokens and grow activations past glibc's largest heap block (32 MiB,
         # cpu_malloc.py), which then page-fault on every step.
@@ -89,15 +77,17 @@ class LLMEngine:
                 f"The model's max seq len ({self.max_model_len}) is larger than the maximum number of tokens that can "
                 f"be stored in KV cache ({num_blocks * args.block_size}). Try increasing {where} or decreasing "
                 "`max_model_len` when initializing the engine.")
-        self.runner.allocate_kv_cache(num_blocks)
-        if not args.enforce_eager:  # decode steps replay CUDA graphs (on a CUDA device; a no-op elsewhere)
+        self.executor.collective("allocate_kv_cache", num_blocks)
+        if not args.enforce_eager and args.tensor_parallel_size == 1:
+            # decode steps replay CUDA graphs (on a CUDA device; a no-op elsewhere). Tensor-parallel steps run
+            # eagerly: a captured graph would have to hold the NCCL all-reduces.
             self.runner.capture_decode_graphs(args.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         swap_blocks = 0
         use_swap = args.preemption_mode == "swap" or (args.preemption_mode is None and self.device.type == "cuda")
         if use_swap:
             swap_blocks = int(args.swap_space * (1 << 30) // self.runner.bytes_per_block)
-        self.runner.allocate_swap_space(swap_blocks)  # pinned once on a GPU (engine/swap_space.py)
+        self.executor.collective("allocate_swap_space", swap_blocks)  # pinned once on a GPU (engine/swap_space.py)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, mnbt, args.enable_chunked_prefill, swap_blocks)
         self.requests: dict[str, Request] = {}
         self._request_errors: dict[str, tuple[Request, BaseException]] = {}  # failed, not yet popped
@@ -139,9 +129,10 @@ class LLMEngine:
         if self.args.num_gpu_blocks_override is not None:
             return self.args.num_gpu_blocks_override
         if self.device.type == "cuda":
-            return self.runner.profile_num_blocks(self.args.gpu_memory_utilization, max_num_batched_tokens,
-                                                  self.max_model_len, 0 if self.args.enforce_eager else
-                                                  self.args.max_num_seqs)
+            graphs = not self.args.enforce_eager and self.args.tensor_parallel_size == 1
+            return self.executor.collective("profile_num_blocks", self.args.gpu_memory_utilization,
+                                            max_num_batched_tokens, self.max_model_len,
+                                            self.args.max_num_seqs if graphs else 0)
         return self.runner.cpu_num_blocks(self.args.kv_cache_space or 4)
 
     def _eos_ids(self) -> frozenset:
@@ -255,7 +246,8 @@ class LLMEngine:
             self.admission.drop(req)
             for seq in req.seqs:
                 self.scheduler.finish(seq, "abort")
-                self.runner.drop_host_copy(seq.seq_id)
+                if self.runner.swap is not None:
+                    self.executor.collective("drop_host_copy", seq.seq_id)
                 if self.speculator is not None and self.speculator.draft is not None:
                     self.speculator.draft.runner.drop_host_copy(seq.seq_id)
 
@@ -283,7 +275,7 @@ class LLMEngine:
         if self.speculator is not None:  # proposals join the step (engine/spec_decode/speculator.py)
             self.speculator.propose(sched, lambda s: s.request.request_id not in self.beam_searches,
                                     self.block_manager.get_block_table, lambda s: self._sample_rows(s)[0])
-        tables = {it.seq.seq_id: self.block_manager.get_block_table(it.seq.seq_id) for it in sched.scheduled}
+            self.scheduler.fill_block_tables(sched)  # the proposals' slots may have added blocks
         rows = {}
         for it in sched.scheduled:
             if it.samples:
@@ -292,7 +284,11 @@ class LLMEngine:
                 except Exception as e:  # noqa: BLE001 - this request's own inputs
                     self.fail_request(it.seq.request.request_id, e)
         try:
-            result = self.runner.execute(sched, tables, rows)
+            step = build_step_input(sched, self.runner.block_size)  # plain data (engine/runner_io.py)
+            plan = self.sampling.plan(sched, rows, step)
+            result = self.sampling.finish(plan, self.executor.execute_model(step))
+        except TensorParallelError:  # the engine cannot run another step: the error goes up to every request
+            raise
         except Exception as e:  # noqa: BLE001 - not pinnable: the requests whose KV this step touched fail
             logger.exception("the model step failed; failing the %d requests it ran", len(sched.scheduled))
             for seq in [it.seq for it in sched.scheduled] + self._seqs_moved_by(sched):
@@ -421,9 +417,9 @@ class LLMEngine:
             seq.cumulative_logprob += sample.logprob
         self.stats["generation_tokens"] += 1
         if params.logprobs is not None:
-            entry = {sample.token_id: Logprob(sample.logprob, sample.rank, self.runner._text(sample.token_id))}
+            entry = {sample.token_id: Logprob(sample.logprob, sample.rank, self._text(sample.token_id))}
             for rank, (tok, lp) in enumerate(sample.top_logprobs or [], start=1):
-                entry.setdefault(tok, Logprob(lp, rank, self.runner._text(tok)))
+                entry.setdefault(tok, Logprob(lp, rank, self._text(tok)))
             if seq.logprobs is None:
                 seq.logprobs = []
             seq.logprobs.append(entry)
@@ -434,6 +430,14 @@ class LLMEngine:
             stop = ("stop", None)  # the grammar reached its end
         if stop is not None:
             self.scheduler.finish(seq, *stop)
+
+    def _text(self, token_id: int) -> Optional[str]:
+        """A logprob entry's decoded_token (None without a tokenizer)."""
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (also done when the engine is garbage-collected or at exit)."""
+        self.executor.shutdown()
 
     def _output(self, req: Request) -> RequestOutput:
         seqs = req.seqs

@@ -1,47 +1,45 @@
-"""Runs the model for one scheduled step: builds the flat token batch (prefill chunks first, then
-decodes) and its attention metadata, keeps the paged KV cache, samples, computes logprobs."""
+"""The model runner: everything device-specific of one rank. It loads (and, under tensor parallelism,
+shards) the model, packs the CPU decode weights, builds the CPU fused-layer op, sizes and allocates
+the paged KV cache, captures the decode graphs, and runs one step: a StepInput (engine/runner_io.py:
+plain arrays) in, the logits of the rows asked for out. No tokenizer, no request objects: sampling and
+logprob text are the driver's (engine/step_sampling.py)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
 from pagedllm.engine.cuda_graph import CudaGraphBackend, DecodeGraphRunner, GraphBackend, capture_sizes
+from pagedllm.distributed import parallel_state
+from pagedllm.engine.cpu_malloc import keep_freed_memory
 from pagedllm.engine.kv_cache_budget import MemoryProfile, kv_cache_bytes
-from pagedllm.engine.request_failures import sample_isolated
-from pagedllm.engine.scheduler import ScheduledSeq, SchedulerOutput
+from pagedllm.engine.runner_io import StepInput, build_step_input
+from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.engine.swap_space import HostSwapSpace
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
+from pagedllm.layers.linear import pack_linear_weights
 from pagedllm.models import cpu_decoder_layers
-from pagedllm.sampling.processors.base import SampleRow
-from pagedllm.sampling.step import SampleResult, StepSampler
 from pagedllm.models.utils import use_native_ops
-from pagedllm.outputs import Logprob
 
 _GiB = 1 << 30
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StepResult:
-    samples: dict[int, list[SampleResult]]            # seq_id -> one result (n results for a fork point)
-    prompt_logprobs: dict[int, list[Optional[dict]]]  # seq_id -> entries for the positions computed this step
-    failures: dict[int, BaseException] = field(default_factory=dict)  # seq_id -> its rows' sampling error
-    spec_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq_id -> [1 + drafts, vocab] (verify)
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, hf_config, device: torch.device, dtype: torch.dtype,
-                 block_size: int, tokenizer=None, sampling_chain=None):
+                 block_size: int, fused_layers: bool = True):
+        """fused_layers: give a CPU float32 Llama-family model the one-op decoder layers
+        (models/cpu_decoder_layers.py). Off under tensor parallelism: the op runs every layer in one
+        call, with no room for the all-reduce each row-parallel layer needs, so the shards take the
+        module loop (whose linears still use the packed / GGUF-code kernels on their shards)."""
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.sampler = StepSampler(sampling_chain, tokenizer)
-        self.tokenizer = tokenizer
+        if fused_layers:
+            cpu_decoder_layers.install(model)
         attn = model.attention_layers()
         self.attn_layers = attn
         self.num_layers = len(attn)
@@ -51,6 +49,29 @@ class ModelRunner:
         self.value_cache: Optional[torch.Tensor] = None
         self.swap: Optional[HostSwapSpace] = None  # host blocks of swapped-out sequences (allocate_swap_space)
         self.graphs: Optional[DecodeGraphRunner] = None  # decode-step CUDA graphs (capture_decode_graphs)
+
+    @classmethod
+    def load(cls, args, source, hf_config, dtype: torch.dtype, device: torch.device, rank: int = 0,
+             size: int = 1) -> "ModelRunner":
+        """Builds this rank's runner: the model loaded (or dummy weights), its rank's shard kept
+        (distributed/shard.py), the CPU decode weights packed."""
+        from pagedllm.distributed.shard import shard_model
+        from pagedllm.models import loader
+
+        if args.load_format == "dummy":
+            model = loader.build_model(hf_config, dtype, device)
+            with torch.no_grad():  # vLLM's range: small uniform weights, for throughput runs without a checkpoint
+                for p in model.parameters():
+                    p.uniform_(-1e-3, 1e-3)
+        else:
+            model = loader.load_model(source, hf_config, dtype, device)
+        shard_model(model, rank, size)
+        if device.type == "cpu":
+            keep_freed_memory()  # glibc: no page faults on every step's activations (cpu_malloc.py)
+        packed = pack_linear_weights(model)  # CPU fp32: packed weights (or their exact GGUF codes)
+        if packed:
+            logger.info("Packed %.0f MiB of linear weights for the CPU decode kernels", packed / (1 << 20))
+        return cls(model, hf_config, device, dtype, args.block_size, fused_layers=size == 1)
 
     # -- the KV cache ---------------------------------------------------------------------------
     @property
@@ -94,7 +115,7 @@ class ModelRunner:
         kv_bytes = kv_cache_bytes(profile, gpu_memory_utilization, max_num_seqs)
         logger.info("KV cache budget: %.2f GiB (%s)", kv_bytes / _GiB, profile.describe(gpu_memory_utilization,
                                                                                         max_num_seqs))
-        return max(kv_bytes // self.bytes_per_block, 0)
+        return parallel_state.min_over_ranks(max(kv_bytes // self.bytes_per_block, 0))
 
     def cpu_num_blocks(self, kv_cache_space_gib: float) -> int:
         return int(kv_cache_space_gib * _GiB // self.bytes_per_block)
@@ -150,18 +171,21 @@ class ModelRunner:
         """Swapped-out sequences: seq_id -> its runs of host blocks."""
         return self.swap.held if self.swap is not None else {}
 
-    def _move_blocks(self, sched: SchedulerOutput) -> None:
+    def move_blocks(self, block_copies, swap_out=(), swap_in=()) -> None:
         """Swap-outs first (their blocks may be reused this very step), then copy-on-write, then swap-ins."""
         caches = (self.key_cache, self.value_cache)
-        for seq_id, blocks in sched.swap_out:
+        for seq_id, blocks in swap_out:
             self.swap.swap_out(seq_id, caches, blocks)
-        if sched.block_copies:
-            pairs = np.asarray(sched.block_copies, dtype=np.int64)  # [n, 2]: (src, dst)
+        if block_copies:
+            pairs = np.asarray(block_copies, dtype=np.int64)  # [n, 2]: (src, dst)
             src, dst = self._to_device([pairs[:, 0], pairs[:, 1]])
             self.key_cache[:, dst] = self.key_cache[:, src]
             self.value_cache[:, dst] = self.value_cache[:, src]
-        for seq_id, blocks in sched.swap_in:
+        for seq_id, blocks in swap_in:
             self.swap.swap_in(seq_id, caches, blocks)
+
+    def _move_blocks(self, sched: SchedulerOutput) -> None:
+        self.move_blocks(sched.block_copies, sched.swap_out, sched.swap_in)
 
     def drop_host_copy(self, seq_id: int) -> None:
         if self.swap is not None:
@@ -180,134 +204,53 @@ class ModelRunner:
             offset += a.size
         return views
 
-    def _build_batch(self, sched: SchedulerOutput, block_tables: dict[int, list[int]]):
-        """The step's inputs and AttentionMetadata on the device, in O(new tokens + block table entries):
-        only the tokens computed this step are read (Sequence.token_slice), and everything goes to the
-        device in two copies (int64, int32) that do not wait for the device."""
-        bs = self.block_size
-        ids, pos, slots = [], [], []
-        for item in sched.scheduled:
-            seq, s, n = item.seq, item.start, item.num_new_tokens
-            known = seq.num_tokens
-            ids.extend(seq.token_slice(min(s, known), min(s + n, known)))
-            if s + n > known:  # speculative decoding's proposals follow the sequence's tokens
-                ids.extend(item.spec_token_ids[max(s - known, 0):s + n - known])
-            p = np.arange(s, s + n)
-            table = np.asarray(block_tables[seq.seq_id], dtype=np.int64)
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-
-        def table_array(items: list[ScheduledSeq]) -> np.ndarray:
-            width = max(len(block_tables[it.seq.seq_id]) for it in items)
-            arr = np.zeros((len(items), width), dtype=np.int32)
-            for r, it in enumerate(items):
-                t = block_tables[it.seq.seq_id]
-                arr[r, :len(t)] = t
-            return arr
-
-        pf, dc = sched.prefills, sched.decodes
-        i64 = [np.asarray(ids, dtype=np.int64), np.concatenate(pos), np.concatenate(slots)]
-        input_ids, positions, slot_mapping = self._to_device(i64)
+    def _device_batch(self, step: StepInput):
+        """The step's inputs and AttentionMetadata on the device, in two copies (int64, int32) that do not
+        wait for the device."""
+        input_ids, positions, slot_mapping = self._to_device([step.input_ids, step.positions, step.slot_mapping])
+        pf, dc = step.num_prefills, step.num_decodes
         i32: list[np.ndarray] = []
         if pf:
-            starts = np.cumsum([0] + [it.num_new_tokens for it in pf], dtype=np.int64)
-            i32 += [starts.astype(np.int32), np.asarray([it.start + it.num_new_tokens for it in pf], dtype=np.int32),
-                    table_array(pf)]
+            i32 += [step.prefill_query_start_loc, step.prefill_seq_lens, step.prefill_block_tables]
         if dc:
-            i32 += [np.asarray([it.start + 1 for it in dc], dtype=np.int32), table_array(dc)]
+            i32 += [step.decode_seq_lens, step.decode_block_tables]
         dev32 = self._to_device(i32) if i32 else []
         pf_t, dc_t = (dev32[:3], dev32[3:]) if pf else ([None] * 3, dev32)
         md = AttentionMetadata(
             slot_mapping=slot_mapping,
-            num_prefills=len(pf),
-            num_prefill_tokens=int(starts[-1]) if pf else 0,
-            max_prefill_query_len=max((it.num_new_tokens for it in pf), default=0),
+            num_prefills=pf,
+            num_prefill_tokens=step.num_prefill_tokens,
+            max_prefill_query_len=step.max_prefill_query_len,
             prefill_query_start_loc=pf_t[0],
             prefill_seq_lens=pf_t[1],
             prefill_block_tables=pf_t[2],
-            num_decodes=len(dc),
+            num_decodes=dc,
             decode_seq_lens=dc_t[0] if dc else None,
             decode_block_tables=dc_t[1] if dc else None,
         )
         return input_ids, positions, md
 
+    def _build_batch(self, sched: SchedulerOutput, block_tables: dict[int, list[int]]):
+        """sched's batch on the device with the given block tables (the draft model's: the target's)."""
+        return self._device_batch(build_step_input(sched, self.block_size, block_tables))
+
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: dict[int, list[int]],
-                sample_rows: dict[int, list[SampleRow]]) -> StepResult:
-        """sample_rows: for each scheduled seq that samples this step, its rows (n rows at a fork point)."""
-        self._move_blocks(sched)
-        input_ids, positions, md = self._build_batch(sched, block_tables)
+    def run(self, step: StepInput) -> list[Optional[torch.Tensor]]:
+        """One step: the blocks moved, the forward (KV written), then one float32 logits tensor
+        [len(rows), vocab] per group of step.logits_rows (None for an empty group), on the device.
+        Under tensor parallelism every rank runs this with the same step; the logits are whole on each."""
+        self.move_blocks(step.block_copies, step.swap_out, step.swap_in)
+        input_ids, positions, md = self._device_batch(step)
         if self.graphs is not None and self.graphs.can_run(md):
             hidden = self.graphs.run(input_ids, positions, md)
         else:
             with set_attention_metadata(md):
                 hidden = self.model(input_ids, positions)
-
-        # Which hidden rows need logits: each sampling sequence's last token, and every prompt
-        # position of a sequence that asked for prompt logprobs.
-        sample_idx, rows, owners = [], [], []
-        spec_spans: dict[int, tuple[int, int]] = {}  # seq_id -> its verified rows (engine/spec_decode)
-        prompt_lp: dict[int, tuple[int, list[int], list[int]]] = {}
-        claimed: dict[str, int] = {}  # request id -> prompt positions already taken this step
-        offset = 0
-        for item in sched.scheduled:
-            seq = item.seq
-            if seq.request.params.prompt_logprobs is not None:
-                plen = len(seq.prompt_token_ids)
-                # Positions already reported (a recompute after preemption, or a forked sample) are skipped.
-                done = len(seq.request.prompt_logprobs) - 1 if seq.request.prompt_logprobs else 0
-                done = max(done, claimed.get(seq.request.request_id, 0))
-                positions_here = [p for p in range(item.start, item.start + item.num_new_tokens)
-                                  if done <= p < plen - 1]
-                if positions_here:
-                    claimed[seq.request.request_id] = positions_here[-1] + 1
-                    prompt_lp[seq.seq_id] = (offset + positions_here[0] - item.start, positions_here,
-                                             [seq.prompt_token_ids[p + 1] for p in positions_here])
-            if item.spec_token_ids:
-                spec_spans[seq.seq_id] = (offset, item.num_new_tokens)
-            if item.samples and seq.seq_id in sample_rows:
-                for r in sample_rows[seq.seq_id]:
-                    sample_idx.append(offset + item.num_new_tokens - 1)
-                    rows.append(r)
-                    owners.append(seq.seq_id)
-            offset += item.num_new_tokens
-
-        samples: dict[int, list[SampleResult]] = {}
-        failures: dict[int, BaseException] = {}
-        if rows:
-            logits = self.model.compute_logits(hidden[self._to_device([np.asarray(sample_idx, dtype=np.int64)])[0]])
-            results, failed_rows = sample_isolated(self.sampler, logits, rows)  # one bad row fails its seq only
-            for i, owner in enumerate(owners):
-                if i in failed_rows:
-                    failures.setdefault(owner, failed_rows[i])
-                samples.setdefault(owner, []).append(results[i])
-        prompt_results = {seq_id: self._prompt_logprobs(hidden, first, positions_here, targets, seq_id, sched)
-                          for seq_id, (first, positions_here, targets) in prompt_lp.items()}
-        spec_logits = {}
-        if spec_spans:
-            idx = torch.cat([torch.arange(o, o + n) for o, n in spec_spans.values()]).to(self.device)
-            logits = self.model.compute_logits(hidden[idx]).float().cpu()
-            for seq_id, part in zip(spec_spans, logits.split([n for _, n in spec_spans.values()])):
-                spec_logits[seq_id] = part
-        return StepResult(samples, prompt_results, failures, spec_logits)
-
-    def _prompt_logprobs(self, hidden, first, positions_here, targets, seq_id, sched) -> list[Optional[dict]]:
-        k = next(it.seq.request.params.prompt_logprobs for it in sched.scheduled if it.seq.seq_id == seq_id)
-        logits = self.model.compute_logits(hidden[first:first + len(positions_here)])
-        lp = torch.log_softmax(logits, dim=-1)
-        tgt = self._to_device([np.asarray(targets, dtype=np.int64).reshape(-1, 1)])[0]
-        chosen = lp.gather(1, tgt)
-        ranks = ((lp > chosen).sum(dim=1) + 1).tolist()
-        chosen = chosen.view(-1).tolist()
-        top = torch.topk(lp, k, dim=1) if k else None
-        entries = []
-        for r, tok in enumerate(targets):
-            d = {tok: Logprob(chosen[r], ranks[r], self._text(tok))}
-            if top is not None:
-                for j, (t, v) in enumerate(zip(top.indices[r].tolist(), top.values[r].tolist())):
-                    d.setdefault(t, Logprob(v, j + 1, self._text(t)))
-            entries.append(d)
-        return entries
-
-    def _text(self, token_id: int) -> Optional[str]:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+        out: list[Optional[torch.Tensor]] = []
+        for rows in step.logits_rows:
+            if len(rows) == 0:
+                out.append(None)
+                continue
+            idx = self._to_device([np.asarray(rows, dtype=np.int64)])[0]
+            out.append(self.model.compute_logits(hidden[idx]))
+        return out

@@ -43,6 +43,7 @@ class SchedulerOutput:
     swap_out: list[tuple[int, list[int]]] = field(default_factory=list)    # (seq_id, device blocks) -> host
     swap_in: list[tuple[int, list[int]]] = field(default_factory=list)     # (seq_id, device blocks) <- host
     preempted: list[Sequence] = field(default_factory=list)
+    block_tables: dict[int, list[int]] = field(default_factory=dict)     # seq_id -> its blocks (each scheduled seq)
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -105,7 +106,12 @@ class Scheduler:
         if not out.preempted:
             budget = self._admit_swapped(out, budget)
             self._admit_waiting(out, budget)
+        self.fill_block_tables(out)
         return out
+
+    def fill_block_tables(self, out: SchedulerOutput) -> None:
+        """out.block_tables for every scheduled sequence (again after speculative proposals reserved slots)."""
+        out.block_tables = {it.seq.seq_id: list(self.bm.get_block_table(it.seq.seq_id)) for it in out.scheduled}
 
     def _reserve_running(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Reserve KV slots for the tokens of seq that have none yet (the newest sampled token),

@@ -31,6 +31,8 @@ _ENGINE_OPTIONS = {
     "max_num_batched_tokens": (int, "tokens in one step at most"),
     "max_logprobs": (int, "largest logprobs / top_logprobs a request may ask"),
     "device": (str, "auto, cpu or cuda[:N]"),
+    "tensor_parallel_size": (int, "split the model over N ranks (torch.distributed: NCCL on CUDA, gloo on the CPU)"),
+    "distributed_executor_backend": (str, "mp (worker processes on this host, the default) or ray (Ray actors)"),
     "revision": (str, "model revision on the hub"),
     "download_dir": (str, "where hub models are downloaded"),
     "preemption_mode": (str, "recompute or swap"),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm import _ops
+from pagedllm.distributed import parallel_state
 
 # CPU fp32 GEMMs of PACKED_MIN_ROWS..PACKED_MAX_ROWS rows go through our packed-weight kernel
 # (csrc/cpu/packed_linear.cpp); MKL's GEMV is as fast for one row, and its cache blocking wins
@@ -85,6 +86,9 @@ class Linear(nn.Module):
     """y = x W^T + b, W: [output_size, input_size]."""
 
     packed: Optional[PackedWeight] = None  # set by pack_linear_weights (CPU fp32 only)
+    # Row-parallel (distributed/shard.py): the input features are split over the ranks, the partial
+    # outputs summed by an all-reduce (the bias is kept on rank 0 only, so it is added once).
+    tp_reduce: bool = False
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  dtype: Optional[torch.dtype] = None):
@@ -95,7 +99,8 @@ class Linear(nn.Module):
                      if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias, self.packed)
+        y = _linear(x, self.weight, self.bias, self.packed)
+        return parallel_state.all_reduce(y) if self.tp_reduce else y
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
@@ -133,7 +138,11 @@ class QKVLinear(MergedLinear):
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding [vocab_size, hidden]; also the weight of a tied LM head."""
+    """Token embedding [vocab_size, hidden]; also the weight of a tied LM head.
+    Vocab-parallel (distributed/shard.py): this rank holds rows [vocab_start, vocab_start + rows) of
+    the table; the other ids give zeros here and the all-reduce sums in the rank that holds them."""
+
+    vocab_start: Optional[int] = None  # set when sharded
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: Optional[torch.dtype] = None):
         super().__init__()
@@ -141,7 +150,13 @@ class VocabEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.vocab_start is None:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(torch.where(mine, local, 0), self.weight)
+        out.mul_(mine.unsqueeze(-1).to(out.dtype))
+        return parallel_state.all_reduce(out)
 
     def extra_repr(self) -> str:
         return f"{self.vocab_size}, {self.hidden_size}"
@@ -153,6 +168,9 @@ class LMHead(nn.Module):
     parameter of its own and the checkpoint's lm_head.weight, if any, is skipped."""
 
     packed: Optional[PackedWeight] = None  # set by pack_linear_weights (CPU fp32 only)
+    # Vocab-parallel (distributed/shard.py): each rank computes the logits of its rows of the vocabulary
+    # (shard_rows of them, the last shard zero-padded), gathered into the full [n, vocab_size] row.
+    shard_rows: Optional[int] = None
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: Optional[torch.dtype] = None,
                  tie_to: Optional[VocabEmbedding] = None):
@@ -169,7 +187,12 @@ class LMHead(nn.Module):
         return self._tied[0].weight if self.tied else self.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _linear(hidden_states, self.head_weight, None, self.packed).float()
+        logits = _linear(hidden_states, self.head_weight, None, self.packed).float()
+        if self.shard_rows is None:
+            return logits
+        if logits.shape[-1] < self.shard_rows:  # the last shard of a vocabulary that N does not divide
+            logits = F.pad(logits, (0, self.shard_rows - logits.shape[-1]))
+        return parallel_state.all_gather_last_dim(logits)[..., :self.vocab_size]
 
     def extra_repr(self) -> str:
         return f"vocab={self.vocab_size}, tied={self.tied}"

@@ -122,6 +122,28 @@ def for_model(model) -> Optional[CpuDecoderLayers]:
     return model._cpu_layers
 
 
+class _Installed:
+    """What a LlamaModel calls in place of its layer loop (LlamaModel.cpu_layers): the model's
+    CpuDecoderLayers when the op applies to this input, else None."""
+
+    def __init__(self, model):
+        self._model = [model]  # a list: not registered as a submodule (no cycle in modules())
+
+    def __call__(self, hidden: torch.Tensor) -> Optional[CpuDecoderLayers]:
+        model = self._model[0]
+        return for_model(model) if supported(model, hidden) else None
+
+
+def install(model: torch.nn.Module) -> None:
+    """The model runner's call: every Llama-family decoder stack of model gets the op (used where it
+    applies: float32 on the CPU, the kernels on, PAGEDLLM_CPU_FUSED_LAYERS not 0)."""
+    from pagedllm.models.llama import LlamaModel
+
+    for module in model.modules():
+        if isinstance(module, LlamaModel):
+            module.cpu_layers = _Installed(module)
+
+
 def release(model: torch.nn.Module) -> None:
     """Forgets every CpuDecoderLayers in model (they hold the KV cache): called when the cache is released."""
     for module in model.modules():

@@ -20,7 +20,7 @@ from pagedllm.layers.attention_metadata import get_attention_metadata
 from pagedllm.layers.linear import LMHead, Linear, MergedLinear, QKVLinear, VocabEmbedding
 from pagedllm.layers.rms_norm import RMSNorm
 from pagedllm.layers.rope_scaling import get_rope, rope_parameters
-from pagedllm.models import cpu_decoder_layers, utils
+from pagedllm.models import utils
 from pagedllm.models.weight_utils import load_weights
 
 
@@ -110,6 +110,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # Set by the model runner (models/cpu_decoder_layers.install): hidden -> the one-op layers or None.
+    cpu_layers = None
+
     def __init__(self, config, dtype: torch.dtype, **attn_options):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
@@ -120,7 +123,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
-        fused = cpu_decoder_layers.for_model(self) if cpu_decoder_layers.supported(self, hidden_states) else None
+        fused = self.cpu_layers(hidden_states) if self.cpu_layers is not None else None
         if fused is not None:  # CPU float32: the same layers in one op call (models/cpu_decoder_layers.py)
             hidden_states, residual = fused(positions, hidden_states, get_attention_metadata())
         else:

@@ -78,6 +78,8 @@ class PoolingEngine:
     def __init__(self, args: EngineArgs):
         from pagedllm.models import loader
 
+        if args.tensor_parallel_size != 1:
+            raise ValueError("Pooling models run on one device in pagedllm: tensor_parallel_size must be 1.")
         self.args = args
         self.device = args.resolve_device()
         source = loader.resolve_model(args.model, download_dir=args.download_dir, revision=args.revision)
@@ -97,6 +99,8 @@ class PoolingEngine:
         else:
             with torch.no_grad():
                 model.load_weights(loader.iter_weights(source, model))
+        from pagedllm.models import cpu_decoder_layers
+        cpu_decoder_layers.install(model)  # a decoder's layers in one CPU op where it applies
         self.model = model
         self.is_encoder = bool(getattr(model, "is_encoder", False))
         folder = None if source.is_gguf else source.path
