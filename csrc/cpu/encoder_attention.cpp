@@ -1,0 +1,159 @@
+// Bidirectional (non-causal) attention of encoder models on the CPU, float32, over a flat batch of whole
+// sequences laid end to end (varlen: no padding, no KV cache): every query of a sequence attends to all
+// keys of its own sequence and to no other's.
+//
+//   out[t, h, :] = sum_j softmax_j(scale * q[t, h] . k[j, h / group]) v[j, h / group]   for j in t's sequence
+//
+// Why not paged_prefill_attention with causal=False: that kernel is built for head sizes 64..256 only and
+// needs the keys written into a scratch paged cache first; BERT-family embedders (MiniLM: 12 heads of 32)
+// read q, k and v straight from the fused QKV GEMM's output here, strided, in one pass.
+//
+// One task = (sequence, query head): the task packs its K transposed ([head_size][L], L the sequence
+// length rounded up to kLanes) into a thread-local buffer, so that the scores of one query row are a
+// contiguous loop over keys and P.V a contiguous loop over the head dim: both plain float loops that -O3
+// vectorizes for the host's SIMD width (-march), with no reassociated reductions (the row max and sum
+// keep kLanes partial results). Scores, exp (fast_math.h, <= 1.4 ulp) and sums are fp32.
+// Tasks are ordered head-major (task = head * num_seqs + seq): the engine sorts sequences by length, so
+// a contiguous range of tasks mixes short and long sequences and the threads get even work.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include "encoder_ops.h"
+#include "fast_math.h"
+
+namespace pagedllm::cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;  // key padding and partial reductions: one or two SIMD registers of floats
+
+struct Strides {
+  int64_t token, head;  // in elements; the head dim is contiguous
+};
+
+// The task's work: sequence [start, start + len), query head h reading key/value head kvh.
+void attend_sequence(float* out, Strides os,              // [n, heads, d]
+                     const float* q, Strides qs,          // [n, heads, d]
+                     const float* k, Strides ks,          // [n, kv_heads, d]
+                     const float* v, Strides vs,          // [n, kv_heads, d]
+                     int64_t start, int64_t len, int64_t h, int64_t kvh, int64_t d, float scale,
+                     float* kt,       // [d, lp] scratch: K transposed
+                     float* scores,   // [lp] scratch
+                     float* acc) {    // [d] scratch
+  const int64_t lp = (len + kLanes - 1) / kLanes * kLanes;
+  for (int64_t j = 0; j < len; ++j) {
+    const float* kj = k + (start + j) * ks.token + kvh * ks.head;
+    for (int64_t c = 0; c < d; ++c) kt[c * lp + j] = kj[c];
+  }
+  for (int64_t c = 0; c < d; ++c) {
+    for (int64_t j = len; j < lp; ++j) kt[c * lp + j] = 0.f;  // padding keys: scores dropped below
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const float* qi = q + (start + i) * qs.token + h * qs.head;
+    for (int64_t j = 0; j < lp; ++j) scores[j] = 0.f;
+    for (int64_t c = 0; c < d; ++c) {
+      const float qc = qi[c] * scale;
+      const float* row = kt + c * lp;
+      for (int64_t j = 0; j < lp; ++j) scores[j] += qc * row[j];
+    }
+    for (int64_t j = len; j < lp; ++j) scores[j] = -std::numeric_limits<float>::infinity();
+    float part[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = scores[l];
+    for (int64_t j = kLanes; j < lp; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) part[l] = std::max(part[l], scores[j + l]);
+    }
+    float m = part[0];
+    for (int64_t l = 1; l < kLanes; ++l) m = std::max(m, part[l]);
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = 0.f;
+    for (int64_t j = 0; j < lp; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float e = exp_nonpositive(scores[j + l] - m);  // -inf (padding) -> 0
+        scores[j + l] = e;
+        part[l] += e;
+      }
+    }
+    float sum = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+    const float inv = 1.f / sum;
+    for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
+    for (int64_t j = 0; j < len; ++j) {
+      const float p = scores[j];
+      const float* vj = v + (start + j) * vs.token + kvh * vs.head;
+      for (int64_t c = 0; c < d; ++c) acc[c] += p * vj[c];
+    }
+    float* oi = out + (start + i) * os.token + h * os.head;
+    for (int64_t c = 0; c < d; ++c) oi[c] = acc[c] * inv;
+  }
+}
+
+void check_head_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "encoder_attention: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "encoder_attention: float32 only, got ", name, " ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 3, "encoder_attention: ", name, " must be [num_tokens, heads, head_size], got ",
+              t.sizes());
+  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, "encoder_attention: the head dim of ", name,
+              " must be contiguous");
+}
+
+}  // namespace
+
+void encoder_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                       const at::Tensor& cu_seqlens, int64_t max_seq_len, double scale) {
+  check_head_tensor(out, "out");
+  check_head_tensor(query, "query");
+  check_head_tensor(key, "key");
+  check_head_tensor(value, "value");
+  const int64_t n = query.size(0), heads = query.size(1), d = query.size(2), kv_heads = key.size(1);
+  TORCH_CHECK(out.sizes() == query.sizes(), "encoder_attention: out ", out.sizes(), " must match query ",
+              query.sizes());
+  TORCH_CHECK(key.sizes() == value.sizes() && key.size(0) == n && key.size(2) == d,
+              "encoder_attention: key and value must be [", n, ", kv_heads, ", d, "], got ", key.sizes(),
+              " and ", value.sizes());
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "encoder_attention: ", heads,
+              " query heads are not a multiple of ", kv_heads, " key/value heads");
+  TORCH_CHECK(cu_seqlens.device().is_cpu() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
+                  cu_seqlens.size(0) >= 1,
+              "encoder_attention: cu_seqlens must be a CPU int32 [num_seqs + 1] tensor");
+  const at::Tensor starts = cu_seqlens.contiguous();
+  const int32_t* cu = starts.const_data_ptr<int32_t>();
+  const int64_t num_seqs = starts.size(0) - 1;
+  TORCH_CHECK(cu[0] == 0 && cu[num_seqs] == n, "encoder_attention: cu_seqlens must run from 0 to ", n);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(cu[s + 1] >= cu[s] && cu[s + 1] - cu[s] <= max_seq_len,
+                "encoder_attention: sequence ", s, " has length ", cu[s + 1] - cu[s], ", outside [0, ",
+                max_seq_len, "]");
+  }
+  if (n == 0 || heads == 0 || d == 0) return;
+
+  float* o = out.data_ptr<float>();
+  const float* qp = query.const_data_ptr<float>();
+  const float* kp = key.const_data_ptr<float>();
+  const float* vp = value.const_data_ptr<float>();
+  const Strides os{out.stride(0), out.stride(1)}, qs{query.stride(0), query.stride(1)},
+      ks{key.stride(0), key.stride(1)}, vs{value.stride(0), value.stride(1)};
+  const int64_t group = heads / kv_heads;
+  const int64_t lp_max = (max_seq_len + kLanes - 1) / kLanes * kLanes;
+  const float sc = static_cast<float>(scale);
+  const int64_t tasks = heads * num_seqs;
+  // Grain: tasks of the shortest sequences are ~ len^2 * d FLOPs each; a few dozen per chunk keep the
+  // parallel region worth waking the other threads for, and head-major order spreads the long ones.
+  at::parallel_for(0, tasks, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(d * lp_max + lp_max + d);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t h = t / num_seqs, s = t % num_seqs;
+      const int64_t start = cu[s], len = cu[s + 1] - cu[s];
+      if (len == 0) continue;
+      attend_sequence(o, os, qp, qs, kp, ks, vp, vs, start, len, h, h / group, d, sc, scratch.data(),
+                      scratch.data() + d * lp_max, scratch.data() + d * lp_max + lp_max);
+    }
+  });
+}
+
+}  // namespace pagedllm::cpu
