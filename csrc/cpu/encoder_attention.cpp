@@ -9,15 +9,18 @@
 // read q, k and v straight from the fused QKV GEMM's output here, strided, in one pass.
 //
 // One task = (sequence, query head): the task packs its K transposed ([head_size][L], L the sequence
-// length rounded up to kLanes) into a thread-local buffer, so that the scores of one query row are a
-// contiguous loop over keys and P.V a contiguous loop over the head dim: both plain float loops that -O3
-// vectorizes for the host's SIMD width (-march), with no reassociated reductions (the row max and sum
-// keep kLanes partial results). Scores, exp (fast_math.h, <= 1.4 ulp) and sums are fp32.
+// length rounded up to kLanes) into a thread-local buffer, so that the scores of one query row are
+// contiguous runs of kLanes keys and P.V runs of kLanes features, accumulated for kRows query rows at once
+// in GCC vectors of 8 floats that stay in registers. The rest (softmax, head-size remainders) are plain
+// float loops that -O3 vectorizes for the host's SIMD width (-march; CMakeLists.txt gives this file
+// -fno-trapping-math so that exp's select vectorizes), with no reassociated reductions (the row max and
+// sum keep kLanes partial results). Scores, exp (fast_math.h, <= 1.4 ulp) and sums are fp32.
 // Tasks are ordered head-major (task = head * num_seqs + seq): the engine sorts sequences by length, so
 // a contiguous range of tasks mixes short and long sequences and the threads get even work.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -33,9 +36,110 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // key padding and partial reductions: one or two SIMD registers of floats
 
+static_assert(kLanes == 16, "the score and P.V tiles are two V8 vectors wide");
+
+// 8 floats as one GCC vector: one AVX register with -march=haswell and later, two SSE registers (or
+// scalars) elsewhere: the same source on every x86-64 (and any GCC / Clang target).
+typedef float V8 __attribute__((vector_size(32)));
+inline V8 load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
+
 struct Strides {
   int64_t token, head;  // in elements; the head dim is contiguous
 };
+
+// Query rows [i0, i0 + R) of one task: R rows at a time so that each K / V load feeds R independent
+// accumulator chains (one row alone waits on its FMA latency). scores: [R, lp].
+template <int R>
+void attend_rows(float* out, Strides os, const float* q, Strides qs, const float* vh, int64_t v_token,
+                 int64_t start, int64_t i0, int64_t len, int64_t lp, int64_t h, int64_t d, float scale,
+                 const float* kt, float* scores) {
+  const float* qr[R];
+  float* orow[R];
+  for (int r = 0; r < R; ++r) {
+    qr[r] = q + (start + i0 + r) * qs.token + h * qs.head;
+    orow[r] = out + (start + i0 + r) * os.token + h * os.head;
+  }
+  // Scores: kLanes keys at a time, partial sums in R x 2 vector registers over the head dim.
+  for (int64_t j0 = 0; j0 < lp; j0 += kLanes) {
+    V8 s0[R], s1[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) s0[r] = s1[r] = V8{};
+    for (int64_t c = 0; c < d; ++c) {
+      const float* row = kt + c * lp + j0;
+      const V8 k0 = load8(row), k1 = load8(row + 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const float qc = qr[r][c] * scale;
+        s0[r] += qc * k0;
+        s1[r] += qc * k1;
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      store8(scores + r * lp + j0, s0[r]);
+      store8(scores + r * lp + j0 + 8, s1[r]);
+    }
+  }
+  float inv[R];
+  for (int r = 0; r < R; ++r) {
+    float* sr = scores + r * lp;
+    for (int64_t j = len; j < lp; ++j) sr[j] = -std::numeric_limits<float>::infinity();
+    float part[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = sr[l];
+    for (int64_t j = kLanes; j < lp; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) part[l] = std::max(part[l], sr[j + l]);
+    }
+    float m = part[0];
+    for (int64_t l = 1; l < kLanes; ++l) m = std::max(m, part[l]);
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = 0.f;
+    for (int64_t j = 0; j < lp; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float e = exp_nonpositive(sr[j + l] - m);  // -inf (padding) -> 0
+        sr[j + l] = e;
+        part[l] += e;
+      }
+    }
+    float sum = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+    inv[r] = 1.f / sum;
+  }
+  // P.V: kLanes output features at a time in R x 2 vector registers over the keys; then the rest.
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= d; c0 += kLanes) {
+    V8 a0[R], a1[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = V8{};
+    for (int64_t j = 0; j < len; ++j) {
+      const float* vj = vh + j * v_token + c0;
+      const V8 x0 = load8(vj), x1 = load8(vj + 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const float p = scores[r * lp + j];
+        a0[r] += p * x0;
+        a1[r] += p * x1;
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      store8(orow[r] + c0, a0[r] * inv[r]);
+      store8(orow[r] + c0 + 8, a1[r] * inv[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t c = c0; c < d; ++c) {
+      float a = 0.f;
+      for (int64_t j = 0; j < len; ++j) a += scores[r * lp + j] * vh[j * v_token + c];
+      orow[r][c] = a * inv[r];
+    }
+  }
+}
+
+constexpr int kRows = 4;  // query rows per attend_rows pass: 4 x 2 accumulators of 8 floats stay in registers
 
 // The task's work: sequence [start, start + len), query head h reading key/value head kvh.
 void attend_sequence(float* out, Strides os,              // [n, heads, d]
@@ -44,52 +148,21 @@ void attend_sequence(float* out, Strides os,              // [n, heads, d]
                      const float* v, Strides vs,          // [n, kv_heads, d]
                      int64_t start, int64_t len, int64_t h, int64_t kvh, int64_t d, float scale,
                      float* kt,       // [d, lp] scratch: K transposed
-                     float* scores,   // [lp] scratch
-                     float* acc) {    // [d] scratch
+                     float* scores) { // [kRows, lp] scratch
   const int64_t lp = (len + kLanes - 1) / kLanes * kLanes;
   for (int64_t j = 0; j < len; ++j) {
     const float* kj = k + (start + j) * ks.token + kvh * ks.head;
     for (int64_t c = 0; c < d; ++c) kt[c * lp + j] = kj[c];
   }
   for (int64_t c = 0; c < d; ++c) {
-    for (int64_t j = len; j < lp; ++j) kt[c * lp + j] = 0.f;  // padding keys: scores dropped below
+    for (int64_t j = len; j < lp; ++j) kt[c * lp + j] = 0.f;  // padding keys: scores dropped
   }
-  for (int64_t i = 0; i < len; ++i) {
-    const float* qi = q + (start + i) * qs.token + h * qs.head;
-    for (int64_t j = 0; j < lp; ++j) scores[j] = 0.f;
-    for (int64_t c = 0; c < d; ++c) {
-      const float qc = qi[c] * scale;
-      const float* row = kt + c * lp;
-      for (int64_t j = 0; j < lp; ++j) scores[j] += qc * row[j];
-    }
-    for (int64_t j = len; j < lp; ++j) scores[j] = -std::numeric_limits<float>::infinity();
-    float part[kLanes];
-    for (int64_t l = 0; l < kLanes; ++l) part[l] = scores[l];
-    for (int64_t j = kLanes; j < lp; j += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) part[l] = std::max(part[l], scores[j + l]);
-    }
-    float m = part[0];
-    for (int64_t l = 1; l < kLanes; ++l) m = std::max(m, part[l]);
-    for (int64_t l = 0; l < kLanes; ++l) part[l] = 0.f;
-    for (int64_t j = 0; j < lp; j += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float e = exp_nonpositive(scores[j + l] - m);  // -inf (padding) -> 0
-        scores[j + l] = e;
-        part[l] += e;
-      }
-    }
-    float sum = 0.f;
-    for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
-    const float inv = 1.f / sum;
-    for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
-    for (int64_t j = 0; j < len; ++j) {
-      const float p = scores[j];
-      const float* vj = v + (start + j) * vs.token + kvh * vs.head;
-      for (int64_t c = 0; c < d; ++c) acc[c] += p * vj[c];
-    }
-    float* oi = out + (start + i) * os.token + h * os.head;
-    for (int64_t c = 0; c < d; ++c) oi[c] = acc[c] * inv;
+  const float* vh = v + start * vs.token + kvh * vs.head;
+  int64_t i = 0;
+  for (; i + kRows <= len; i += kRows) {
+    attend_rows<kRows>(out, os, q, qs, vh, vs.token, start, i, len, lp, h, d, scale, kt, scores);
   }
+  for (; i < len; ++i) attend_rows<1>(out, os, q, qs, vh, vs.token, start, i, len, lp, h, d, scale, kt, scores);
 }
 
 void check_head_tensor(const at::Tensor& t, const char* name) {
@@ -145,13 +218,13 @@ void encoder_attention(at::Tensor& out, const at::Tensor& query, const at::Tenso
   // Grain: tasks of the shortest sequences are ~ len^2 * d FLOPs each; a few dozen per chunk keep the
   // parallel region worth waking the other threads for, and head-major order spreads the long ones.
   at::parallel_for(0, tasks, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(d * lp_max + lp_max + d);
+    std::vector<float> scratch(d * lp_max + kRows * lp_max);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t / num_seqs, s = t % num_seqs;
       const int64_t start = cu[s], len = cu[s + 1] - cu[s];
       if (len == 0) continue;
       attend_sequence(o, os, qp, qs, kp, ks, vp, vs, start, len, h, h / group, d, sc, scratch.data(),
-                      scratch.data() + d * lp_max, scratch.data() + d * lp_max + lp_max);
+                      scratch.data() + d * lp_max);
     }
   });
 }
