@@ -52,6 +52,34 @@ struct Strides {
   int64_t token, head;  // in elements; the head dim is contiguous
 };
 
+// The one inner product of both attention steps, R rows x kLanes columns accumulated in 2R vector
+// registers: dst[r][0 .. 16) = out_scale(r) * sum_{t < steps} (a[r][t] * a_scale) * b[t * b_stride + 0 .. 16).
+// Scores: a = the query rows, b = K^T; P.V: a = the softmax weights, b = V. out_scale: per-row (1 / sum)
+// or none (nullptr).
+template <int R>
+inline void rank1_tile(float* const* dst, const float* const* a, float a_scale, const float* out_scale,
+                       const float* b, int64_t b_stride, int64_t steps) {
+  V8 lo[R], hi[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = V8{};
+  for (int64_t t = 0; t < steps; ++t) {
+    const float* bt = b + t * b_stride;
+    const V8 b0 = load8(bt), b1 = load8(bt + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r][t] * a_scale;
+      lo[r] += x * b0;
+      hi[r] += x * b1;
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float m = out_scale != nullptr ? out_scale[r] : 1.f;
+    store8(dst[r], lo[r] * m);
+    store8(dst[r] + 8, hi[r] * m);
+  }
+}
+
 // Query rows [i0, i0 + R) of one task: R rows at a time so that each K / V load feeds R independent
 // accumulator chains (one row alone waits on its FMA latency). scores: [R, lp].
 template <int R>
@@ -64,26 +92,11 @@ void attend_rows(float* out, Strides os, const float* q, Strides qs, const float
     qr[r] = q + (start + i0 + r) * qs.token + h * qs.head;
     orow[r] = out + (start + i0 + r) * os.token + h * os.head;
   }
-  // Scores: kLanes keys at a time, partial sums in R x 2 vector registers over the head dim.
+  // Scores: kLanes keys at a time, sum over the head dim c of q[r][c] * scale * K^T[c][j0 .. j0 + 16).
   for (int64_t j0 = 0; j0 < lp; j0 += kLanes) {
-    V8 s0[R], s1[R];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) s0[r] = s1[r] = V8{};
-    for (int64_t c = 0; c < d; ++c) {
-      const float* row = kt + c * lp + j0;
-      const V8 k0 = load8(row), k1 = load8(row + 8);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const float qc = qr[r][c] * scale;
-        s0[r] += qc * k0;
-        s1[r] += qc * k1;
-      }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      store8(scores + r * lp + j0, s0[r]);
-      store8(scores + r * lp + j0 + 8, s1[r]);
-    }
+    float* dst[R];
+    for (int r = 0; r < R; ++r) dst[r] = scores + r * lp + j0;
+    rank1_tile<R>(dst, qr, scale, nullptr, kt + j0, lp, d);
   }
   float inv[R];
   for (int r = 0; r < R; ++r) {
@@ -108,27 +121,14 @@ void attend_rows(float* out, Strides os, const float* q, Strides qs, const float
     for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
     inv[r] = 1.f / sum;
   }
-  // P.V: kLanes output features at a time in R x 2 vector registers over the keys; then the rest.
+  // P.V: kLanes output features at a time, sum over the keys j of p[r][j] * V[j][c0 .. c0 + 16); then the rest.
+  const float* pr[R];
+  for (int r = 0; r < R; ++r) pr[r] = scores + r * lp;
   int64_t c0 = 0;
   for (; c0 + kLanes <= d; c0 += kLanes) {
-    V8 a0[R], a1[R];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = V8{};
-    for (int64_t j = 0; j < len; ++j) {
-      const float* vj = vh + j * v_token + c0;
-      const V8 x0 = load8(vj), x1 = load8(vj + 8);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const float p = scores[r * lp + j];
-        a0[r] += p * x0;
-        a1[r] += p * x1;
-      }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      store8(orow[r] + c0, a0[r] * inv[r]);
-      store8(orow[r] + c0 + 8, a1[r] * inv[r]);
-    }
+    float* dst[R];
+    for (int r = 0; r < R; ++r) dst[r] = orow[r] + c0;
+    rank1_tile<R>(dst, pr, 1.f, inv, vh + c0, v_token, len);
   }
   for (int r = 0; r < R; ++r) {
     for (int64_t c = c0; c < d; ++c) {
