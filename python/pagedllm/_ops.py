@@ -171,6 +171,29 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def encoder_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seq_len: int, scale: float) -> torch.Tensor:
+    """CPU, float32: bidirectional attention within each sequence of a flat batch. query [n, heads, d],
+    key / value [n, kv_heads, d] (strided views of a fused QKV output are fine), cu_seqlens int32
+    [num_seqs + 1] -> [n, heads, d]."""
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    ops.encoder_attention(out, query, key, value, cu_seqlens, max_seq_len, scale)
+    return out
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   x_bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """CPU, float32, in place: x = LayerNorm(x + x_bias + residual) * weight + bias; returns x."""
+    ops.add_layer_norm(x, residual, weight, bias, x_bias, eps)
+    return x
+
+
+def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """CPU, float32, in place: x = gelu(x + bias) (erf form, F.gelu's default); returns x."""
+    ops.bias_gelu(x, bias)
+    return x
+
+
 def decoder_layers(hidden: torch.Tensor, positions: torch.Tensor, tensors: list[torch.Tensor], ints: list[int],
                    floats: list[float], slot_mapping: torch.Tensor, num_prefill_tokens: int,
                    max_prefill_query_len: int, num_decodes: int, prefill_query_start_loc: Optional[torch.Tensor],

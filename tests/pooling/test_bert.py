@@ -1,6 +1,7 @@
-"""The BERT encoder's hidden states equal transformers' BertModel, through both attention paths of
-EncoderAttention (the paged kernel with causal=False for head size 64, padded SDPA for MiniLM's 32) and the
-plain-torch reference; CLS pooling without Normalize from sentence-transformers files."""
+"""The BERT encoder's hidden states equal transformers' BertModel, through the CPU kernels (encoder_attention,
+add_layer_norm, bias_gelu; head sizes 64 and MiniLM's 32) and the plain-torch reference (EncoderAttention's other
+paths are held to the reference in tests/kernels/test_encoder_ops.py); CLS pooling without Normalize from
+sentence-transformers files."""
 import pytest
 import torch
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pagedllm import _ops
 from pagedllm.layers.attention import attend
 from pagedllm.layers.attention_metadata import AttentionMetadata, get_attention_metadata, make_prefill_metadata
 
@@ -21,17 +22,31 @@ from pagedllm.layers.attention_metadata import AttentionMetadata, get_attention_
 class EncoderMetadata:
     seq_lens: list[int]                 # tokens of each sequence, laid end to end
     query_start_loc: torch.Tensor       # [num_seqs + 1] int32 on the device
-    # gather index of the padded layout: token t of sequence i sits at row i * max_len + t
-    padded_index: Optional[torch.Tensor] = None  # [num_tokens] int64
-    key_mask: Optional[torch.Tensor] = None      # [num_seqs, 1, 1, max_len] bool, True = a real key
     block_size: int = 16
     _paged: Optional[AttentionMetadata] = None   # the kernel path's scratch-cache layout, built on first use
+    _padding: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the SDPA path's, built on first use
 
     def paged(self) -> AttentionMetadata:
         """Slots, block tables and starts of the sequences on consecutive blocks of a scratch paged cache."""
         if self._paged is None:
             self._paged = make_prefill_metadata(self.seq_lens, self.block_size, self.query_start_loc.device)
         return self._paged
+
+    @property
+    def uniform(self) -> bool:
+        """Every sequence has the longest length: the padded layout is the flat one."""
+        return all(n == self.max_len for n in self.seq_lens)
+
+    def padding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padded_index [num_tokens] int64: token t of sequence i sits at row i * max_len + t of the padded
+        layout; key_mask [num_seqs, 1, 1, max_len] bool, True = a real key), built on first use."""
+        if self._padding is None:
+            device, max_len = self.query_start_loc.device, self.max_len
+            lens = torch.tensor(self.seq_lens, device=device)
+            index = torch.cat([torch.arange(n, device=device) + i * max_len for i, n in enumerate(self.seq_lens)])
+            key_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+            self._padding = (index, key_mask)
+        return self._padding
 
     @property
     def max_len(self) -> int:
@@ -46,14 +61,7 @@ class EncoderMetadata:
         starts = [0]
         for n in seq_lens:
             starts.append(starts[-1] + n)
-        max_len = max(seq_lens)
-        query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
-        if all(n == max_len for n in seq_lens):  # no padding anywhere: no gather index, no mask
-            return cls(list(seq_lens), query_start_loc)
-        lens = torch.tensor(seq_lens, device=device)
-        index = torch.cat([torch.arange(n, device=device) + i * max_len for i, n in enumerate(seq_lens)])
-        key_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        return cls(list(seq_lens), query_start_loc, index, key_mask)
+        return cls(list(seq_lens), torch.tensor(starts, dtype=torch.int32, device=device))
 
 
 def get_encoder_metadata() -> EncoderMetadata:
@@ -76,14 +84,14 @@ def encoder_attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out
 
 
-# Head sizes paged_prefill_attention is built for (csrc/dispatch_utils.h); others (MiniLM's 32) use SDPA.
+# Off the CPU: head sizes paged_prefill_attention is built for (csrc/dispatch_utils.h); others use SDPA.
+# On the CPU (float32) every head size takes encoder_attention (csrc/cpu/encoder_attention.cpp).
 KERNEL_HEAD_SIZES = (64, 80, 96, 128, 256)
 
 
 def encoder_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: "EncoderMetadata",
                              scale: float) -> torch.Tensor:
     """The paged prefill kernel with causal=False over a scratch cache of this step's K / V (freed with it)."""
-    from pagedllm import _ops
 
     pm = md.paged()
     shape = (pm.prefill_block_tables.shape[0] * pm.prefill_block_tables.shape[1], k.shape[1], md.block_size,
@@ -102,22 +110,23 @@ def encoder_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     keys masked out; padded query rows are computed and dropped)."""
     b, L = len(md.seq_lens), md.max_len
     heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
-    uniform = all(n == L for n in md.seq_lens)  # no padding: plain views (a batch of one, equal lengths)
+    uniform = md.uniform  # no padding: plain views (a batch of one, equal lengths)
+    padded_index, key_mask = (None, None) if uniform else md.padding()
 
     def padded(t: torch.Tensor, h: int) -> torch.Tensor:  # [n, h, d] -> [b, h, L, d]
         if uniform:
             return t.reshape(b, L, h, d).transpose(1, 2)
         buf = t.new_zeros(b * L, h, d)
-        buf.index_copy_(0, md.padded_index, t)
+        buf.index_copy_(0, padded_index, t)
         return buf.view(b, L, h, d).transpose(1, 2)
 
     qp, kp, vp = padded(q, heads), padded(k, kv_heads), padded(v, kv_heads)
     if kv_heads != heads:
         kp, vp = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (kp, vp))
-    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=None if uniform else md.key_mask,
+    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask,
                                        scale=scale)  # [b, heads, L, d]
     o = o.transpose(1, 2).reshape(b * L, heads, d)
-    return o if uniform else o.index_select(0, md.padded_index)
+    return o if uniform else o.index_select(0, padded_index)
 
 
 class EncoderAttention(torch.nn.Module):
@@ -139,6 +148,8 @@ class EncoderAttention(torch.nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_size)
         if use_native_ops():
             out = encoder_attention_native(q, k, v, md.seq_lens, self.scale)
+        elif q.device.type == "cpu" and q.dtype == torch.float32:
+            out = _ops.encoder_attention(q, k, v, md.query_start_loc, md.max_len, self.scale)
         elif self.head_size in KERNEL_HEAD_SIZES:
             out = encoder_attention_kernel(q, k, v, md, self.scale)
         else:

