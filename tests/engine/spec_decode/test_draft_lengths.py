@@ -137,7 +137,7 @@ def plain(path):
     return LLM(path, kv_cache_space=0.05, max_model_len=256)
 
 
-@pytest.mark.parametrize("fixed", [0.0, 1.0])
+@pytest.mark.parametrize("fixed", [0.0, 1.0, 4.0])
 def test_batch_not_slower_where_verifying_costs_a_full_token(path, plain, fixed):
     ref, t_plain = _simulated(plain, fixed, 1.0)
     spec = LLM(path, kv_cache_space=0.05, max_model_len=256, speculative_config=NGRAM)
