@@ -16,7 +16,11 @@ from pagedllm.engine.spec_decode.draft_lengths import AcceptanceRate, choose_dra
 def test_cost_model_fits_fixed_and_per_token_cost():
     model = StepCostModel()
     assert model.coefficients() is None
-    for n in [8, 16, 8, 24, 40, 8, 12]:
+    for n in [8, 16, 8]:  # too few steps for a fit: the prior shape (fixed = 8 tokens' worth)
+        model.observe(n, 0.05 + 0.01 * n)
+    fixed, per_token = model.coefficients()
+    assert fixed / per_token == pytest.approx(8.0, rel=0.05)
+    for n in [8, 16, 8, 24, 40, 8, 12] * 2:
         model.observe(n, 0.05 + 0.01 * n)
     fixed, per_token = model.coefficients()
     assert fixed == pytest.approx(0.05) and per_token == pytest.approx(0.01)
@@ -24,7 +28,7 @@ def test_cost_model_fits_fixed_and_per_token_cost():
 
 def test_cost_model_keeps_the_last_shape_when_steps_have_one_size():
     model = StepCostModel(relax=0.0)
-    for n in [1, 5, 1, 3, 1, 5]:
+    for n in [1, 5, 1, 3, 1, 5] * 2:
         model.observe(n, 0.04 + 0.01 * n)  # fixed = 4 tokens' worth
     for _ in range(200):  # then only 8-token steps: the fit fades out
         model.observe(8, 0.04 + 0.01 * 8)
@@ -37,7 +41,7 @@ def test_cost_model_keeps_the_last_shape_when_steps_have_one_size():
 
 def test_cost_model_without_fixed_cost_and_its_drift_back_to_the_prior():
     model = StepCostModel(prior_fixed_tokens=8.0, relax=0.05)
-    for n in [4, 8, 4, 12, 4, 8]:
+    for n in [4, 8, 4, 12, 4, 8] * 2:
         model.observe(n, 0.01 * n - 0.001)  # a slightly negative intercept: a step costs only its tokens
     fixed, _ = model.coefficients()
     assert fixed == 0.0
@@ -47,7 +51,7 @@ def test_cost_model_without_fixed_cost_and_its_drift_back_to_the_prior():
 
 
 def test_acceptance_rate_follows_rounds_and_forgets_towards_the_prior():
-    rate = AcceptanceRate(prior=0.5)
+    rate = AcceptanceRate(prior=0.5, prior_weight=2.0)
     for _ in range(10):
         rate.observe(4, 4)
     assert rate.rate > 0.9

@@ -16,7 +16,7 @@ from typing import Optional
 
 
 class StepCostModel:
-    def __init__(self, decay: float = 0.95, prior_fixed_tokens: float = 8.0, min_spread: float = 0.5,
+    def __init__(self, decay: float = 0.95, prior_fixed_tokens: float = 8.0, min_spread: float = 1.0,
                  relax: float = 0.02):
         self.decay = decay
         self.prior_fixed_tokens = prior_fixed_tokens
@@ -45,7 +45,7 @@ class StepCostModel:
         the slope is physical; it also becomes the remembered shape."""
         mean_n, mean_t = self._sn / self._s0, self._st / self._s0
         var_n = self._snn / self._s0 - mean_n * mean_n
-        if self._s0 < 3 or var_n < self.min_spread ** 2:
+        if self._s0 < 8 or var_n < self.min_spread ** 2:  # a few noisy steps decide nothing
             return None
         per_token = (self._snt / self._s0 - mean_n * mean_t) / var_n
         if not per_token > 0:

@@ -19,7 +19,7 @@ class AcceptanceRate:
     """One sequence's per-draft acceptance probability: accepted / verified drafts of its recent rounds
     (older rounds weigh less), pulled towards `prior` while it has few rounds."""
 
-    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.8, forget: float = 0.95):
+    def __init__(self, prior: float = 0.6, prior_weight: float = 2.0, decay: float = 0.8, forget: float = 0.95):
         self.prior, self.prior_weight, self.decay, self.forget = prior, prior_weight, decay, forget
         self.accepted = 0.0
         self.trials = 0.0
