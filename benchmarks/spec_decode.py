@@ -91,7 +91,9 @@ def bench_spec(args) -> list[dict]:
             row = {"task": task, "batch": batch, "tok_per_s_off": speeds["off"], "tok_per_s_on": speeds["ngram"],
                    "ratios_on_off": ratios, "median_ratio": round(statistics.median(ratios), 3),
                    "acceptance": round(accepted / drafted, 3) if drafted else None, "draft_tokens": drafted,
-                   "load_avg_1min": [round(load, 1), round(os.getloadavg()[0], 1)]}
+                   "load_avg_1min": [round(load, 1), round(os.getloadavg()[0], 1)],
+                   # what the speculator learned: a step's fixed cost in tokens' worth (cost_model.py)
+                   "fixed_cost_tokens": round(engines["ngram"].llm_engine.speculator.cost.fixed_tokens, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     del engines
