@@ -64,6 +64,21 @@ def test_acceptance_rate_follows_rounds_and_forgets_towards_the_prior():
     assert low < rate.rate < 0.5 + 1e-9 and rate.rate == pytest.approx(0.5, abs=0.02)
 
 
+def test_a_new_sequence_starts_from_the_engines_recent_acceptance():
+    from types import SimpleNamespace
+    from pagedllm.engine.spec_decode.config import SpeculativeConfig
+    from pagedllm.engine.spec_decode.speculator import Speculator
+    spec = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4), None, 256, 256)
+    assert spec.acceptance(SimpleNamespace()).rate == pytest.approx(0.6)  # no round yet: the default prior
+    for _ in range(30):
+        spec.pooled.observe(4, 4)
+    fresh = spec.acceptance(SimpleNamespace())
+    assert fresh.rate > 0.9
+    for _ in range(200):  # its own skipped steps fade towards that prior, not the default one
+        fresh.skipped()
+    assert fresh.rate > 0.9
+
+
 def _speed(lengths, rates, base_tokens, base_emitted, fixed, per_token):
     gain = sum(sum(r ** i for i in range(1, n + 1)) for n, r in zip(lengths, rates))
     return (base_emitted + gain) / (fixed + per_token * (base_tokens + sum(lengths)))

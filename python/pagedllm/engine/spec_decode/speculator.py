@@ -86,6 +86,7 @@ class Speculator:
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.k)
         self._draft_probs: dict[int, Optional[torch.Tensor]] = {}
         self.cost = StepCostModel()  # seconds of a decode / verify step by its token count
+        self.pooled = AcceptanceRate(decay=0.98)  # every sequence's rounds: the prior of a new sequence's rate
         self._timing: Optional[tuple[float, int]] = None  # (start, tokens) of the step being timed
         self.clock = time.perf_counter
         self.cost_aware = True  # False: verify every proposal in full (tests that need drafts every step)
@@ -98,9 +99,13 @@ class Speculator:
             k = min(k, params.max_tokens - len(seq.output_token_ids) - 1)  # k + 1 tokens may come out
         return k
 
-    @staticmethod
-    def acceptance(seq: Sequence) -> AcceptanceRate:
-        return seq.__dict__.setdefault("_spec_acceptance", AcceptanceRate())
+    def acceptance(self, seq: Sequence) -> AcceptanceRate:
+        """seq's acceptance estimate; a new one starts from the engine's recent acceptance over all
+        sequences (a task whose drafts keep being accepted lets its new requests speculate at once)."""
+        rate = seq.__dict__.get("_spec_acceptance")
+        if rate is None:
+            rate = seq.__dict__["_spec_acceptance"] = AcceptanceRate(prior=self.pooled.rate)
+        return rate
 
     # -- 1. proposals --------------------------------------------------------------------------------------
     def propose(self, sched: SchedulerOutput, eligible: Callable[[Sequence], bool],
@@ -179,6 +184,7 @@ class Speculator:
                                        self._draft_probs.pop(seq.seq_id, None), targets.get(seq.seq_id))
             self.stats.observe(len(drafts), accepted)
             self.acceptance(seq).observe(len(drafts), accepted)
+            self.pooled.observe(len(drafts), accepted)
             self.bm.truncate(seq.seq_id, seq.num_tokens + accepted)
             item.num_new_tokens = 1 + accepted
             item.spec_token_ids = drafts[:accepted]
