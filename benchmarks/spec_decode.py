@@ -7,12 +7,17 @@
 Repetitive task: the chat model is asked to repeat a given paragraph (its answer copies the prompt, which
 is what prompt lookup proposes). Plain task: open-ended questions. Greedy, the same prompts for every
 configuration; tok/s = generated tokens / wall time of the whole batch; acceptance = accepted / proposed.
+Both engines (speculation off and on) stay loaded and each (task, batch) runs off and on back to back,
+--repeats times (alternating which goes first), so a shared machine's changing load hits both alike;
+the ratio on / off of each pair, their median and the load average are printed.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
+import statistics
 import time
 
 import torch
@@ -33,6 +38,8 @@ def parse_args():
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--lookup-max", type=int, default=4)
     p.add_argument("--lookup-min", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="off/on pairs per (task, batch)")
+    p.add_argument("--batches", default="1,8")
     p.add_argument("--beam-tokens", type=int, default=32)
     p.add_argument("--skip-spec", action="store_true")
     p.add_argument("--skip-beam", action="store_true")
@@ -45,35 +52,52 @@ def _chat_prompts(tok, texts: list[str], batch: int) -> list[str]:
     return [rendered[i % len(rendered)] for i in range(batch)]
 
 
+def _run_once(llm, prompts, params) -> tuple[int, float, tuple[int, int]]:
+    """(generated tokens, seconds, (draft tokens, accepted tokens) of this run)."""
+    stats = llm.llm_engine.stats.get("spec_decode")
+    before = (stats.num_draft_tokens, stats.num_accepted_tokens) if stats else (0, 0)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    after = (stats.num_draft_tokens, stats.num_accepted_tokens) if stats else (0, 0)
+    return sum(len(o.outputs[0].token_ids) for o in outs), dt, (after[0] - before[0], after[1] - before[1])
+
+
 def bench_spec(args) -> list[dict]:
     from pagedllm import LLM, SamplingParams
     rows = []
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    configs = [("off", None), ("ngram", {"method": "ngram", "num_speculative_tokens": args.k,
-                                         "prompt_lookup_max": args.lookup_max, "prompt_lookup_min": args.lookup_min})]
-    for name, spec in configs:
-        llm = LLM(max_model_len=1024, speculative_config=spec, enable_prefix_caching=False)
-        tok = llm.get_tokenizer()
+    ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max,
+             "prompt_lookup_min": args.lookup_min}
+    engines = {"off": LLM(max_model_len=1024, enable_prefix_caching=False),
+               "ngram": LLM(max_model_len=1024, speculative_config=ngram, enable_prefix_caching=False)}
+    tok = engines["off"].get_tokenizer()
+    for llm in engines.values():
         llm.generate(_chat_prompts(tok, PLAIN, 1), SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-        for task, texts in (("repetitive", REPETITIVE), ("plain", PLAIN)):
-            for batch in (1, 8):
-                prompts = _chat_prompts(tok, texts, batch)
-                stats = llm.llm_engine.stats.get("spec_decode")
-                before = (stats.num_draft_tokens, stats.num_accepted_tokens) if stats else (0, 0)
-                t0 = time.perf_counter()
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                dt = time.perf_counter() - t0
-                n = sum(len(o.outputs[0].token_ids) for o in outs)
-                acc = None
-                if stats:
-                    drafted = stats.num_draft_tokens - before[0]
-                    acc = (stats.num_accepted_tokens - before[1]) / drafted if drafted else 0.0
-                row = {"spec": name, "task": task, "batch": batch, "tokens": n, "seconds": round(dt, 2),
-                       "tok_per_s": round(n / dt, 1), "acceptance": None if acc is None else round(acc, 3)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        del llm
-        gc.collect()
+    for task, texts in (("repetitive", REPETITIVE), ("plain", PLAIN)):
+        for batch in [int(b) for b in args.batches.split(",")]:
+            prompts = _chat_prompts(tok, texts, batch)
+            ratios, speeds, drafted, accepted = [], {"off": [], "ngram": []}, 0, 0
+            load = os.getloadavg()[0]
+            for r in range(args.repeats):
+                order = ("off", "ngram") if r % 2 == 0 else ("ngram", "off")
+                pair = {}
+                for name in order:
+                    n, dt, (d, a) = _run_once(engines[name], prompts, params)
+                    pair[name] = n / dt
+                    speeds[name].append(round(n / dt, 1))
+                    drafted, accepted = drafted + d, accepted + a
+                ratios.append(round(pair["ngram"] / pair["off"], 3))
+            row = {"task": task, "batch": batch, "tok_per_s_off": speeds["off"], "tok_per_s_on": speeds["ngram"],
+                   "ratios_on_off": ratios, "median_ratio": round(statistics.median(ratios), 3),
+                   "acceptance": round(accepted / drafted, 3) if drafted else None, "draft_tokens": drafted,
+                   "load_avg_1min": [round(load, 1), round(os.getloadavg()[0], 1)],
+                   # what the speculator learned: a step's fixed cost in tokens' worth (cost_model.py)
+                   "fixed_cost_tokens": round(engines["ngram"].llm_engine.speculator.cost.fixed_tokens, 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    del engines
+    gc.collect()
     return rows
 
 

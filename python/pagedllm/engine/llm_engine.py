@@ -296,7 +296,7 @@ class LLMEngine:
             self._abort_failed()
             return []
         spec = {}
-        if self.speculator is not None and result.spec_logits:
+        if self.speculator is not None:  # verifies the drafts (if any) and times the step
             spec = self.speculator.verify(sched, result.spec_logits, lambda s: self._sample_rows(s)[0],
                                           self.block_manager.get_block_table)
         self.scheduler.commit(sched)

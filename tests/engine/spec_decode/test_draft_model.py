@@ -27,8 +27,10 @@ def _run(llm, params):
 
 
 def _spec(target, draft, k=3, **kw):
-    return LLM(target, kv_cache_space=0.05, max_model_len=256, **kw,
-               speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": k})
+    llm = LLM(target, kv_cache_space=0.05, max_model_len=256, **kw,
+              speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": k})
+    llm.llm_engine.speculator.cost_aware = False  # drafts on every step, whatever the measured costs
+    return llm
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
@@ -61,6 +63,7 @@ def test_preemption_and_prefix_cache_with_a_draft(paths):
     ref = _run(LLM(target, kv_cache_space=0.05, max_model_len=256), GREEDY)
     small = LLM(target, num_gpu_blocks_override=9, max_model_len=64, max_num_batched_tokens=64,
                 speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3})
+    small.llm_engine.speculator.cost_aware = False
     got, again = _run(small, GREEDY), _run(small, GREEDY)
     assert small.llm_engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in ref] == [o.token_ids for o in again]

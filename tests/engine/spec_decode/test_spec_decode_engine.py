@@ -21,9 +21,16 @@ def plain(path):
     return LLM(path, kv_cache_space=0.05, max_model_len=256)
 
 
+def full_speculation(llm: LLM) -> LLM:
+    """Every proposal verified in full, whatever the measured step costs (the cost-aware choice of draft
+    lengths is tested in test_draft_lengths.py): these tests need rollbacks on every step."""
+    llm.llm_engine.speculator.cost_aware = False
+    return llm
+
+
 @pytest.fixture(scope="module")
 def spec(path):
-    return LLM(path, kv_cache_space=0.05, max_model_len=256, speculative_config=NGRAM)
+    return full_speculation(LLM(path, kv_cache_space=0.05, max_model_len=256, speculative_config=NGRAM))
 
 
 def _prompts():
@@ -71,8 +78,8 @@ def test_stop_strings_max_tokens_and_penalties_match(plain, spec):
 def test_prefix_cache_hits_and_preemption(path, plain):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ref = _run(plain, params)
-    small = LLM(path, num_gpu_blocks_override=14, max_model_len=128, max_num_batched_tokens=128,
-                speculative_config=NGRAM)
+    small = full_speculation(LLM(path, num_gpu_blocks_override=14, max_model_len=128,
+                                 max_num_batched_tokens=128, speculative_config=NGRAM))
     got = _run(small, params)
     again = _run(small, params)  # the prompts now hit the prefix cache
     assert small.llm_engine.scheduler.num_preemptions > 0

@@ -74,6 +74,19 @@ def processed_argmax(logits: torch.Tensor, rows: list[SampleRow], chain: Optiona
     return processed_logits(logits, rows, chain).argmax(dim=-1).tolist()
 
 
+def greedy_targets(logits: list[torch.Tensor]) -> list[list[int]]:
+    """The argmax of every row of several sequences' raw logits in one call (a per-sequence argmax over
+    the vocabulary costs a thread-pool round trip each)."""
+    if not logits:
+        return []
+    flat = torch.cat(logits).argmax(dim=-1).tolist()
+    out, start = [], 0
+    for part in logits:
+        out.append(flat[start:start + part.shape[0]])
+        start += part.shape[0]
+    return out
+
+
 def draw(probs: torch.Tensor, u: float) -> int:
     """Inverse CDF: the first token whose running mass exceeds u * total; never a zero-probability token."""
     cum = probs.cumsum(dim=0)
@@ -84,15 +97,18 @@ def draw(probs: torch.Tensor, u: float) -> int:
 
 
 def verify(logits: torch.Tensor, drafts: list[int], row: SampleRow, chain: Optional[ProcessorChain] = None,
-           draft_probs: Optional[torch.Tensor] = None) -> tuple[list[SampleResult], int]:
+           draft_probs: Optional[torch.Tensor] = None, target: Optional[list[int]] = None
+           ) -> tuple[list[SampleResult], int]:
     """logits: [len(drafts) + 1, vocab] raw target logits; row: the sampling row of position 0;
-    draft_probs: [len(drafts), vocab] the proposer's distributions (None: point masses, as ngram).
+    draft_probs: [len(drafts), vocab] the proposer's distributions (None: point masses, as ngram);
+    target: at temperature 0, the rows' greedy tokens when the caller computed them (greedy_targets).
     Returns (the emitted tokens' results, the number of accepted drafts)."""
     k = len(drafts)
     rows = rows_for_drafts(row, drafts)
     params = row.params
     if params.temperature < GREEDY_TEMPERATURE:
-        target = processed_argmax(logits, rows, chain)
+        if target is None:
+            target = processed_argmax(logits, rows, chain)
         accepted = 0
         while accepted < k and drafts[accepted] == target[accepted]:
             accepted += 1

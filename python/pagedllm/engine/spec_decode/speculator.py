@@ -13,13 +13,17 @@ A sequence does not speculate when: it asks for user logits processors or a stru
 state would see tokens that get rolled back), it is a beam, the step's token budget, max_tokens or the
 context length leave no room, or its KV blocks for the drafts are not free (no preemption for drafts).
 
-Proposal length adapts per sequence (verifying a token costs about as much as decoding one on a CPU at
-batch 8): after a partly rejected round a sequence proposes accepted + 1 tokens next, after a fully
-accepted one k again; a round with nothing accepted also pauses its proposals for 1, 2, 4 .. 16 steps
-(doubling while rounds keep failing). The output never depends on this: only the speed does.
+How many drafts a sequence verifies is a cost decision (draft_lengths.py): each sequence's recent
+acceptance rate gives the expected extra tokens of its i-th draft, the step cost model (cost_model.py,
+seconds = fixed + per_token * tokens, fitted online on the steps this speculator timed: proposal, forward
+and verification) gives what verifying it costs, and a draft is taken only when it raises the step's
+expected tokens per second. So at batch 1 (a step mostly fixed cost) sequences speculate freely, at
+batch 8 on a CPU only well-predicted ones do, and a batch whose expected gain is below the verification
+cost runs as plain decoding. The output never depends on this: only the speed does.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -28,8 +32,11 @@ import torch
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.engine.sequence import Sequence
 from pagedllm.engine.spec_decode.config import SpeculativeConfig
+from pagedllm.engine.spec_decode.cost_model import StepCostModel
+from pagedllm.engine.spec_decode.draft_lengths import AcceptanceRate, choose_draft_lengths
 from pagedllm.engine.spec_decode.ngram_proposer import propose_ngram
-from pagedllm.engine.spec_decode.rejection_sampler import verify
+from pagedllm.engine.spec_decode.rejection_sampler import greedy_targets, verify
+from pagedllm.layers.sampler import GREEDY_TEMPERATURE
 from pagedllm.sampling.processors.base import SampleRow
 from pagedllm.sampling.step import SampleResult
 
@@ -78,44 +85,64 @@ class Speculator:
         self.draft = draft   # a DraftModel (draft_model.py) for method "draft_model"
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.k)
         self._draft_probs: dict[int, Optional[torch.Tensor]] = {}
+        self.cost = StepCostModel()  # seconds of a decode / verify step by its token count
+        self.pooled = AcceptanceRate(decay=0.98)  # every sequence's rounds: the prior of a new sequence's rate
+        self._timing: Optional[tuple[float, int]] = None  # (start, tokens) of the step being timed
+        self.clock = time.perf_counter
+        self.cost_aware = True  # False: verify every proposal in full (tests that need drafts every step)
 
     def _room(self, seq: Sequence) -> int:
-        """How many drafts seq can take this step."""
+        """How many drafts seq can take this step (k, the context length and max_tokens allowing)."""
         params = seq.request.params
-        state = seq.__dict__.setdefault("_spec_state", [self.k, 0, 0])  # [next k, steps to pause, last pause]
-        if state[1] > 0:
-            state[1] -= 1
-            return 0
-        k = min(state[0], self.max_model_len - seq.num_tokens)
+        k = min(self.k, self.max_model_len - seq.num_tokens)
         if params.max_tokens is not None:
             k = min(k, params.max_tokens - len(seq.output_token_ids) - 1)  # k + 1 tokens may come out
         return k
 
+    def acceptance(self, seq: Sequence) -> AcceptanceRate:
+        """seq's acceptance estimate; a new one starts from the engine's recent acceptance over all
+        sequences (a task whose drafts keep being accepted lets its new requests speculate at once)."""
+        rate = seq.__dict__.get("_spec_acceptance")
+        if rate is None:
+            rate = seq.__dict__["_spec_acceptance"] = AcceptanceRate(prior=self.pooled.rate)
+        return rate
+
     # -- 1. proposals --------------------------------------------------------------------------------------
     def propose(self, sched: SchedulerOutput, eligible: Callable[[Sequence], bool],
                 block_tables: Callable[[int], list[int]], sample_row: Callable[[Sequence], SampleRow]) -> None:
+        started = self.clock()
+        self._timing = None
+        timed = not sched.prefills  # a prompt chunk costs differently: such steps teach the cost model nothing
+        rooms = {it.seq.seq_id: self._room(it.seq) for it in sched.decodes
+                 if eligible(it.seq) and may_speculate(it.seq)}
+        rooms = {seq_id: k for seq_id, k in rooms.items() if k > 0}
+        by_id = {it.seq.seq_id: it for it in sched.decodes}
+        ngram: dict[int, list[int]] = {}
+        if self.draft is None:  # prompt lookup is cheap: look first, then decide on what was found
+            c = self.config
+            ngram = {seq_id: propose_ngram(by_id[seq_id].seq.token_ids(), k, c.prompt_lookup_min,
+                                           c.prompt_lookup_max) for seq_id, k in rooms.items()}
+            rooms = {seq_id: len(d) for seq_id, d in ngram.items() if d}
+        candidates = [(seq_id, self.acceptance(by_id[seq_id].seq).rate, k) for seq_id, k in rooms.items()]
         budget = self.max_num_batched_tokens - sched.num_tokens
-        wants: dict[int, int] = {}
-        for item in sched.decodes:
-            seq = item.seq
-            if budget <= 0:
-                break
-            if not (eligible(seq) and may_speculate(seq)):
-                continue
-            k = min(self._room(seq), budget)
-            if k > 0:
-                wants[seq.seq_id] = k
-                budget -= k
+        if self.cost_aware:
+            cost = self.cost.coefficients() or (self.cost.fixed_tokens, 1.0)
+            wants = choose_draft_lengths(candidates, sched.num_tokens,
+                                         sum(1 for it in sched.scheduled if it.samples), cost, budget)
+        else:  # every proposal in full, while the token budget lasts
+            wants = {}
+            for seq_id, _, k in candidates:
+                if min(k, budget) > 0:
+                    wants[seq_id] = min(k, budget)
+                    budget -= wants[seq_id]
+        for seq_id in rooms:
+            if seq_id not in wants:
+                self.acceptance(by_id[seq_id].seq).skipped()
         items = [it for it in sched.decodes if it.seq.seq_id in wants]
         if self.draft is not None:  # (runs even with no proposal wanted: its cache mirrors every step)
             proposals = self.draft.propose(sched, items, wants, self.bm, block_tables, sample_row)
-        elif not wants:
-            return
         else:
-            c = self.config
-            proposals = {it.seq.seq_id: (propose_ngram(it.seq.token_ids(), wants[it.seq.seq_id],
-                                                       c.prompt_lookup_min, c.prompt_lookup_max), None)
-                         for it in items}
+            proposals = {seq_id: (ngram[seq_id][:n], None) for seq_id, n in wants.items()}
         for item in items:
             seq_id = item.seq.seq_id
             drafts, probs = proposals.get(seq_id, ([], None))
@@ -133,32 +160,31 @@ class Speculator:
         moved = [it for it in sched.decodes if it.spec_token_ids]
         sched.decodes[:] = [it for it in sched.decodes if not it.spec_token_ids]
         sched.prefills.extend(moved)  # a multi-token step: prefill attention over the cached KV
-
-    def _adapt(self, seq: Sequence, proposed: int, accepted: int) -> None:
-        state = seq.__dict__.setdefault("_spec_state", [self.k, 0, 0])
-        state[0] = self.k if accepted == proposed else accepted + 1
-        if accepted == 0:
-            state[2] = min(16, max(1, 2 * state[2]))
-            state[1] = state[2]
-        else:
-            state[2] = 0
+        self._timing = (started, sched.num_tokens) if timed else None
 
     # -- 2. verification -----------------------------------------------------------------------------------
     def verify(self, sched: SchedulerOutput, spec_logits: dict[int, torch.Tensor],
                sample_row: Callable[[Sequence], SampleRow],
                block_tables: Callable[[int], list[int]]) -> dict[int, list[SampleResult]]:
-        """The emitted tokens of every speculating sequence; rolls back the rejected drafts' slots."""
+        """The emitted tokens of every speculating sequence; rolls back the rejected drafts' slots.
+        Called after every step's forward (with or without drafts): it also times the step."""
         out: dict[int, list[SampleResult]] = {}
         fully_accepted = []
-        for item in sched.prefills:
-            if not item.spec_token_ids:
-                continue
+        items = [it for it in sched.prefills if it.spec_token_ids]
+        rows = {it.seq.seq_id: sample_row(it.seq) for it in items}
+        # Plain greedy rows (no sampling processor) need only the argmax: one call for all of them.
+        plain = [it.seq.seq_id for it in items
+                 if rows[it.seq.seq_id].params.temperature < GREEDY_TEMPERATURE and rows[it.seq.seq_id].state is None]
+        targets = greedy_targets([spec_logits[seq_id] for seq_id in plain])
+        targets = dict(zip(plain, targets))
+        for item in items:
             seq = item.seq
             drafts = item.spec_token_ids
-            results, accepted = verify(spec_logits[seq.seq_id], drafts, sample_row(seq), self.chain,
-                                       self._draft_probs.pop(seq.seq_id, None))
+            results, accepted = verify(spec_logits[seq.seq_id], drafts, rows[seq.seq_id], self.chain,
+                                       self._draft_probs.pop(seq.seq_id, None), targets.get(seq.seq_id))
             self.stats.observe(len(drafts), accepted)
-            self._adapt(seq, len(drafts), accepted)
+            self.acceptance(seq).observe(len(drafts), accepted)
+            self.pooled.observe(len(drafts), accepted)
             self.bm.truncate(seq.seq_id, seq.num_tokens + accepted)
             item.num_new_tokens = 1 + accepted
             item.spec_token_ids = drafts[:accepted]
@@ -167,4 +193,8 @@ class Speculator:
                 fully_accepted.append(item)
         if self.draft is not None:
             self.draft.after_verify(fully_accepted, block_tables)
+        if self._timing is not None:
+            started, num_tokens = self._timing
+            self.cost.observe(num_tokens, self.clock() - started)
+            self._timing = None
         return out
