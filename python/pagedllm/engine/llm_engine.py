@@ -9,6 +9,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.cpu_features import cpu_math_dtype
 from pagedllm.engine.beam_search import BeamSearch
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.cpu_malloc import keep_freed_memory
@@ -49,7 +50,9 @@ class LLMEngine:
         self.hf_config = loader.load_config(source)
         self.tokenizer = None if args.skip_tokenizer_init else loader.load_tokenizer(source, args.tokenizer)
         self.generation_config = loader.load_generation_config(source)
-        self.dtype = loader.resolve_dtype(args.dtype, self.hf_config, self.device)
+        # A 16-bit dtype on a CPU without its hardware computes in float32 on 16-bit weights (cpu_features.py).
+        weights_dtype = loader.resolve_dtype(args.dtype, self.hf_config, self.device)
+        self.dtype = cpu_math_dtype(weights_dtype, self.device)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         self._rng = random.Random(args.seed)
@@ -58,6 +61,8 @@ class LLMEngine:
             _init_dummy_weights(model)
         else:
             model = loader.load_model(source, self.hf_config, self.dtype, self.device)
+        if weights_dtype != self.dtype:
+            loader.round_weights(model, weights_dtype)
         if self.device.type == "cpu":
             keep_freed_memory()  # glibc: no page faults on every step's activations (cpu_malloc.py)
         packed = pack_linear_weights(model)  # CPU fp32: packed weights (or their exact GGUF codes) for decode GEMMs
