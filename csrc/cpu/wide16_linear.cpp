@@ -42,7 +42,6 @@ namespace {
 
 using panel::kPanel;
 using panel::kTileRows;
-using panel::kTiles;
 
 constexpr int64_t kF16 = 1;    // GGML type ids
 constexpr int64_t kBF16 = 30;
@@ -232,32 +231,25 @@ at::Tensor pack(const at::Tensor& w) {
 
 template <int64_t QT>
 void run(const panel::LinearIO& io, const uint16_t* wp, int64_t P, int64_t K, int64_t N) {
-  const int64_t tiles = panel::num_tiles(io.M);
   // Threads split the panels: each weight byte is read by one thread, once per call.
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     alignas(64) float chunk[kChunkK * kPanel];
     for (int64_t p = p0; p < p1; ++p) {
-      const uint16_t* panel = wp + p * K * kPanel;
-      const uint16_t* next = p + 1 < p1 ? panel + K * kPanel : nullptr;
+      const uint16_t* bits = wp + p * K * kPanel;
+      const uint16_t* next = p + 1 < p1 ? bits + K * kPanel : nullptr;
       const int64_t n0 = p * kPanel, n_valid = std::min(kPanel, N - n0);
-      const float* bp = io.bias ? io.bias + n0 : nullptr;
 #if defined(__AVX512F__) || defined(PAGEDLLM_W16_AVX2)
+      const float* bp = io.bias ? io.bias + n0 : nullptr;
       if (io.M <= kFusedRows) {
-        kFused<QT>[io.M - 1](io.xp, io.ldx, panel, K, bp, io.yp + n0, N, n_valid, next);
+        kFused<QT>[io.M - 1](io.xp, io.ldx, bits, K, bp, io.yp + n0, N, n_valid, next);
         continue;
       }
 #endif
-      // More rows: kChunkK inputs at a time widened into an L1 buffer that every row tile reads; the
-      // tiles carry their sums across chunks through y (kResume / kPartial), the chains unbroken.
+      // More rows: kChunkK inputs at a time widened into an L1 buffer that every row tile reads.
       for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
         const int64_t k1 = std::min(K, k0 + kChunkK);
-        widen_chunk<QT>(panel, k0, k1, chunk, next);
-        const int flags = (k0 > 0 ? panel::kResume : 0) | (k1 < K ? panel::kPartial : 0);
-        for (int64_t t = 0; t < tiles; ++t) {
-          const int64_t m0 = panel::tile_start(io.M, t), rows = panel::tile_start(io.M, t + 1) - m0;
-          kTiles[rows - 1](io.xp + m0 * io.ldx + k0, io.ldx, chunk, k1 - k0, bp, io.yp + m0 * N + n0, N, n_valid,
-                           nullptr, 0, 0, flags);
-        }
+        widen_chunk<QT>(bits, k0, k1, chunk, next);
+        panel::chunk_tiles(io, chunk, k0, k1, K, N, n0, n_valid);
       }
     }
   });
