@@ -78,10 +78,13 @@ def tiny_config(arch: str, vocab_size: int):
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
-def make_tiny_model(root: Path, arch: str, tokenizer_kind: str = "bytelevel", seed: int = 0) -> Path:
-    """An HF model folder with random weights (fp32) and a trained tokenizer; returns its path."""
+def make_tiny_model(root: Path, arch: str, tokenizer_kind: str = "bytelevel", seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """An HF model folder with random weights saved in dtype (its config's dtype too) and a trained
+    tokenizer; returns its path."""
     from transformers import AutoModelForCausalLM
-    path = Path(root) / f"tiny-{arch}-{tokenizer_kind}"
+    suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    path = Path(root) / f"tiny-{arch}-{tokenizer_kind}{suffix}"
     if (path / "config.json").exists():
         return path
     tokenizer = make_tokenizer(tokenizer_kind)
@@ -92,6 +95,6 @@ def make_tiny_model(root: Path, arch: str, tokenizer_kind: str = "bytelevel", se
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
-    model.save_pretrained(path, safe_serialization=True)
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

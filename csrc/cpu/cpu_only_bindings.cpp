@@ -15,6 +15,12 @@ TORCH_LIBRARY_FRAGMENT(_C, m) {
   m.def("pack_quantized_linear_weight(Tensor weight, int qtype) -> Tensor");
   // x [..., K], packed from pack_quantized_linear_weight, bias [N] or None -> [..., N].
   m.def("quantized_linear(Tensor x, Tensor packed, int qtype, Tensor? bias, int out_features) -> Tensor");
+  // Decode GEMM over the 16-bit panels of fp32 weights that are exactly bf16 / fp16 values (wide16_linear.cpp,
+  // bit-identical to packed_linear). qtype: 30 (BF16) or 1 (F16), GGML's type ids.
+  // weight [N, K] -> bfloat16 / float16 [ceil(N / 32), K, 32], or empty when not exactly of that format.
+  m.def("pack_wide16_linear_weight(Tensor weight, int qtype) -> Tensor");
+  // x [..., K], packed from pack_wide16_linear_weight, bias [N] or None -> [..., N].
+  m.def("wide16_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   // out [rows, d] = silu(x[:, :d]) * x[:, d:], x [rows, 2 d], float32 (activation.cpp).
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
   // The Llama-family decoder layers of one step (argument layout: decoder_layers.cpp).
@@ -30,6 +36,8 @@ TORCH_LIBRARY_IMPL(_C, CPU, m) {
   m.impl("packed_linear", &pagedllm::cpu::packed_linear);
   m.impl("pack_quantized_linear_weight", &pagedllm::cpu::pack_quantized_linear_weight);
   m.impl("quantized_linear", &pagedllm::cpu::quantized_linear);
+  m.impl("pack_wide16_linear_weight", &pagedllm::cpu::pack_wide16_linear_weight);
+  m.impl("wide16_linear", &pagedllm::cpu::wide16_linear);
   m.impl("silu_and_mul", &pagedllm::cpu::silu_and_mul);
   m.impl("decoder_layers", &pagedllm::cpu::decoder_layers);
 }

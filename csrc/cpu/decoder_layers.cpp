@@ -10,7 +10,8 @@
 //
 // tensors: [cos_sin_cache] then kLayerTensors per layer (Slot order; a 0-element tensor = absent).
 // ints: [num_heads, num_kv_heads, head_size, is_neox, fp32 panel min rows, code min rows, max rows]
-//   then per layer [qkv, o, gate_up, down packed kinds (-1 none, 0 fp32 panels, 4 / 8 codes), sliding_window].
+//   then per layer [qkv, o, gate_up, down packed kinds (-1 none, 0 fp32 panels, 1 / 30 fp16 / bf16
+//   panels, else the codes' GGML type id), sliding_window].
 // floats: [rms_norm eps, attention scale]. Returns [hidden, residual] after the last layer.
 #include <optional>
 #include <vector>
@@ -63,8 +64,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor* layer, int weight_slot,
   if (kind >= 0 && k > 0) {
     const int64_t rows = x.numel() / k;
     if (rows >= (kind > 0 ? c.code_min_rows : c.fp32_min_rows) && rows <= c.max_rows) {
-      return kind > 0 ? quantized_linear(x, packed, kind, bias, weight.size(0))
-                      : packed_linear(x, packed, bias, weight.size(0));
+      if (kind == 0) return packed_linear(x, packed, bias, weight.size(0));
+      return is_wide16_kind(kind) ? wide16_linear(x, packed, bias, weight.size(0))
+                                  : quantized_linear(x, packed, kind, bias, weight.size(0));
     }
   }
   return at::linear(x, weight, bias);

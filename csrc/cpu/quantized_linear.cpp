@@ -59,7 +59,6 @@ namespace {
 using namespace gguf_codes;  // NOLINT: the formats and their search (gguf_block_codes.h)
 using panel::kPanel;
 using panel::kTileRows;
-using panel::kTiles;
 
 constexpr int64_t kChunkBlocks = 2;  // blocks expanded at a time for many rows: 8 KB of fp32 weights
                                      // (1 and 4 blocks measured slower at 32 rows)
@@ -352,7 +351,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
     constexpr int QT = decltype(qt)::value;
     const int64_t P = packed.size(0), panel_bytes = packed.size(1) * packed.size(2);
     const uint8_t* wp = packed.data_ptr<uint8_t>();
-    const int64_t B = packed.size(1), tiles = panel::num_tiles(io.M);
+    const int64_t B = packed.size(1);
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       // More rows: the panel is expanded kChunkBlocks blocks at a time into an L1-sized buffer that
       // every row tile reads; the tiles carry their sums across chunks through y (kResume / kPartial).
@@ -361,8 +360,8 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         const uint8_t* codes = wp + p * panel_bytes;
         const uint8_t* next = p + 1 < p1 ? codes + panel_bytes : nullptr;
         const int64_t n0 = p * kPanel, n_valid = std::min(kPanel, N - n0);
-        const float* bp = io.bias ? io.bias + n0 : nullptr;
 #if defined(__AVX512F__) || defined(PAGEDLLM_QL_AVX2)
+        const float* bp = io.bias ? io.bias + n0 : nullptr;
         if (io.M <= kFusedRows) {
           kFused<QT>[io.M - 1](io.xp, io.ldx, codes, K, bp, io.yp + n0, N, n_valid, next);
           continue;
@@ -371,12 +370,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         for (int64_t b0 = 0; b0 < B; b0 += kChunkBlocks) {
           const int64_t b1 = std::min(B, b0 + kChunkBlocks);
           expand_chunk<QT>(codes, b0, b1, chunk, next);
-          const int flags = (b0 > 0 ? panel::kResume : 0) | (b1 < B ? panel::kPartial : 0);
-          for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t m0 = panel::tile_start(io.M, t), rows = panel::tile_start(io.M, t + 1) - m0;
-            kTiles[rows - 1](io.xp + m0 * io.ldx + b0 * kBlock, io.ldx, chunk, (b1 - b0) * kBlock, bp,
-                             io.yp + m0 * N + n0, N, n_valid, nullptr, 0, 0, flags);
-          }
+          panel::chunk_tiles(io, chunk, b0 * kBlock, b1 * kBlock, K, N, n0, n_valid);
         }
       }
     });

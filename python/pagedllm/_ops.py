@@ -164,6 +164,19 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
     return ops.packed_linear(x, packed, bias, out_features)
 
 
+def pack_wide16_linear_weight(weight: torch.Tensor, qtype: int) -> torch.Tensor:
+    """CPU, float32 weight [N, K] whose every value is exactly a bfloat16 (qtype 30) or float16 (qtype 1)
+    -> those 16-bit values in the panel layout ([ceil(N / 32), K, 32]); empty when one is not."""
+    return ops.pack_wide16_linear_weight(weight, qtype)
+
+
+def wide16_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                  out_features: int) -> torch.Tensor:
+    """CPU, float32: x [..., K] @ W^T (+ bias) over the 16-bit panels of pack_wide16_linear_weight,
+    widened to fp32 in registers; bit-identical to packed_linear on the fp32 weight."""
+    return ops.wide16_linear(x, packed, bias, out_features)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """CPU, float32: x [rows, 2 d] = [gate | up] -> silu(gate) * up, [rows, d]."""
     out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device=x.device)

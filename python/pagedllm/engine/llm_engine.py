@@ -9,6 +9,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.cpu_features import cpu_math_dtype
 from pagedllm.engine.beam_search import BeamSearch
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.distributed.executor import TensorParallelError, make_executor
@@ -42,7 +43,9 @@ class LLMEngine:
         self.hf_config = loader.load_config(source)
         self.tokenizer = None if args.skip_tokenizer_init else loader.load_tokenizer(source, args.tokenizer)
         self.generation_config = loader.load_generation_config(source)
-        self.dtype = loader.resolve_dtype(args.dtype, self.hf_config, self.device)
+        # A 16-bit dtype on a CPU without its hardware computes in float32 on 16-bit weights (cpu_features.py).
+        weights_dtype = loader.resolve_dtype(args.dtype, self.hf_config, self.device)
+        self.dtype = cpu_math_dtype(weights_dtype, self.device)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         self._rng = random.Random(args.seed)

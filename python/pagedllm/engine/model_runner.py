@@ -65,6 +65,9 @@ class ModelRunner:
                     p.uniform_(-1e-3, 1e-3)
         else:
             model = loader.load_model(source, hf_config, dtype, device)
+        weights_dtype = loader.resolve_dtype(args.dtype, hf_config, device)
+        if weights_dtype != dtype:  # a 16-bit dtype computed in fp32 on a CPU without its hardware (cpu_features.py)
+            loader.round_weights(model, weights_dtype)
         shard_model(model, rank, size)
         if device.type == "cpu":
             keep_freed_memory()  # glibc: no page faults on every step's activations (cpu_malloc.py)

@@ -32,11 +32,17 @@ QUANTIZED_MIN_ROWS = 1
 CODE_QTYPES = (2, 3, 12, 6, 7, 8, 14)  # Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, Q6_K
 # PAGEDLLM_CPU_QUANTIZED_WEIGHTS=0 keeps every packed weight in fp32 (to measure what the codes bring).
 QUANTIZED_ENV = "PAGEDLLM_CPU_QUANTIZED_WEIGHTS"
+# Weights that are exactly bfloat16 / float16 values (a 16-bit HF checkpoint loaded as float32) stream
+# those 16 bits and widen them in registers (csrc/cpu/wide16_linear.cpp): half of fp32's bytes, the
+# same result bit for bit, from one row on. GGML type ids, tried after the codes.
+WIDE16_QTYPES = (30, 1)  # BF16, F16
+# PAGEDLLM_CPU_WIDE16_WEIGHTS=0 keeps such weights in fp32 panels (to measure what the 16 bits bring).
+WIDE16_ENV = "PAGEDLLM_CPU_WIDE16_WEIGHTS"
 
 
 class PackedWeight:
-    """The CPU decode copy of a Linear / LMHead weight: fp32 panels (qtype 0) or the exact GGUF codes
-    of it (qtype: their GGML type id, one of CODE_QTYPES)."""
+    """The CPU decode copy of a Linear / LMHead weight: fp32 panels (qtype 0), the exact GGUF codes
+    of it (qtype: their GGML type id, one of CODE_QTYPES) or its exact 16-bit values (WIDE16_QTYPES)."""
 
     def __init__(self, data: torch.Tensor, qtype: int = 0):
         self.data, self.qtype = data, qtype
@@ -50,19 +56,26 @@ class PackedWeight:
         return self.min_rows <= rows <= PACKED_MAX_ROWS
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+        if self.qtype in WIDE16_QTYPES:
+            return _ops.wide16_linear(x, self.data, bias, out_features)
         if self.qtype:
             return _ops.quantized_linear(x, self.data, self.qtype, bias, out_features)
         return _ops.packed_linear(x, self.data, bias, out_features)
 
 
-def pack_weight(weight: torch.Tensor, fp32_panels: bool = True) -> Optional[PackedWeight]:
-    """The exact GGUF codes of weight in the first of CODE_QTYPES it is made of, else fp32 panels
-    (None when fp32_panels is False)."""
+def pack_weight(weight: torch.Tensor, fp32_panels: bool = True, wide16_panels: bool = True) -> Optional[PackedWeight]:
+    """The exact GGUF codes of weight in the first of CODE_QTYPES it is made of, else its exact 16-bit
+    panels (when wide16_panels), else fp32 panels (when fp32_panels); None when none applies."""
     if os.environ.get(QUANTIZED_ENV, "1") != "0":
         for qtype in CODE_QTYPES:
             codes = _ops.pack_quantized_linear_weight(weight, qtype)
             if codes.numel():
                 return PackedWeight(codes, qtype)
+    if wide16_panels and os.environ.get(WIDE16_ENV, "1") != "0":
+        for qtype in WIDE16_QTYPES:
+            panels = _ops.pack_wide16_linear_weight(weight, qtype)
+            if panels.numel():
+                return PackedWeight(panels, qtype)
     return PackedWeight(_ops.pack_linear_weight(weight)) if fp32_panels else None
 
 
@@ -214,13 +227,13 @@ def pack_linear_weights(model: nn.Module) -> int:
     """Give every Linear and LMHead of a CPU float32 model a packed copy of its weight for the
     decode-sized GEMMs (the original stays for prefill-sized ones and for the tied embedding).
     Call once the final weights are loaded. Returns the bytes added (0: nothing to pack).
-    Codes (at most 10/32 of the weight) are always taken; fp32 panels only when a full fp32 copy
-    takes at most half of the memory still available."""
+    Codes (at most 10/32 of the weight) are always taken; 16-bit panels when a 16-bit copy of every
+    weight, fp32 panels when an fp32 copy, takes at most half of the memory still available."""
     layers = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
     layers = [(m, w) for m, w in layers if w.device.type == "cpu" and w.dtype == torch.float32]
-    fp32_panels = sum(w.numel() * 4 for _, w in layers) <= _available_memory() // 2
+    fp32_bytes, available = sum(w.numel() * 4 for _, w in layers), _available_memory()
     for m, w in layers:
-        m.packed = pack_weight(w, fp32_panels)
+        m.packed = pack_weight(w, fp32_bytes <= available // 2, fp32_bytes // 2 <= available // 2)
     _packed_anew()
     return sum(m.packed.nbytes for m, _ in layers if m.packed is not None)
 

@@ -239,6 +239,15 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], config, device: Union[st
         raise ValueError(f"Unknown dtype {dtype!r}; use 'auto', 'float32', 'float16' or 'bfloat16'") from None
 
 
+def round_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter of model rounded to dtype's values, kept in its own dtype: what a
+    16-bit dtype gives on a CPU that computes it in float32 (cpu_features.cpu_math_dtype)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.copy_(p.to(dtype))
+
+
 def max_model_len_of(config) -> int:
     """The longest sequence the model was built for (max_position_embeddings / n_positions)."""
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
