@@ -31,35 +31,48 @@ QUANTIZED_MIN_ROWS = 1
 CODE_QTYPES = (2, 3, 12, 6, 7, 8, 14)  # Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, Q6_K
 # PAGEDLLM_CPU_QUANTIZED_WEIGHTS=0 keeps every packed weight in fp32 (to measure what the codes bring).
 QUANTIZED_ENV = "PAGEDLLM_CPU_QUANTIZED_WEIGHTS"
+# The opt-in int8 mode (quantization="gguf_int8", csrc/cpu/int8_linear.cpp): the codes meet x quantized
+# per block of 32 to int8, for every row count (prefill too). decoder_layers reads its kind as
+# INT8_KIND + the GGML type id.
+INT8_KIND = 256
 
 
 class PackedWeight:
     """The CPU decode copy of a Linear / LMHead weight: fp32 panels (qtype 0) or the exact GGUF codes
-    of it (qtype: their GGML type id, one of CODE_QTYPES)."""
+    of it (qtype: their GGML type id, one of CODE_QTYPES); int8: those codes in the int8 mode's layout."""
 
-    def __init__(self, data: torch.Tensor, qtype: int = 0):
-        self.data, self.qtype = data, qtype
+    def __init__(self, data: torch.Tensor, qtype: int = 0, int8: bool = False):
+        self.data, self.qtype, self.int8 = data, qtype, int8
         self.min_rows = QUANTIZED_MIN_ROWS if qtype else PACKED_MIN_ROWS
+
+    @property
+    def kind(self) -> int:
+        """decoder_layers' kind: 0 fp32 panels, the GGML type id of exact codes, INT8_KIND + it for int8."""
+        return self.qtype + (INT8_KIND if self.int8 else 0)
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
     def serves(self, rows: int) -> bool:
-        return self.min_rows <= rows <= PACKED_MAX_ROWS
+        return rows >= 1 if self.int8 else self.min_rows <= rows <= PACKED_MAX_ROWS
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+        if self.int8:
+            return _ops.int8_linear(x, self.data, self.qtype, bias, out_features)
         if self.qtype:
             return _ops.quantized_linear(x, self.data, self.qtype, bias, out_features)
         return _ops.packed_linear(x, self.data, bias, out_features)
 
 
-def pack_weight(weight: torch.Tensor, fp32_panels: bool = True) -> Optional[PackedWeight]:
-    """The exact GGUF codes of weight in the first of CODE_QTYPES it is made of, else fp32 panels
-    (None when fp32_panels is False)."""
-    if os.environ.get(QUANTIZED_ENV, "1") != "0":
+def pack_weight(weight: torch.Tensor, fp32_panels: bool = True, int8: bool = False) -> Optional[PackedWeight]:
+    """The exact GGUF codes of weight in the first of CODE_QTYPES it is made of (int8: in the int8 mode's
+    layout), else fp32 panels (None when fp32_panels is False)."""
+    if int8 or os.environ.get(QUANTIZED_ENV, "1") != "0":
         for qtype in CODE_QTYPES:
             codes = _ops.pack_quantized_linear_weight(weight, qtype)
+            if codes.numel() and int8:
+                return PackedWeight(_ops.pack_int8_linear_weight(codes, qtype, weight.shape[0]), qtype, int8=True)
             if codes.numel():
                 return PackedWeight(codes, qtype)
     return PackedWeight(_ops.pack_linear_weight(weight)) if fp32_panels else None
@@ -187,17 +200,18 @@ def _packed_anew() -> None:
     _pack_generation += 1
 
 
-def pack_linear_weights(model: nn.Module) -> int:
+def pack_linear_weights(model: nn.Module, int8: bool = False) -> int:
     """Give every Linear and LMHead of a CPU float32 model a packed copy of its weight for the
     decode-sized GEMMs (the original stays for prefill-sized ones and for the tied embedding).
     Call once the final weights are loaded. Returns the bytes added (0: nothing to pack).
     Codes (at most 10/32 of the weight) are always taken; fp32 panels only when a full fp32 copy
-    takes at most half of the memory still available."""
+    takes at most half of the memory still available. int8 (quantization="gguf_int8"): the codes go
+    to the int8 kernel for every row count; weights that are not codes keep the exact paths."""
     layers = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
     layers = [(m, w) for m, w in layers if w.device.type == "cpu" and w.dtype == torch.float32]
     fp32_panels = sum(w.numel() * 4 for _, w in layers) <= _available_memory() // 2
     for m, w in layers:
-        m.packed = pack_weight(w, fp32_panels)
+        m.packed = pack_weight(w, fp32_panels, int8)
     _packed_anew()
     return sum(m.packed.nbytes for m, _ in layers if m.packed is not None)
 
@@ -206,7 +220,7 @@ def repack_linear_weights(model: nn.Module) -> None:
     """After new weights were loaded into a model that has packed copies: pack them again."""
     for m in model.modules():
         if isinstance(m, (Linear, LMHead)) and m.packed is not None:
-            m.packed = pack_weight(_matmul_weight(m))
+            m.packed = pack_weight(_matmul_weight(m), int8=m.packed.int8)
     _packed_anew()
 
 
