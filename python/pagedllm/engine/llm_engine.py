@@ -60,7 +60,13 @@ class LLMEngine:
             model = loader.load_model(source, self.hf_config, self.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # glibc: no page faults on every step's activations (cpu_malloc.py)
-        packed = pack_linear_weights(model)  # CPU fp32: packed weights (or their exact GGUF codes) for decode GEMMs
+        int8 = args.quantization == "gguf_int8"
+        if int8 and self.device.type != "cpu":
+            raise ValueError("quantization='gguf_int8' runs on the CPU only (device='cpu').")
+        packed = pack_linear_weights(model, int8)  # CPU fp32: packed weights (or their exact GGUF codes) for decode GEMMs
+        if int8 and not any(getattr(m, "packed", None) is not None and m.packed.int8 for m in model.modules()):
+            raise ValueError("quantization='gguf_int8' needs GGUF weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K "
+                             "blocks) loaded as float32; no linear weight of this model is made of them.")
         if packed:
             logger.info("Packed %.0f MiB of linear weights for the CPU decode kernels", packed / (1 << 20))
         self.max_model_len = self._max_model_len(args.max_model_len, loader.max_model_len_of(self.hf_config))
