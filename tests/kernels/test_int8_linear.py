@@ -2,7 +2,6 @@
 products with the GGUF codes. Checked against a plain-torch reference of the same arithmetic (exact integer
 dot products, the same fp32 operations: bit for bit), on every kernel twin this CPU runs, and against the
 fp32 product within the bound that x's rounding to int8 implies."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ from pagedllm import _ops
 from pagedllm.layers.linear import INT8_KIND, Linear, LMHead, pack_linear_weights, pack_weight
 
 gguf = pytest.importorskip("gguf")  # the GPU image has no gguf: collecting tests/kernels must still work
+from test_quantized_linear import gguf_round_trip, random_k_quant  # noqa: E402  (the GGUF weights of the exact mode's tests)
 
 Q = gguf.GGMLQuantizationType
 QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
@@ -41,19 +41,8 @@ def gguf_weight(n: int, k: int, qtype, seed: int) -> torch.Tensor:
     """A [n, k] weight as a GGUF checkpoint loads it: quantized by the gguf package (random K-quant
     super-blocks for Q4_K / Q6_K, which it cannot quantize to), dequantized to fp32."""
     if qtype in (Q.Q4_K, Q.Q6_K):
-        rng = np.random.default_rng(seed)
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
-        scales = np.exp(rng.uniform(np.log(1e-4), np.log(0.1), (n, k // block, 2))).astype(np.float16)
-        if qtype == Q.Q6_K:
-            raw[..., -2:] = (scales[..., :1] * rng.choice([-1, 1], (n, k // block, 1))).astype(np.float16).view(np.uint8)
-        else:
-            raw[..., 0:4] = scales.view(np.uint8)
-        return torch.from_numpy(gguf.quants.dequantize(raw.reshape(n, -1), qtype).reshape(n, k).copy())
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    raw = gguf.quants.quantize(w.numpy(), qtype)
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, qtype)).reshape(n, k))
+        return random_k_quant(n, k, qtype, seed)
+    return gguf_round_trip(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05, qtype)
 
 
 def int8_pack(w: torch.Tensor, qtype) -> torch.Tensor:
