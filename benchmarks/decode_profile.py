@@ -78,10 +78,11 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.step()
         step_times.append(time.perf_counter() - t0)
+        if len(step_times) == 1:  # the prefill step: not counted in the decode split
+            timers.seconds.clear()
     decode = step_times[1:]  # the first step is the prefill (of every prompt: batch * prompt_len <= 2048 tokens)
-    # the prefill step's share of each timer is small next to 128 decode steps; report per decode step
     total = sum(decode)
-    per_step = {k: v / len(step_times) * 1e3 for k, v in timers.seconds.items()}
+    per_step = {k: v / len(decode) * 1e3 for k, v in timers.seconds.items()}
     per_step["other (scheduler, batch building, Python)"] = total / len(decode) * 1e3 - sum(per_step.values())
     bandwidth = copy_bandwidth("cpu")
     kv_per_token = runner.bytes_per_block // runner.block_size
