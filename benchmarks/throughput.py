@@ -38,6 +38,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", default=None, help="gguf_int8: the opt-in int8 mode")
     p.add_argument("--load-format", default="auto",
                    help="dummy: random weights from the model folder's config.json, no tokenizer needed "
                         "(e.g. --model benchmarks/configs/qwen3-0.6b)")
@@ -55,7 +56,7 @@ def workload(args, vocab_size: int):
 def run_pagedllm(args, prompts, out_lens):
     from pagedllm import LLM, SamplingParams
     kwargs = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.concurrency, seed=args.seed,
-                  enforce_eager=args.enforce_eager)
+                  enforce_eager=args.enforce_eager, quantization=args.quantization)
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
     if args.load_format == "dummy":

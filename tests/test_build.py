@@ -12,6 +12,7 @@ OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "reshape_and_cache"
        "paged_prefill_attention", "sample_tokens"]
 # The fp32 decode GEMM on packed weights: on CUDA the layers use cuBLAS (F.linear) instead.
 CPU_ONLY_OPS = ["pack_linear_weight", "packed_linear", "pack_quantized_linear_weight", "quantized_linear",
+                "pack_int8_linear_weight", "quantize_rows_int8", "int8_linear",
                 "silu_and_mul", "decoder_layers"]
 
 

@@ -21,6 +21,13 @@ TORCH_LIBRARY_FRAGMENT(_C, m) {
   m.def("pack_wide16_linear_weight(Tensor weight, int qtype) -> Tensor");
   // x [..., K], packed from pack_wide16_linear_weight, bias [N] or None -> [..., N].
   m.def("wide16_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  // The opt-in int8 mode (int8_linear.cpp): x quantized per 32 inputs to int8, integer dot products with
+  // the codes. codes from pack_quantized_linear_weight -> uint8 [ceil(N / 8), K / 32, block bytes].
+  m.def("pack_int8_linear_weight(Tensor codes, int qtype, int out_features) -> Tensor");
+  // x [..., K] -> [q int8 [M, K], d float [M, K / 32], sums int32 [M, K / 32, 2]] (int8_linear's quantization).
+  m.def("quantize_rows_int8(Tensor x) -> Tensor[]");
+  // x [..., K], packed from pack_int8_linear_weight, bias [N] or None -> [..., N].
+  m.def("int8_linear(Tensor x, Tensor packed, int qtype, Tensor? bias, int out_features) -> Tensor");
   // out [rows, d] = silu(x[:, :d]) * x[:, d:], x [rows, 2 d], float32 (activation.cpp).
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
   // The Llama-family decoder layers of one step (argument layout: decoder_layers.cpp).
@@ -38,6 +45,9 @@ TORCH_LIBRARY_IMPL(_C, CPU, m) {
   m.impl("quantized_linear", &pagedllm::cpu::quantized_linear);
   m.impl("pack_wide16_linear_weight", &pagedllm::cpu::pack_wide16_linear_weight);
   m.impl("wide16_linear", &pagedllm::cpu::wide16_linear);
+  m.impl("pack_int8_linear_weight", &pagedllm::cpu::pack_int8_linear_weight);
+  m.impl("quantize_rows_int8", &pagedllm::cpu::quantize_rows_int8);
+  m.impl("int8_linear", &pagedllm::cpu::int8_linear);
   m.impl("silu_and_mul", &pagedllm::cpu::silu_and_mul);
   m.impl("decoder_layers", &pagedllm::cpu::decoder_layers);
 }

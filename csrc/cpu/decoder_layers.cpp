@@ -11,7 +11,8 @@
 // tensors: [cos_sin_cache] then kLayerTensors per layer (Slot order; a 0-element tensor = absent).
 // ints: [num_heads, num_kv_heads, head_size, is_neox, fp32 panel min rows, code min rows, max rows]
 //   then per layer [qkv, o, gate_up, down packed kinds (-1 none, 0 fp32 panels, 1 / 30 fp16 / bf16
-//   panels, else the codes' GGML type id), sliding_window].
+//   panels, a GGML type id: exact codes, kInt8Kind + a type id: the int8 mode's codes, every row count),
+//   sliding_window].
 // floats: [rms_norm eps, attention scale]. Returns [hidden, residual] after the last layer.
 #include <optional>
 #include <vector>
@@ -32,6 +33,7 @@ enum Slot {
 };
 enum LayerInt { kQkvKind, kOKind, kGateUpKind, kDownKind, kSlidingWindow, kLayerInts };
 constexpr int64_t kGlobalInts = 7;
+constexpr int64_t kInt8Kind = 256;  // layers/linear.py INT8_KIND
 
 struct Config {
   int64_t num_heads, num_kv_heads, head_size;
@@ -61,6 +63,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor* layer, int weight_slot,
   const at::Tensor& packed = layer[weight_slot + 1];
   const std::optional<at::Tensor> bias = present(layer[weight_slot + 2]);
   const int64_t k = x.size(-1);
+  if (kind >= kInt8Kind) return int8_linear(x, packed, kind - kInt8Kind, bias, weight.size(0));
   if (kind >= 0 && k > 0) {
     const int64_t rows = x.numel() / k;
     if (rows >= (kind > 0 ? c.code_min_rows : c.fp32_min_rows) && rows <= c.max_rows) {

@@ -234,3 +234,24 @@ def quantized_linear(x: torch.Tensor, packed: torch.Tensor, qtype: int, bias: Op
     """CPU, float32: x [..., K] @ W^T (+ bias) over the codes of pack_quantized_linear_weight;
     bit-identical to packed_linear on the fp32 weight."""
     return ops.quantized_linear(x, packed, qtype, bias, out_features)
+
+
+def pack_int8_linear_weight(codes: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+    """The codes of pack_quantized_linear_weight (weight [out_features, K], type qtype) rearranged for the
+    int8 mode's integer dot products: uint8 [ceil(out_features / 8), K / 32, block bytes]."""
+    return ops.pack_int8_linear_weight(codes, qtype, out_features)
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU, float32 x [..., K] (K a multiple of 32) quantized as int8_linear does: per block of 32 inputs
+    d = max|x| / 127, q = round_half_even(x * (1 / d)). Returns (q int8 [M, K], d [M, K / 32],
+    int8 sums of inputs 0-15 and 16-31 of each block, int32 [M, K / 32, 2])."""
+    q, d, sums = ops.quantize_rows_int8(x)
+    return q, d, sums
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, qtype: int, bias: Optional[torch.Tensor],
+                out_features: int) -> torch.Tensor:
+    """CPU, float32 x [..., K] -> [..., out_features]: x quantized per block to int8, integer dot products
+    with the codes of pack_int8_linear_weight (the opt-in quantization="gguf_int8" mode)."""
+    return ops.int8_linear(x, packed, qtype, bias, out_features)

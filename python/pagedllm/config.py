@@ -6,6 +6,9 @@ from typing import Optional
 
 import torch
 
+QUANTIZATION_METHODS = ("gguf", "gguf_int8")
+
+
 @dataclass
 class EngineArgs:
     model: Optional[str] = None
@@ -45,6 +48,9 @@ class EngineArgs:
     structured_outputs_config: Optional[dict] = None  # {"backend": "auto" | "xgrammar" | "guidance", ...}
     guided_decoding_backend: Optional[str] = None      # vLLM 0.10's name for structured_outputs_config's backend
     speculative_config: Optional[dict] = None  # {"method": "ngram" | "draft_model", ...} (engine/spec_decode)
+    # None or "gguf": a GGUF checkpoint's codes with fp32 math (exact, the default); "gguf_int8" (CPU, opt-in):
+    # activations quantized per 32 inputs to int8 and integer dot products with the codes (layers/linear.py)
+    quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32):
@@ -72,6 +78,9 @@ class EngineArgs:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"Unknown quantization method: {self.quantization}. Must be one of "
+                             f"{list(QUANTIZATION_METHODS)}.")
         if self.speculative_config is not None:  # validated before any model loads
             from pagedllm.engine.spec_decode.config import SpeculativeConfig
             SpeculativeConfig.from_dict(self.speculative_config)

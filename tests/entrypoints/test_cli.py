@@ -45,6 +45,8 @@ def test_engine_options_reach_engine_args():
     assert defaults.model is None and defaults.enable_prefix_caching is True
     with pytest.raises(SystemExit):
         _parse(["serve", "--block-size", "x"])
+    assert cli.engine_args_from(_parse(["serve", "--quantization", "gguf_int8"])).quantization == "gguf_int8"
+    assert defaults.quantization is None
 
 
 def test_reasoning_parser_makes_structured_outputs_reasoning_aware():

@@ -71,7 +71,13 @@ class ModelRunner:
         shard_model(model, rank, size)
         if device.type == "cpu":
             keep_freed_memory()  # glibc: no page faults on every step's activations (cpu_malloc.py)
-        packed = pack_linear_weights(model)  # CPU fp32: packed weights (or their exact GGUF codes)
+        int8 = args.quantization == "gguf_int8"
+        if int8 and device.type != "cpu":
+            raise ValueError("quantization='gguf_int8' runs on the CPU only (device='cpu').")
+        packed = pack_linear_weights(model, int8)  # CPU fp32: packed weights (or their exact GGUF codes)
+        if int8 and not any(getattr(m, "packed", None) is not None and m.packed.int8 for m in model.modules()):
+            raise ValueError("quantization='gguf_int8' needs GGUF weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K "
+                             "blocks) loaded as float32; no linear weight of this model is made of them.")
         if packed:
             logger.info("Packed %.0f MiB of linear weights for the CPU decode kernels", packed / (1 << 20))
         return cls(model, hf_config, device, dtype, args.block_size, fused_layers=size == 1)

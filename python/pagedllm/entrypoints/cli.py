@@ -51,6 +51,8 @@ _ENGINE_OPTIONS = {
     "structured_outputs_config": (json.loads, 'structured outputs, as JSON: {"backend": "auto" | "xgrammar" | '
                                               '"guidance", "reasoning_parser": "deepseek_r1" | "qwen3"}'),
     "guided_decoding_backend": (str, "vLLM 0.10's name for the structured outputs backend"),
+    "quantization": (str, "gguf (a GGUF's codes, fp32 math: the default) or gguf_int8 (CPU: int8 activations x "
+                          "the codes, faster, approximate)"),
 }
 
 

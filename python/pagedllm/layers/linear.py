@@ -40,22 +40,36 @@ WIDE16_QTYPES = (30, 1)  # BF16, F16
 WIDE16_ENV = "PAGEDLLM_CPU_WIDE16_WEIGHTS"
 
 
+# The opt-in int8 mode (quantization="gguf_int8", csrc/cpu/int8_linear.cpp): the codes meet x quantized
+# per block of 32 to int8, for every row count (prefill too). decoder_layers reads its kind as
+# INT8_KIND + the GGML type id.
+INT8_KIND = 256
+
+
 class PackedWeight:
     """The CPU decode copy of a Linear / LMHead weight: fp32 panels (qtype 0), the exact GGUF codes
-    of it (qtype: their GGML type id, one of CODE_QTYPES) or its exact 16-bit values (WIDE16_QTYPES)."""
+    of it (qtype: their GGML type id, one of CODE_QTYPES) or its exact 16-bit values (WIDE16_QTYPES);
+    int8: those codes in the int8 mode's layout."""
 
-    def __init__(self, data: torch.Tensor, qtype: int = 0):
-        self.data, self.qtype = data, qtype
+    def __init__(self, data: torch.Tensor, qtype: int = 0, int8: bool = False):
+        self.data, self.qtype, self.int8 = data, qtype, int8
         self.min_rows = QUANTIZED_MIN_ROWS if qtype else PACKED_MIN_ROWS
+
+    @property
+    def kind(self) -> int:
+        """decoder_layers' kind: 0 fp32 panels, the GGML type id of exact codes, INT8_KIND + it for int8."""
+        return self.qtype + (INT8_KIND if self.int8 else 0)
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
     def serves(self, rows: int) -> bool:
-        return self.min_rows <= rows <= PACKED_MAX_ROWS
+        return rows >= 1 if self.int8 else self.min_rows <= rows <= PACKED_MAX_ROWS
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+        if self.int8:
+            return _ops.int8_linear(x, self.data, self.qtype, bias, out_features)
         if self.qtype in WIDE16_QTYPES:
             return _ops.wide16_linear(x, self.data, bias, out_features)
         if self.qtype:
@@ -63,12 +77,16 @@ class PackedWeight:
         return _ops.packed_linear(x, self.data, bias, out_features)
 
 
-def pack_weight(weight: torch.Tensor, fp32_panels: bool = True, wide16_panels: bool = True) -> Optional[PackedWeight]:
-    """The exact GGUF codes of weight in the first of CODE_QTYPES it is made of, else its exact 16-bit
-    panels (when wide16_panels), else fp32 panels (when fp32_panels); None when none applies."""
-    if os.environ.get(QUANTIZED_ENV, "1") != "0":
+def pack_weight(weight: torch.Tensor, fp32_panels: bool = True, wide16_panels: bool = True,
+                int8: bool = False) -> Optional[PackedWeight]:
+    """The exact GGUF codes of weight in the first of CODE_QTYPES it is made of (int8: in the int8 mode's
+    layout), else its exact 16-bit panels (when wide16_panels), else fp32 panels (when fp32_panels);
+    None when none applies."""
+    if int8 or os.environ.get(QUANTIZED_ENV, "1") != "0":
         for qtype in CODE_QTYPES:
             codes = _ops.pack_quantized_linear_weight(weight, qtype)
+            if codes.numel() and int8:
+                return PackedWeight(_ops.pack_int8_linear_weight(codes, qtype, weight.shape[0]), qtype, int8=True)
             if codes.numel():
                 return PackedWeight(codes, qtype)
     if wide16_panels and os.environ.get(WIDE16_ENV, "1") != "0":
@@ -223,17 +241,19 @@ def _packed_anew() -> None:
     _pack_generation += 1
 
 
-def pack_linear_weights(model: nn.Module) -> int:
+def pack_linear_weights(model: nn.Module, int8: bool = False) -> int:
     """Give every Linear and LMHead of a CPU float32 model a packed copy of its weight for the
     decode-sized GEMMs (the original stays for prefill-sized ones and for the tied embedding).
     Call once the final weights are loaded. Returns the bytes added (0: nothing to pack).
     Codes (at most 10/32 of the weight) are always taken; 16-bit panels when a 16-bit copy of every
-    weight, fp32 panels when an fp32 copy, takes at most half of the memory still available."""
+    weight, fp32 panels when an fp32 copy, takes at most half of the memory still available. int8
+    (quantization="gguf_int8"): the codes go to the int8 kernel for every row count; weights that are
+    not codes keep the exact paths."""
     layers = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
     layers = [(m, w) for m, w in layers if w.device.type == "cpu" and w.dtype == torch.float32]
     fp32_bytes, available = sum(w.numel() * 4 for _, w in layers), _available_memory()
     for m, w in layers:
-        m.packed = pack_weight(w, fp32_bytes <= available // 2, fp32_bytes // 2 <= available // 2)
+        m.packed = pack_weight(w, fp32_bytes <= available // 2, fp32_bytes // 2 <= available // 2, int8)
     _packed_anew()
     return sum(m.packed.nbytes for m, _ in layers if m.packed is not None)
 
@@ -242,7 +262,7 @@ def repack_linear_weights(model: nn.Module) -> None:
     """After new weights were loaded into a model that has packed copies: pack them again."""
     for m in model.modules():
         if isinstance(m, (Linear, LMHead)) and m.packed is not None:
-            m.packed = pack_weight(_matmul_weight(m))
+            m.packed = pack_weight(_matmul_weight(m), int8=m.packed.int8)
     _packed_anew()
 
 

@@ -27,9 +27,9 @@ _ABSENT = torch.empty(0)
 
 
 def _packed(linear) -> tuple[torch.Tensor, int]:
-    """(packed data, kind): kind -1 without a packed copy, 0 for fp32 panels, else the codes' GGML type id."""
+    """(packed data, kind): kind -1 without a packed copy, else PackedWeight.kind."""
     p = linear.packed
-    return (_ABSENT, -1) if p is None else (p.data, p.qtype)
+    return (_ABSENT, -1) if p is None else (p.data, p.kind)
 
 
 def _linear_tensors(linear) -> tuple[list[torch.Tensor], int]:

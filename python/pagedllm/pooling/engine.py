@@ -88,6 +88,8 @@ class PoolingEngine:
         self.hf_config = loader.load_config(source)
         self.tokenizer = None if args.skip_tokenizer_init else loader.load_tokenizer(source, args.tokenizer)
         self.dtype = loader.resolve_dtype(args.dtype, self.hf_config, self.device)
+        if args.quantization == "gguf_int8":
+            raise ValueError("quantization='gguf_int8' applies to generative models only.")
         if args.seed is not None:
             torch.manual_seed(args.seed)
         self.kind, model_cls = self._model_class()
