@@ -374,43 +374,20 @@ def run_engine(engine: Engine, args, ctx: dict, round_: int) -> list[Row]:
                             "-c", n_ctx, "-b", 2048, "-ub", 512, "-npp", p_len, "-ntg", n_gen,
                             "-npl", args.concurrency, "--output-format", "jsonl"], args.timeout)
             return batched_bench_rows("\n".join(out), engine, round_)  # its LOG lines may go to either
-        rows = []
-        for conc, key, wanted in ((args.concurrency, "batched", engine.batched), (1, "b1", engine.batch1)):
-            if not wanted:
-                continue
-            prompts, out_lens = ctx[key]
-            job = dict(model=str(ctx["models"][engine.model]), dtype=engine.dtype, concurrency=conc,
-                       prompts=prompts, out_lens=out_lens, seed=args.seed, threads=args.threads)
-            try:
-                res = run_worker(ctx["pythons"][engine.venv], engine, job, args.timeout, ctx["envs"][engine.venv])
-                rows.append(Row(engine.name, engine.precision, conc, round_, res["tok_s"], res.get("ttft_s"),
-                                res.get("note", "")))
-            except RuntimeError as e:
-                rows.append(Row(engine.name, engine.precision, conc, round_, note=f"FAILED: {e}"))
-        return rows
+        # One process runs both workloads: an engine (and vLLM's compile) starts once a round.
+        workloads = [dict(concurrency=conc, prompts=ctx[key][0], out_lens=ctx[key][1])
+                     for conc, key, wanted in ((args.concurrency, "batched", engine.batched), (1, "b1", engine.batch1))
+                     if wanted]
+        job = dict(model=str(ctx["models"][engine.model]), dtype=engine.dtype, seed=args.seed, threads=args.threads,
+                   workloads=workloads)
+        res = run_worker(ctx["pythons"][engine.venv], engine, job, args.timeout, ctx["envs"][engine.venv])
+        return [Row(engine.name, engine.precision, r["concurrency"], round_, r["tok_s"], r.get("ttft_s"),
+                    r.get("note", "")) for r in res["results"]]
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         return failed(str(e))
 
 
 # --- the workers (run inside each engine's venv) ------------------------------------------------
-
-
-def _sync_args(job, conc):
-    """A throughput.py-shaped namespace for its run_pagedllm / run_transformers."""
-    return argparse.Namespace(model=job["model"], device="cpu", dtype=job["dtype"], concurrency=conc,
-                              seed=job["seed"], enforce_eager=False, max_model_len=None, load_format="auto",
-                              temperature=0.0)
-
-
-def worker_pagedllm(job) -> dict:
-    sys.path.insert(0, str(HERE))
-    from throughput import run_pagedllm
-    from pagedllm import SamplingParams
-    prompts, out_lens, conc = job["prompts"], job["out_lens"], job["concurrency"]
-    tok_s, _, llm = run_pagedllm(_sync_args(job, conc), prompts, out_lens)
-    first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    return dict(tok_s=tok_s, ttft_s=_ttft(lambda ps: llm.generate([{"prompt_token_ids": p} for p in ps], first,
-                                                                   use_tqdm=False), prompts, conc))
 
 
 def _ttft(generate_one_token, prompts, conc) -> float:
@@ -427,36 +404,62 @@ def _ttft(generate_one_token, prompts, conc) -> float:
     return statistics.mean(times)
 
 
-def worker_transformers(job) -> dict:
-    sys.path.insert(0, str(HERE))
-    import torch
-    from throughput import run_transformers
-    from pagedllm.models import loader
-    args = _sync_args(job, job["concurrency"])
-    config = loader.load_config(loader.resolve_model(args.model))
-    tok_s, _ = run_transformers(args, job["prompts"], job["out_lens"], config, torch.float32)
-    _, ttft = run_transformers(args, job["prompts"], [1] * len(job["prompts"]), config, torch.float32)
-    if job["concurrency"] == 1:
-        ttft /= len(job["prompts"])
-    return dict(tok_s=tok_s, ttft_s=ttft, note="generate() in left-padded batches")
+def run_vllm_api(LLM, SamplingParams, job, **llm_kwargs) -> dict:
+    """pagedllm and vLLM (the same offline API): one engine with max_num_seqs = the largest concurrency; the
+    batch-1 workload is its prompts one generate() call at a time. Greedy, ignore_eos, exactly max_tokens."""
+    llm = LLM(job["model"], dtype=job["dtype"], seed=job["seed"],
+              max_num_seqs=max(w["concurrency"] for w in job["workloads"]), **llm_kwargs)
+
+    def generate(prompts, out_lens):
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        produced = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert produced == sum(out_lens), "ignore_eos requests must produce exactly max_tokens"
+        return produced
+
+    first = job["workloads"][0]
+    generate([p[:16] for p in first["prompts"][:2]], [4, 4])  # warm-up (allocator, kernels, compile)
+    results = []
+    for w in job["workloads"]:
+        prompts, out_lens, conc = w["prompts"], w["out_lens"], w["concurrency"]
+        t0 = time.perf_counter()
+        if conc > 1:
+            produced = generate(prompts, out_lens)
+        else:
+            produced = sum(generate([p], [n]) for p, n in zip(prompts, out_lens))
+        seconds = time.perf_counter() - t0
+        ttft = _ttft(lambda ps: generate(ps, [1] * len(ps)), prompts, conc)
+        results.append(dict(concurrency=conc, tok_s=produced / seconds, ttft_s=ttft))
+    return dict(results=results)
+
+
+def worker_pagedllm(job) -> dict:
+    from pagedllm import LLM, SamplingParams
+    return run_vllm_api(LLM, SamplingParams, job, device="cpu")
 
 
 def worker_vllm(job) -> dict:
     from vllm import LLM, SamplingParams
-    prompts, out_lens, conc = job["prompts"], job["out_lens"], job["concurrency"]
-    llm = LLM(model=job["model"], dtype=job["dtype"], max_num_seqs=conc, seed=job["seed"],
-              max_model_len=2048)
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
-    llm.generate([{"prompt_token_ids": p[:16]} for p in prompts[:2]], params[:2], use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert produced == sum(out_lens), "ignore_eos requests must produce exactly max_tokens"
-    first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    ttft = _ttft(lambda ps: llm.generate([{"prompt_token_ids": p} for p in ps], first, use_tqdm=False), prompts,
-                 conc)
-    return dict(tok_s=produced / seconds, ttft_s=ttft)
+    return run_vllm_api(LLM, SamplingParams, job, max_model_len=2048)
+
+
+def worker_transformers(job) -> dict:
+    """throughput.py's run_transformers: generate() in left-padded batches of the concurrency."""
+    sys.path.insert(0, str(HERE))
+    import torch
+    from throughput import run_transformers
+    from pagedllm.models import loader
+    results = []
+    for w in job["workloads"]:
+        prompts, conc = w["prompts"], w["concurrency"]
+        args = argparse.Namespace(model=job["model"], device="cpu", concurrency=conc, load_format="auto",
+                                  temperature=0.0)
+        config = loader.load_config(loader.resolve_model(args.model))
+        tok_s, _ = run_transformers(args, prompts, w["out_lens"], config, torch.float32)
+        _, ttft = run_transformers(args, prompts, [1] * len(prompts), config, torch.float32)
+        results.append(dict(concurrency=conc, tok_s=tok_s, ttft_s=ttft / (len(prompts) if conc == 1 else 1),
+                            note="generate() in left-padded batches"))
+    return dict(results=results)
 
 
 def worker_llama_cpp_python(job) -> dict:
@@ -477,16 +480,18 @@ def worker_llama_cpp_python(job) -> dict:
                 break
         return first, count
 
-    one(job["prompts"][0][:16], 2)  # warm-up
+    [w] = job["workloads"]
+    one(w["prompts"][0][:16], 2)  # warm-up
     t0 = time.perf_counter()
     firsts, produced = [], 0
-    for prompt, n in zip(job["prompts"], job["out_lens"]):
+    for prompt, n in zip(w["prompts"], w["out_lens"]):
         first, count = one(prompt, n)
         firsts.append(first)
         produced += count
     seconds = time.perf_counter() - t0
-    assert produced == sum(job["out_lens"])
-    return dict(tok_s=produced / seconds, ttft_s=statistics.mean(firsts), note="end to end, prefill included")
+    assert produced == sum(w["out_lens"])
+    return dict(results=[dict(concurrency=1, tok_s=produced / seconds, ttft_s=statistics.mean(firsts),
+                              note="end to end, prefill included")])
 
 
 WORKERS = {"pagedllm": worker_pagedllm, "pagedllm-hf-fp32": worker_pagedllm, "pagedllm-hf-bf16": worker_pagedllm,
@@ -572,6 +577,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             new = run_engine(engine, args, ctx, round_)
             rows += new
+            if args.json_out:  # after every engine: a run cut short still leaves its rows
+                Path(args.json_out).write_text(json.dumps([asdict(r) for r in rows], indent=1))
             for r in new:
                 shown = f"{r.tok_s:.1f} tok/s" if r.tok_s else r.note
                 print(f"round {round_} {engine.name} c={r.concurrency}: {shown} ({time.perf_counter() - t0:.0f} s)",
@@ -581,8 +588,6 @@ def main(argv=None):
           f"{args.b1_min_output}-{args.b1_max_output} output tokens; {args.threads} threads; "
           f"{args.rounds} round(s), cells 'round 1 / round 2'\n")
     print(format_table(rows))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps([asdict(r) for r in rows], indent=1))
 
 
 if __name__ == "__main__":
