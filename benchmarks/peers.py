@@ -111,7 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--b1-min-output", type=int, default=32)
     p.add_argument("--b1-max-output", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json-out", default=None, help="also write every row as JSON here")
+    p.add_argument("--json-out", default=None, help="also write every row as JSON here (after every engine)")
+    p.add_argument("--table", default=None, help="only print the table of a --json-out file (a run cut short)")
     # internal: the worker side
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
@@ -165,6 +166,10 @@ def format_table(rows: list[Row], baseline: str = BASELINE) -> str:
                      f"{_fmt(ratios, '.2f')}{'x' if any(ratios) else ''} | {_fmt([r.ttft_s for r in group], '.2f')} | "
                      f"{'; '.join(notes)} |")
     return "\n".join(lines)
+
+
+def load_rows(path) -> list[Row]:
+    return [Row(**r) for r in json.loads(Path(path).read_text())]
 
 
 # --- the workload --------------------------------------------------------------------------------
@@ -574,6 +579,8 @@ def main(argv=None):
         return worker_main(args.worker, args.job)
     if args.convert_hf:
         return convert_hf(Path(args.convert_hf))
+    if args.table:
+        return print(format_table(load_rows(args.table)))
     ctx = setup(args)
     for key, value in ctx.get("extra_env", {}).items():
         ctx["envs"]["llamacpp"][key] = value

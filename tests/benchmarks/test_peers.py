@@ -121,3 +121,13 @@ def test_the_workload_is_throughput_py_s(peers):
     b1_prompts, b1_outs = peers.workload_of(args, 1000, batch1=True)
     assert len(b1_prompts) == 4 and all(32 <= n <= 64 for n in b1_outs)
     assert peers.mean_lengths([[1] * 10, [1] * 20], [5, 6]) == (15, 6)
+
+
+def test_rows_saved_as_json_give_the_same_table_back(peers, tmp_path, capsys):
+    from dataclasses import asdict
+    rows = [row(peers, "pagedllm", 32, 1, 300.0, 2.5), row(peers, "vllm-bf16", 32, 1, None, note="FAILED: x")]
+    saved = tmp_path / "rows.json"
+    saved.write_text(json.dumps([asdict(r) for r in rows]))
+    assert peers.load_rows(saved) == rows
+    peers.main(["--table", str(saved)])
+    assert capsys.readouterr().out.strip() == peers.format_table(rows)
