@@ -61,17 +61,17 @@ class Engine:
     batch1: bool = True      # runs the batch-1 workload
 
 
-ENGINES = [
+ENGINES = [  # the table's order (and the run's: the baseline, then the peers, then pagedllm's other modes)
     Engine("pagedllm", "fp32 math, GGUF Q4_1 codes (default)", "project", "gguf"),
-    Engine("pagedllm-hf-fp32", "fp32 (HF fp32 folder: fp32 panels)", "project", "hf-fp32"),
-    Engine("pagedllm-hf-bf16", "HF bf16 folder, dtype auto", "project", "hf-bf16"),
-    Engine("pagedllm-bf16", "bf16 (dtype=bfloat16)", "project", "gguf", dtype="bfloat16"),
-    Engine("transformers", "fp32", "project", "gguf"),
+    Engine("vllm-fp32", "fp32 (HF fp32 folder)", "vllm", "hf-fp32", dtype="float32"),
+    Engine("vllm-bf16", "bf16 (HF bf16 folder)", "vllm", "hf-bf16", dtype="bfloat16"),
     Engine("llama-batched-bench", "Q4_1 x Q8 activations", "llamacpp", "gguf", batch1=False),
     Engine("llama-bench", "Q4_1 x Q8 activations", "llamacpp", "gguf", batched=False),
     Engine("llama-cpp-python", "Q4_1 x Q8 activations", "llamacpp", "gguf", batched=False),
-    Engine("vllm-fp32", "fp32 (HF fp32 folder)", "vllm", "hf-fp32", dtype="float32"),
-    Engine("vllm-bf16", "bf16 (HF bf16 folder)", "vllm", "hf-bf16", dtype="bfloat16"),
+    Engine("transformers", "fp32", "project", "gguf"),
+    Engine("pagedllm-hf-fp32", "fp32 (HF fp32 folder: fp32 panels)", "project", "hf-fp32"),
+    Engine("pagedllm-hf-bf16", "HF bf16 folder, dtype auto", "project", "hf-bf16"),
+    Engine("pagedllm-bf16", "bf16 (dtype=bfloat16)", "project", "gguf", dtype="bfloat16"),
 ]
 ENGINE_NAMES = [e.name for e in ENGINES]
 

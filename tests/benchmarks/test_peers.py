@@ -29,7 +29,7 @@ def test_defaults_run_every_engine_twice_on_the_throughput_workload(peers):
 
 def test_only_skip_and_quick(peers):
     args = peers.parse_args(["--only", "vllm-fp32, pagedllm", "--quick"])
-    assert [e.name for e in args.engines] == ["pagedllm", "vllm-fp32"]  # the table's order, not the option's
+    assert [e.name for e in args.engines] == ["pagedllm", "vllm-fp32"]  # the table's order
     assert args.rounds == 1 and args.num_prompts == 4 and args.concurrency == 4 and args.max_output == 8
     assert peers.parse_args(["--quick", "--rounds", "3"]).rounds == 3
     args = peers.parse_args(["--skip", "vllm-fp32,vllm-bf16,transformers"])
@@ -103,7 +103,7 @@ def test_batched_bench_jsonl_counts_output_tokens_over_the_whole_time(peers):
 def test_a_setup_failure_gives_rows_for_each_workload_without_running_anything(peers):
     args = peers.parse_args(["--only", "vllm-bf16,llama-bench,llama-batched-bench"])
     ctx = {"setup_errors": {"vllm": "setup: pip failed", "llamacpp": "setup: cmake failed"}}
-    vllm, bench, batched = args.engines[2], args.engines[1], args.engines[0]
+    vllm, batched, bench = args.engines
     assert [(r.concurrency, r.note) for r in peers.run_engine(vllm, args, ctx, 1)] == \
         [(32, "FAILED: setup: pip failed"), (1, "FAILED: setup: pip failed")]
     assert [r.concurrency for r in peers.run_engine(bench, args, ctx, 1)] == [1]
