@@ -131,13 +131,13 @@ def _simulated(llm: LLM, fixed: float, per_token: float):
     returns (outputs, simulated seconds of the second run) (the first run also teaches the cost model)."""
     engine = llm.llm_engine
     now = [0.0]
-    execute = engine.runner.execute
+    execute = engine.executor.execute_model
 
-    def timed_execute(sched, *args, **kwargs):
-        now[0] += fixed + per_token * sched.num_tokens
-        return execute(sched, *args, **kwargs)
+    def timed_execute(step, *args, **kwargs):
+        now[0] += fixed + per_token * len(step.input_ids)
+        return execute(step, *args, **kwargs)
 
-    engine.runner.execute = timed_execute
+    engine.executor.execute_model = timed_execute
     if engine.speculator is not None:
         engine.speculator.clock = lambda: now[0]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
@@ -148,7 +148,7 @@ def _simulated(llm: LLM, fixed: float, per_token: float):
         outs = llm.generate(prompts, params, use_tqdm=False)
         return [o.outputs[0].token_ids for o in outs], now[0] - start
     finally:
-        engine.runner.execute = execute
+        engine.executor.execute_model = execute
 
 
 @pytest.fixture(scope="module")
