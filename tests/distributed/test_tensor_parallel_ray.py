@@ -1,10 +1,11 @@
 """Tensor parallelism through Ray actors (distributed_executor_backend="ray"): a local Ray instance
 (num_cpus=2) started for this module and shut down after; TP=2 gives TP=1's greedy tokens and
-logprobs with the KV head replicated (llama) and split (qwen3); shutdown removes the actors."""
+logprobs for every architecture (the KV head replicated: llama, mistral; split: qwen2, qwen3, gpt2);
+shutdown removes the actors."""
 import pytest
 
 from pagedllm import LLM
-from tp_testing import assert_close, engine_kwargs, greedy, make_tp_model
+from tp_testing import SHAPES, assert_close, engine_kwargs, greedy, make_tp_model
 
 ray = pytest.importorskip("ray")
 
@@ -29,7 +30,7 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("tp-ray-models")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", list(SHAPES))
 def test_tp2_over_ray_matches_tp1(local_ray, root, arch):
     path = make_tp_model(root, arch)
     reference = LLM(str(path), **engine_kwargs())
