@@ -93,9 +93,9 @@ class SamplingFields(OpenAIBaseModel):
     length_penalty: float = 1.0
 
     def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
-        """use_beam_search: n is the beam width (vLLM's mapping); the n best beams are the choices."""
-        if self.stream:
-            raise ValueError("use_beam_search does not support streaming: the beams are known at the end.")
+        """use_beam_search: n is the beam width (vLLM's mapping); the n best beams are the choices. Streamed
+        (as vLLM), the beams are known only at the end: each choice comes as one chunk with its whole text and
+        its finish_reason."""
         return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
                                 temperature=self.temperature or 0.0, length_penalty=self.length_penalty,
                                 include_stop_str_in_output=self.include_stop_str_in_output)

@@ -210,7 +210,7 @@ class OpenAIServingChat:
             for o in out.outputs:
                 i = o.index
                 if i not in trackers:
-                    trackers[i] = DeltaTracker.for_stops(params.stop, params.include_stop_str_in_output)
+                    trackers[i] = DeltaTracker.for_params(params)
                     if new_parser is not None:
                         parsers[i] = new_parser()
                     if self.reasoning:

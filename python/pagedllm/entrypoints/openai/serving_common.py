@@ -134,6 +134,11 @@ class DeltaTracker:
         longest = max((len(s) for s in stops or []), default=0)
         return cls(holdback=0 if include_stop_str or longest == 0 else longest - 1)
 
+    @classmethod
+    def for_params(cls, params) -> "DeltaTracker":
+        """For a SamplingParams or a BeamSearchParams (no stop strings: a beam search's one output is final)."""
+        return cls.for_stops(getattr(params, "stop", None), params.include_stop_str_in_output)
+
     def advance(self, output: CompletionOutput) -> tuple[str, int, int]:
         """(new text, first new token index, end token index) for this cumulative output."""
         text = output.text

@@ -171,7 +171,7 @@ class OpenAIServingCompletion:
                 tracker = trackers.get(key)
                 first_chunk = tracker is None
                 if first_chunk:
-                    tracker = trackers[key] = DeltaTracker.for_stops(params.stop, params.include_stop_str_in_output)
+                    tracker = trackers[key] = DeltaTracker.for_params(params)
                 if tracker.finished:
                     continue
                 new_text, a, b = tracker.advance(o)
