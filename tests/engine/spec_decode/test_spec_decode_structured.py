@@ -104,3 +104,28 @@ def test_seeded_sampling_with_speculation_follows_the_grammar_and_repeats(spec, 
     assert [o.token_ids for o in _run(spec, prompts, params)] == [o.token_ids for o in first]
     assert [o.token_ids for o in _run(spec, prompts[1:2], params[1:2])] == [first[1].token_ids]
     assert spec.llm_engine.block_manager.num_used_blocks == 0
+
+
+@pytest.fixture(scope="module")
+def draft_spec(path, tmp_path_factory):
+    draft = str(make_tiny_model(tmp_path_factory.mktemp("spec-so-draft"), "llama", seed=1))  # same tokenizer
+    llm = LLM(path, kv_cache_space=0.05, max_model_len=256,
+              speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": 3})
+    llm.llm_engine.speculator.cost_aware = False
+    return llm
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_draft_model_with_structured_outputs(plain, draft_spec, backend):
+    """The draft's own distributions are masked as after its drafts so far; greedy output equals plain
+    decoding, seeded sampling follows the grammar."""
+    prompts, params = _requests(backend)
+    stats = draft_spec.llm_engine.stats["spec_decode"]
+    drafts, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+    ref, got = _run(plain, prompts, params), _run(draft_spec, prompts, params)
+    assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in ref]
+    _check(draft_spec, params, got)
+    assert stats.num_draft_tokens > drafts and stats.num_accepted_tokens > accepted
+    prompts, params = _requests(backend, temperature=0.9, seed=5)
+    _check(draft_spec, params, _run(draft_spec, prompts, params))
+    assert draft_spec.llm_engine.block_manager.num_used_blocks == 0
