@@ -1,7 +1,10 @@
 """Verifies k proposed tokens against the target model's k + 1 rows of logits (one forward).
 
 Row j of the logits predicts the token after the sequence + drafts[:j]; its sampling row (penalties,
-min_tokens, bad words ... and the Philox counter) is the one plain decoding would build there.
+min_tokens, bad words ... and the Philox counter) is the one plain decoding would build there, and a
+structured output's mask is its matcher's after drafts[:j] (ProcessorChain.apply_drafts: the matcher walks
+the drafts and rolls back). Drafts past the first the grammar refuses, or past one that ends it, are never
+accepted.
 - Greedy: the target's token t_j (the first index of the largest processed logit, as sample_tokens)
   is computed for every row; drafts are accepted while d_j == t_j; the first mismatch emits t_j, and
   when all match the bonus t_k follows. The tokens are exactly plain greedy decoding's.
