@@ -69,11 +69,13 @@ class DraftModel:
                 return None
             return self.runner.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).float().cpu()
 
-    def _next(self, logits: torch.Tensor, row: SampleRow) -> tuple[int, Optional[torch.Tensor]]:
-        """The draft token from one row of draft logits, and q (None at temperature 0)."""
+    def _next(self, logits: torch.Tensor, row: SampleRow, drafts: list[int]) -> tuple[int, Optional[torch.Tensor]]:
+        """The draft token from one row of draft logits (after the drafts so far: a grammar masks it as it
+        would mask the target there), and q (None at temperature 0)."""
+        where = dict(drafts=drafts, positions=[len(drafts)])
         if row.params.temperature < GREEDY_TEMPERATURE:
-            return processed_argmax(logits[None], [row], self.chain)[0], None
-        q = target_probs(logits[None], [row], self.chain)[0]
+            return processed_argmax(logits[None], [row], self.chain, **where)[0], None
+        q = target_probs(logits[None], [row], self.chain, **where)[0]
         u = float(philox_uniforms(row.seed, [row.offset], STREAM_DRAFT)[0])
         return draw(q, u), q
 
@@ -111,7 +113,7 @@ class DraftModel:
                 seq_id = it.seq.seq_id
                 row = base[seq_id]
                 row = replace(row, output_token_ids=row.output_token_ids + drafts[seq_id], offset=row.offset + j)
-                tok, q = self._next(logits[r], row)
+                tok, q = self._next(logits[r], row, drafts[seq_id])
                 drafts[seq_id].append(tok)
                 qs[seq_id].append(q)
             live = [it for it in live if len(drafts[it.seq.seq_id]) < wants[it.seq.seq_id]]

@@ -1,7 +1,10 @@
 """Verifies k proposed tokens against the target model's k + 1 rows of logits (one forward).
 
 Row j of the logits predicts the token after the sequence + drafts[:j]; its sampling row (penalties,
-min_tokens, bad words ... and the Philox counter) is the one plain decoding would build there.
+min_tokens, bad words ... and the Philox counter) is the one plain decoding would build there, and a
+structured output's mask is its matcher's after drafts[:j] (ProcessorChain.apply_drafts: the matcher walks
+the drafts and rolls back). Drafts past the first the grammar refuses, or past one that ends it, are never
+accepted.
 - Greedy: the target's token t_j (the first index of the largest processed logit, as sample_tokens)
   is computed for every row; drafts are accepted while d_j == t_j; the first mismatch emits t_j, and
   when all match the bonus t_k follows. The tokens are exactly plain greedy decoding's.
@@ -42,19 +45,40 @@ def rows_for_drafts(row: SampleRow, drafts: list[int]) -> list[SampleRow]:
             for j in range(len(drafts) + 1)]
 
 
-def processed_logits(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None
-                     ) -> torch.Tensor:
-    """float32 logits after the rows' sampling processors (the engine's chain: penalties, bias, token masks),
-    as the sampling step applies them."""
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits with every token the packed int32 bitmask forbids (bit clear) at -inf: what sample_tokens
+    reads for them."""
+    bits = torch.arange(32, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :logits.shape[1]]
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+def speculative_logits(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None,
+                       drafts: Optional[list[int]] = None, positions: Optional[list[int]] = None
+                       ) -> tuple[torch.Tensor, int]:
+    """float32 logits after the rows' sampling processors (the engine's chain: penalties, bias, token masks,
+    the grammar's bitmask), as the sampling step applies them, and how many leading drafts may be emitted.
+    With drafts, the rows are positions of one sequence's proposal (row r at positions[r], default r):
+    a processor that follows the tokens (a grammar) sees drafts[:positions[r]] before row r."""
     batch = SamplingBatch(logits.float(), rows)
+    valid = len(drafts) if drafts is not None else 0
     if chain is not None and any(r.state is not None for r in rows):
-        chain.apply(batch)
-    return batch.processed
+        if drafts is None:
+            chain.apply(batch)
+        else:
+            valid = chain.apply_drafts(batch, drafts, positions)
+    out = batch.processed
+    if batch.bitmask is not None:
+        out = apply_bitmask(out, batch.bitmask)
+    return out, valid
 
 
-def target_probs(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None) -> torch.Tensor:
-    """Processed, filtered, normalised float32 probabilities [rows, vocab] (rows of one sampling kind)."""
-    processed = processed_logits(logits, rows, chain)
+def processed_logits(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None,
+                     drafts: Optional[list[int]] = None, positions: Optional[list[int]] = None) -> torch.Tensor:
+    return speculative_logits(logits, rows, chain, drafts, positions)[0]
+
+
+def _probs(processed: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     p = rows[0].params
     n = len(rows)
     probs = filtered_probs(processed, torch.full((n,), float(p.temperature)), torch.full((n,), p.top_k),
@@ -69,9 +93,15 @@ def target_probs(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[Pr
     return probs / total
 
 
-def processed_argmax(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None
-                     ) -> list[int]:
-    return processed_logits(logits, rows, chain).argmax(dim=-1).tolist()
+def target_probs(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None,
+                 drafts: Optional[list[int]] = None, positions: Optional[list[int]] = None) -> torch.Tensor:
+    """Processed, filtered, normalised float32 probabilities [rows, vocab] (rows of one sampling kind)."""
+    return _probs(processed_logits(logits, rows, chain, drafts, positions), rows)
+
+
+def processed_argmax(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None,
+                     drafts: Optional[list[int]] = None, positions: Optional[list[int]] = None) -> list[int]:
+    return processed_logits(logits, rows, chain, drafts, positions).argmax(dim=-1).tolist()
 
 
 def greedy_targets(logits: list[torch.Tensor]) -> list[list[int]]:
@@ -106,21 +136,26 @@ def verify(logits: torch.Tensor, drafts: list[int], row: SampleRow, chain: Optio
     k = len(drafts)
     rows = rows_for_drafts(row, drafts)
     params = row.params
+    # valid: the drafts that may be emitted at all (a grammar stops before a draft it refuses, which row
+    # j's mask rejects anyway, and after one that ends it: the sequence ends there, later rows are moot).
     if params.temperature < GREEDY_TEMPERATURE:
+        valid = k
         if target is None:
-            target = processed_argmax(logits, rows, chain)
+            processed, valid = speculative_logits(logits, rows, chain, drafts)
+            target = processed.argmax(dim=-1).tolist()
         accepted = 0
-        while accepted < k and drafts[accepted] == target[accepted]:
+        while accepted < valid and drafts[accepted] == target[accepted]:
             accepted += 1
         tokens = drafts[:accepted] + [target[accepted]]
     else:
-        probs = target_probs(logits, rows, chain)
+        processed, valid = speculative_logits(logits, rows, chain, drafts)
+        probs = _probs(processed, rows)
         m = [row.offset + j for j in range(k + 1)]
         u_accept = philox_uniforms(row.seed, m[:k], STREAM_ACCEPT).tolist() if k else []
         u_draw = philox_uniforms(row.seed, m, STREAM_DRAW).tolist()
         accepted = 0
         tokens = []
-        while accepted < k:
+        while accepted < valid:
             d = drafts[accepted]
             p_d = float(probs[accepted, d])
             q_d = 1.0 if draft_probs is None else float(draft_probs[accepted, d])
@@ -137,8 +172,8 @@ def verify(logits: torch.Tensor, drafts: list[int], row: SampleRow, chain: Optio
                 residual = probs[accepted]
             tokens.append(draw(residual, u_draw[accepted]))
             break
-        if accepted == k:
-            tokens.append(draw(probs[k], u_draw[k]))
+        if accepted == valid:  # all (valid) drafts accepted: the next token from p there
+            tokens.append(draw(probs[accepted], u_draw[accepted]))
     return _results(logits, tokens, params), accepted
 
 

@@ -8,9 +8,12 @@
    the rejected drafts' slots are dropped (block manager truncate) and the item shrinks to the accepted
    tokens, so the scheduler's commit marks only real tokens computed (and prefix-cacheable).
 The engine then appends the emitted tokens one by one (stop checks, detokenization as usual).
+A structured output speculates too: at verification its matcher walks the drafts (row j gets the mask after
+drafts[:j], the mask plain decoding would use there) and rolls back, and the emitted tokens then advance it
+as plain decoding's do. Prompt-lookup drafts are cut at the first token the grammar refuses.
 
-A sequence does not speculate when: it asks for user logits processors or a structured output (their
-state would see tokens that get rolled back), it is a beam, the step's token budget, max_tokens or the
+A sequence does not speculate when: it asks for user logits processors (their state would see tokens
+that get rolled back), it is a beam, the step's token budget, max_tokens or the
 context length leave no room, or its KV blocks for the drafts are not free (no preemption for drafts).
 
 How many drafts a sequence verifies is a cost decision (draft_lengths.py): each sequence's recent
@@ -68,9 +71,9 @@ class SpecDecodeStats:
 
 
 def may_speculate(seq: Sequence) -> bool:
-    p = seq.request.params
-    return not p.logits_processors and getattr(p, "structured_outputs", None) is None \
-        and getattr(p, "guided_decoding", None) is None
+    """User logits processors keep state the rolled-back drafts would have passed through (vLLM excludes
+    them too). A structured output speculates: its matcher walks the drafts at verification and rolls back."""
+    return not seq.request.params.logits_processors
 
 
 class Speculator:
@@ -107,6 +110,14 @@ class Speculator:
             rate = seq.__dict__["_spec_acceptance"] = AcceptanceRate(prior=self.pooled.rate)
         return rate
 
+    def _valid_prefix(self, seq: Sequence, drafts: list[int]) -> list[int]:
+        """drafts up to the first a grammar refuses (its rejection is certain) and to one that ends the
+        grammar. Outputs do not change: greedy verification would stop there, and the random path draws
+        the same token from the same counter whether it rejects there or takes it as the bonus."""
+        if drafts and self.chain is not None and seq.sampling_state is not None:
+            drafts = drafts[:self.chain.valid_drafts(seq.sampling_state, drafts)]
+        return drafts
+
     # -- 1. proposals --------------------------------------------------------------------------------------
     def propose(self, sched: SchedulerOutput, eligible: Callable[[Sequence], bool],
                 block_tables: Callable[[int], list[int]], sample_row: Callable[[Sequence], SampleRow]) -> None:
@@ -120,8 +131,9 @@ class Speculator:
         ngram: dict[int, list[int]] = {}
         if self.draft is None:  # prompt lookup is cheap: look first, then decide on what was found
             c = self.config
-            ngram = {seq_id: propose_ngram(by_id[seq_id].seq.token_ids(), k, c.prompt_lookup_min,
-                                           c.prompt_lookup_max) for seq_id, k in rooms.items()}
+            ngram = {seq_id: self._valid_prefix(by_id[seq_id].seq, propose_ngram(
+                by_id[seq_id].seq.token_ids(), k, c.prompt_lookup_min, c.prompt_lookup_max))
+                for seq_id, k in rooms.items()}
             rooms = {seq_id: len(d) for seq_id, d in ngram.items() if d}
         candidates = [(seq_id, self.acceptance(by_id[seq_id].seq).rate, k) for seq_id, k in rooms.items()]
         budget = self.max_num_batched_tokens - sched.num_tokens

@@ -34,6 +34,10 @@ class GrammarMatcher(ABC):
     def fork(self) -> "GrammarMatcher":
         """An independent copy at the same position (n > 1 samples of one prompt)."""
 
+    @abstractmethod
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last num_tokens accepted tokens (speculative decoding walks its drafts, then returns)."""
+
 
 class GrammarBackend(ABC):
     name: str

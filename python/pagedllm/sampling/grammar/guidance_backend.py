@@ -19,7 +19,9 @@ class _GuidanceMatcher(GrammarMatcher):
     def accept(self, token_id: int) -> bool:
         if self._m.is_stopped():
             return False
-        return bool(self._m.consume_token(token_id)) and not self._m.is_error()
+        # try_consume_tokens leaves a refused token unconsumed and the matcher usable (consume_token would
+        # put it in its error state): a refused speculative draft must not break the matcher.
+        return self._m.try_consume_tokens([token_id]) == 1 and not self._m.is_error()
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         from llguidance.torch import fill_next_token_bitmask
@@ -30,6 +32,10 @@ class _GuidanceMatcher(GrammarMatcher):
 
     def fork(self) -> "_GuidanceMatcher":
         return _GuidanceMatcher(self._m.deep_copy())
+
+    def rollback(self, num_tokens: int) -> None:
+        if not self._m.rollback(num_tokens):
+            raise RuntimeError(f"llguidance could not roll back {num_tokens} tokens: {self._m.get_error()}")
 
 
 class GuidanceBackend(GrammarBackend):

@@ -55,6 +55,9 @@ class _XgrMatcher(GrammarMatcher):
     def fork(self) -> "_XgrMatcher":
         return _XgrMatcher(self._m.fork())
 
+    def rollback(self, num_tokens: int) -> None:
+        self._m.rollback(num_tokens)  # unlimited since xgrammar 0.1.2x (max_rollback_tokens is deprecated)
+
 
 class XgrammarBackend(GrammarBackend):
     name = "xgrammar"

@@ -86,6 +86,20 @@ class SamplingProcessor(ABC):
         """False while the request cannot be scheduled yet (a grammar still compiling)."""
         return True
 
+    def apply_drafts(self, batch: SamplingBatch, rows: list[int], state: Any, drafts: list[int],
+                     positions: list[int]) -> int:
+        """Speculative decoding: the given rows of batch belong to one sequence, row rows[i] at position
+        positions[i] of its proposal (drafts[:positions[i]] come before it, and its SampleRow's
+        output_token_ids hold them). Edit those rows as plain decoding would edit them there; return how
+        many leading drafts may be emitted at all (len(drafts) unless the processor's state forbids).
+        The default applies `apply`: a processor whose state does not follow the tokens needs no more."""
+        self.apply(batch, rows, [state] * len(rows))
+        return len(drafts)
+
+    def valid_drafts(self, state: Any, drafts: list[int]) -> int:
+        """How many leading drafts may be emitted (proposals are trimmed there); the state is unchanged."""
+        return len(drafts)
+
 
 @dataclass
 class SequenceSampling:
@@ -117,6 +131,25 @@ class ProcessorChain:
                     states.append(st)
             if idx:
                 proc.apply(batch, idx, states)
+
+    def apply_drafts(self, batch: SamplingBatch, drafts: list[int], positions: Optional[list[int]] = None) -> int:
+        """batch.rows are positions of one sequence's speculative step (row r at positions[r], default r:
+        drafts[:positions[r]] precede it); every processor edits them as plain decoding would there.
+        Returns how many leading drafts may be emitted."""
+        positions = list(range(len(batch.rows))) if positions is None else positions
+        seq_state = batch.rows[0].state
+        valid = len(drafts)
+        if seq_state is None:
+            return valid
+        rows = list(range(len(batch.rows)))
+        for i, st in sorted(seq_state.states.items()):  # the processors' order, as apply
+            valid = min(valid, self.processors[i].apply_drafts(batch, rows, st, drafts, positions))
+        return valid
+
+    def valid_drafts(self, seq_state: Optional[SequenceSampling], drafts: list[int]) -> int:
+        if seq_state is None:
+            return len(drafts)
+        return min([len(drafts)] + [self.processors[i].valid_drafts(st, drafts) for i, st in seq_state.states.items()])
 
     def accepted(self, seq_state: Optional[SequenceSampling], token_id: int) -> bool:
         if seq_state is None:

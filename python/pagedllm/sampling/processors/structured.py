@@ -77,6 +77,50 @@ class StructuredOutputs(SamplingProcessor):
                 bitmask = batch.token_bitmask()
             st.get_matcher().fill_bitmask(bitmask, i)
 
+    def apply_drafts(self, batch: SamplingBatch, rows: list[int], state: GrammarState, drafts: list[int],
+                     positions: list[int]) -> int:
+        # Row at position p gets the matcher's mask after drafts[:p]: the mask plain decoding would use there.
+        return self._walk(state, drafts, dict(zip(positions, rows)), batch)
+
+    def valid_drafts(self, state: GrammarState, drafts: list[int]) -> int:
+        return self._walk(state, drafts, {}, None)
+
+    def _walk(self, state: GrammarState, drafts: list[int], rows: dict[int, int], batch: Optional[SamplingBatch]
+              ) -> int:
+        """Follows the drafts from the sequence's state as `accepted` would (the reasoning's end too), filling
+        batch's bitmask row rows[p] at each position p the grammar constrains, and rolls the matcher back:
+        the state is unchanged. Returns how many leading drafts may be emitted: it stops before the first
+        draft the grammar refuses and after one that ends the grammar (the sequence ends there)."""
+        if state.terminated:  # the sequence is ending: nothing to mask (as apply)
+            return len(drafts)
+        ended, recent = state.reasoning_ended, state.recent
+        matcher = state.get_matcher() if ended else None
+        consumed, valid = 0, len(drafts)
+        try:
+            for p in range(len(drafts) + 1):
+                if ended and p in rows:
+                    matcher.fill_bitmask(batch.token_bitmask(), rows[p])
+                if p == len(drafts):
+                    break
+                token = drafts[p]
+                if not ended:  # the reasoning's end tag, found as `accepted` finds it
+                    recent = (recent + [token])[-self.tail_tokens:]
+                    ended = self.end_tag in self.tokenizer.decode(recent)
+                    if ended:
+                        matcher = state.get_matcher()
+                    continue
+                if not matcher.accept(token):
+                    valid = p
+                    break
+                consumed += 1
+                if matcher.is_terminated():
+                    valid = p + 1
+                    break
+        finally:
+            if consumed:
+                matcher.rollback(consumed)
+        return valid
+
     def accepted(self, state: GrammarState, token_id: int) -> bool:
         if state.terminated:
             return True
