@@ -69,7 +69,7 @@ def main() -> None:
     timers = Timers()
     timers.wrap(cpu_decoder_layers.CpuDecoderLayers, "__call__", "decoder layers (fused op)")
     timers.wrap(model, "compute_logits", "LM head")
-    timers.wrap(runner, "sampler", "sampler")
+    timers.wrap(engine.sampling, "finish", "sampler")  # the driver samples (engine/step_sampling.py)
     timers.wrap(engine_mod, "detokenize_incrementally", "detokenizer")
     step_times = []
     for i, pr in enumerate(prompts):
