@@ -22,7 +22,8 @@ in the project's venv; a second run reuses them (and the llama.cpp build, and th
 
 TTFT: at concurrency > 1, the time until every prompt has its first token (the same prompts with
 max_tokens=1: the prefill of the whole batch); at batch 1, the mean over the prompts of one prompt's time to
-its first token. llama-bench reports prompt processing instead (pp tok/s, in the note; its TTFT is the time
+its first token (prefix caching off in pagedllm and vLLM, so that the second pass over the same prompts
+prefills them again). llama-bench reports prompt processing instead (pp tok/s, in the note; its TTFT is the time
 of a prompt of the workload's mean length at that rate).
 
 Only the standard library is imported at module level: the same file is the worker inside each venv.
@@ -57,6 +58,7 @@ class Engine:
     venv: str            # "project", "vllm" or "llamacpp": where its worker runs
     model: str           # "gguf", "hf-fp32" or "hf-bf16": what it reads
     dtype: str = "auto"
+    quantization: Optional[str] = None  # pagedllm's LLM(quantization=...)
     batched: bool = True     # runs the concurrent workload
     batch1: bool = True      # runs the batch-1 workload
 
@@ -72,6 +74,8 @@ ENGINES = [  # the table's order (and the run's: the baseline, then the peers, t
     Engine("pagedllm-hf-fp32", "fp32 (HF fp32 folder: fp32 panels)", "project", "hf-fp32"),
     Engine("pagedllm-hf-bf16", "HF bf16 folder, dtype auto", "project", "hf-bf16"),
     Engine("pagedllm-bf16", "bf16 (dtype=bfloat16)", "project", "gguf", dtype="bfloat16"),
+    Engine("pagedllm-int8", "Q4_1 x int8 activations (quantization=gguf_int8)", "project", "gguf",
+           quantization="gguf_int8"),
 ]
 ENGINE_NAMES = [e.name for e in ENGINES]
 
@@ -390,7 +394,7 @@ def run_engine(engine: Engine, args, ctx: dict, round_: int) -> list[Row]:
                      for conc, key, wanted in ((args.concurrency, "batched", engine.batched), (1, "b1", engine.batch1))
                      if wanted]
         job = dict(model=str(ctx["models"][engine.model]), dtype=engine.dtype, seed=args.seed, threads=args.threads,
-                   workloads=workloads)
+                   workloads=workloads, quantization=engine.quantization)
         res = run_worker(ctx["pythons"][engine.venv], engine, job, args.timeout, ctx["envs"][engine.venv])
         return [Row(engine.name, engine.precision, r["concurrency"], round_, r["tok_s"], r.get("ttft_s"),
                     r.get("note", "")) for r in res["results"]]
@@ -417,8 +421,10 @@ def _ttft(generate_one_token, prompts, conc) -> float:
 
 def run_vllm_api(LLM, SamplingParams, job, **llm_kwargs) -> dict:
     """pagedllm and vLLM (the same offline API): one engine with max_num_seqs = the largest concurrency; the
-    batch-1 workload is its prompts one generate() call at a time. Greedy, ignore_eos, exactly max_tokens."""
-    llm = LLM(job["model"], dtype=job["dtype"], seed=job["seed"],
+    batch-1 workload is its prompts one generate() call at a time. Greedy, ignore_eos, exactly max_tokens.
+    Prefix caching off in both: the TTFT pass reruns the same prompts, which a prefix cache would serve
+    without a prefill (the random prompts share no prefix, so the throughput runs lose nothing)."""
+    llm = LLM(job["model"], dtype=job["dtype"], seed=job["seed"], enable_prefix_caching=False,
               max_num_seqs=max(w["concurrency"] for w in job["workloads"]), **llm_kwargs)
 
     def generate(prompts, out_lens):
@@ -446,7 +452,8 @@ def run_vllm_api(LLM, SamplingParams, job, **llm_kwargs) -> dict:
 
 def worker_pagedllm(job) -> dict:
     from pagedllm import LLM, SamplingParams
-    return run_vllm_api(LLM, SamplingParams, job, device="cpu")
+    extra = {"quantization": job["quantization"]} if job.get("quantization") else {}
+    return run_vllm_api(LLM, SamplingParams, job, device="cpu", **extra)
 
 
 def worker_vllm(job) -> dict:
@@ -506,7 +513,8 @@ def worker_llama_cpp_python(job) -> dict:
 
 
 WORKERS = {"pagedllm": worker_pagedllm, "pagedllm-hf-fp32": worker_pagedllm, "pagedllm-hf-bf16": worker_pagedllm,
-           "pagedllm-bf16": worker_pagedllm, "transformers": worker_transformers, "vllm-fp32": worker_vllm,
+           "pagedllm-bf16": worker_pagedllm, "pagedllm-int8": worker_pagedllm,
+           "transformers": worker_transformers, "vllm-fp32": worker_vllm,
            "vllm-bf16": worker_vllm, "llama-cpp-python": worker_llama_cpp_python}
 
 
