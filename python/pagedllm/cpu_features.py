@@ -39,6 +39,19 @@ def _detected_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD, ...); "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags: PAGEDLLM_CPU_FEATURES when set, else /proc/cpuinfo's (empty elsewhere)."""
     override: Optional[str] = os.environ.get(FEATURES_ENV)

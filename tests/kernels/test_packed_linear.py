@@ -91,6 +91,7 @@ def test_layers_use_the_packed_weight_for_small_batches(monkeypatch):
     calls = []
     real = _ops.packed_linear
     monkeypatch.setattr(linear_mod._ops, "packed_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(linear_mod, "PACKED_MAX_ROWS", 64)  # the limit of a host where MKL wins above it
     lo, hi = linear_mod.PACKED_MIN_ROWS, linear_mod.PACKED_MAX_ROWS
     for m in (lo - 1, lo, hi, hi + 1):
         x = torch.randn(m, 48)
@@ -145,3 +146,24 @@ def test_reloading_weights_repacks(tmp_path):
     for m in layers:
         weight = m.head_weight if isinstance(m, LMHead) else m.weight
         assert m.packed.qtype == 0 and torch.equal(m.packed.data, _ops.pack_linear_weight(weight))
+
+
+def test_default_row_limit_by_host_and_override(monkeypatch):
+    """No limit on an AMD CPU with AVX-512 (MKL runs its AVX2 code there), 64 elsewhere, the environment
+    variable over both; a bad value is refused naming the variable."""
+    from pagedllm import cpu_features
+    monkeypatch.delenv(linear_mod.PACKED_MAX_ROWS_ENV, raising=False)
+    monkeypatch.setenv(cpu_features.FEATURES_ENV, "avx2,avx512f")
+    monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: "AuthenticAMD")
+    assert linear_mod.default_packed_max_rows() == linear_mod.NO_ROW_LIMIT
+    monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: "GenuineIntel")
+    assert linear_mod.default_packed_max_rows() == 64
+    monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setenv(cpu_features.FEATURES_ENV, "avx2,fma")
+    assert linear_mod.default_packed_max_rows() == 64
+    monkeypatch.setenv(linear_mod.PACKED_MAX_ROWS_ENV, "8")
+    assert linear_mod.default_packed_max_rows() == 8
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv(linear_mod.PACKED_MAX_ROWS_ENV, bad)
+        with pytest.raises(ValueError, match="PAGEDLLM_CPU_PACKED_MAX_ROWS must be a positive integer"):
+            linear_mod.default_packed_max_rows()

@@ -15,14 +15,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm import _ops
+from pagedllm import _ops, cpu_features
 from pagedllm.distributed import parallel_state
 
 # CPU fp32 GEMMs of PACKED_MIN_ROWS..PACKED_MAX_ROWS rows go through our packed-weight kernel
-# (csrc/cpu/packed_linear.cpp); MKL's GEMV is as fast for one row, and its cache blocking wins
-# above 64 (benchmarks/kernels/bench_packed_linear.py, 2 cores, the default model's decode step:
-# 1 row x0.95, 8 rows x1.80, 32 rows x1.50, 64 rows x1.35 against F.linear).
-PACKED_MIN_ROWS, PACKED_MAX_ROWS = 2, 64
+# (csrc/cpu/packed_linear.cpp); MKL's GEMV is as fast for one row, and on an Intel AVX-512 host its
+# cache blocking wins above 64 (benchmarks/kernels/bench_packed_linear.py, 2 cores, the default
+# model's decode step: 1 row x0.95, 8 rows x1.80, 32 rows x1.50, 64 rows x1.35 against F.linear).
+# On an AMD CPU with AVX-512, MKL runs its AVX2 code: on 2 Zen 5 cores F.linear made ~195 GFLOP/s
+# and packed_linear ~430 from 32 to 4096 rows, the codes kernel 1.7-3.7x F.linear at 64-2048 rows
+# (benchmarks/RESULTS.md, 2026-12-07 third session), so there the kernels take every row count
+# (prefill included). PAGEDLLM_CPU_PACKED_MAX_ROWS overrides the limit.
+PACKED_MIN_ROWS = 2
+PACKED_MAX_ROWS_ENV = "PAGEDLLM_CPU_PACKED_MAX_ROWS"
+NO_ROW_LIMIT = 1 << 62
+
+
+def default_packed_max_rows() -> int:
+    """The most rows a GEMM sends to the packed / code kernels: PAGEDLLM_CPU_PACKED_MAX_ROWS when set,
+    else no limit on an AMD CPU with AVX-512, else 64."""
+    env = os.environ.get(PACKED_MAX_ROWS_ENV)
+    if env is not None:
+        try:
+            rows = int(env)
+        except ValueError:
+            rows = 0
+        if rows < 1:
+            raise ValueError(f"{PACKED_MAX_ROWS_ENV} must be a positive integer, got {env!r}")
+        return rows
+    if "avx512f" in cpu_features.cpu_flags() and cpu_features.cpu_vendor() == "AuthenticAMD":
+        return NO_ROW_LIMIT
+    return 64
+
+
+PACKED_MAX_ROWS = default_packed_max_rows()
 # Weights that are exactly GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K blocks
 # (csrc/cpu/quantized_linear.cpp) stream their codes instead, 3-6x fewer bytes: from one row on,
 # the same result bit for bit.
@@ -103,6 +129,12 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     if packed is not None and x.device == packed.data.device and x.shape[-1] and packed.serves(x.numel() // x.shape[-1]):
         return packed(x, bias, weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+def bias_free_linear(x: torch.Tensor, layer: "Linear") -> torch.Tensor:
+    """x W^T of a Linear without its bias (the caller adds it in a fused pass), through the packed /
+    code kernels where they serve x, as Linear.forward would."""
+    return _linear(x, layer.weight, None, layer.packed)
 
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:

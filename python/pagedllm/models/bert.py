@@ -21,7 +21,7 @@ from torch import nn
 
 from pagedllm import _ops
 from pagedllm.layers.encoder_attention import EncoderAttention
-from pagedllm.layers.linear import Linear, QKVLinear
+from pagedllm.layers.linear import Linear, QKVLinear, bias_free_linear
 from pagedllm.models.utils import use_native_ops
 from pagedllm.models.weight_utils import load_weights
 
@@ -95,10 +95,9 @@ class BertDenseNorm(nn.Module):
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels(x) and self.dense.packed is None:
-            ln = self.LayerNorm
-            return _ops.add_layer_norm(F.linear(x, self.dense.weight), residual, ln.weight, ln.bias,
-                                       self.dense.bias, ln.eps)
+        if cpu_kernels(x):
+            ln, dense = self.LayerNorm, self.dense
+            return _ops.add_layer_norm(bias_free_linear(x, dense), residual, ln.weight, ln.bias, dense.bias, ln.eps)
         return self.forward_native(x, residual)
 
     def forward_native(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -122,8 +121,8 @@ class BertIntermediate(nn.Module):
         self.act = activation_of(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.act is F.gelu and cpu_kernels(h) and self.dense.packed is None:
-            return _ops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias)
+        if self.act is F.gelu and cpu_kernels(h):
+            return _ops.bias_gelu(bias_free_linear(h, self.dense), self.dense.bias)
         return self.forward_native(h)
 
     def forward_native(self, h: torch.Tensor) -> torch.Tensor:

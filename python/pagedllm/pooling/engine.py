@@ -102,7 +102,9 @@ class PoolingEngine:
         else:
             with torch.no_grad():
                 model.load_weights(loader.iter_weights(source, model))
+        from pagedllm.layers.linear import pack_linear_weights
         from pagedllm.models import cpu_decoder_layers
+        pack_linear_weights(model)  # CPU float32: the packed / code kernels' copies (a no-op elsewhere)
         cpu_decoder_layers.install(model)  # a decoder's layers in one CPU op where it applies
         self.model = model
         if self.device.type == "cpu":
