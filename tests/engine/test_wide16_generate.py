@@ -81,12 +81,13 @@ def test_bfloat16_without_bf16_hardware_is_float32_math_on_bf16_weights(root, mo
 
 def test_bfloat16_with_bf16_hardware_stays_bfloat16(root, monkeypatch):
     """Where AVX512_BF16 / AMX-BF16 exist (here: claimed through the override), the model is bf16 and
-    torch's GEMMs (oneDNN) run it; on this CPU they execute without those instructions."""
+    torch's GEMMs (oneDNN) run its prefill; its decode GEMMs (1-NATIVE16_MAX_ROWS rows) stream its own
+    bits as 16-bit panels (wide16_linear, fp32 math rounded back to bf16)."""
     monkeypatch.setenv(FEATURES_ENV, "avx512f,amx_bf16")
     llm = LLM(str(make_tiny_model(root, "llama")), dtype="bfloat16", kv_cache_space=0.05, max_model_len=256)
     assert llm.llm_engine.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in _model(llm).parameters())
-    assert _packed_kinds(llm) == {None}  # the 16-bit GEMMs are torch's
+    assert _packed_kinds(llm) == {30}  # BF16 panels of the bf16 weights themselves
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
 

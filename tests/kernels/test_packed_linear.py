@@ -125,10 +125,15 @@ def test_packed_model_moved_to_cuda_runs():
     torch.testing.assert_close(model.proj(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_only_float32_cpu_weights_are_packed():
+def test_16_bit_cpu_weights_get_their_own_16_bit_panels_only():
+    """A bf16 model is not packed as fp32 panels or codes: its decode GEMMs take its own bits
+    (test_wide16_linear.py); a model on another device is not packed at all."""
     model = TinyModel(torch.bfloat16)
-    assert pack_linear_weights(model) == 0
-    assert model.proj.packed is None and model.head.packed is None
+    assert pack_linear_weights(model) > 0
+    assert {model.proj.packed.qtype, model.head.packed.qtype} == {linear_mod.WIDE16_QTYPES[0]}
+    assert model.proj.packed.act_dtype == torch.bfloat16
+    model = TinyModel(torch.float32).to("meta")
+    assert pack_linear_weights(model) == 0 and model.proj.packed is None
 
 
 def test_reloading_weights_repacks(tmp_path):

@@ -182,3 +182,34 @@ def test_other_isa_variants_compile(march, tmp_path):
            "-Wno-sign-compare", *includes, "-c", str(csrc / "cpu" / "wide16_linear.cpp"), "-o", str(tmp_path / "w.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("dtype,qtype", [(torch.bfloat16, BF16), (torch.float16, F16)])
+def test_16_bit_model_decode_gemms_take_its_own_bits_as_panels(monkeypatch, dtype, qtype):
+    """A model kept in bf16 / fp16 (a CPU with that type's hardware): 1-NATIVE16_MAX_ROWS rows go through
+    wide16_linear in fp32 math on its own weights, rounded back to its dtype; more rows keep torch's
+    16-bit GEMM; PAGEDLLM_CPU_WIDE16_WEIGHTS=0 packs nothing."""
+    torch.manual_seed(0)
+    layer = Linear(96, 70, bias=True, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    added = pack_linear_weights(layer)
+    assert layer.packed.qtype == qtype and layer.packed.act_dtype == dtype and added == 3 * 96 * 32 * 2
+    calls = []
+    real = _ops.wide16_linear
+    monkeypatch.setattr(linear_mod._ops, "wide16_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    hi = linear_mod.NATIVE16_MAX_ROWS
+    w32, b32 = layer.weight.float(), layer.bias.float()
+    for m in (1, hi, hi + 1):
+        x = torch.randn(m, 96).to(dtype)
+        y = layer(x)
+        assert y.dtype == dtype
+        if m <= hi:  # packed_linear's bits on the widened weights (the fp32 result), then one rounding
+            ref = _ops.packed_linear(x.float(), _ops.pack_linear_weight(w32), b32, 70).to(dtype)
+        else:
+            ref = F.linear(x, layer.weight, layer.bias)
+        assert torch.equal(y, ref)
+    assert calls == [1, hi]
+    monkeypatch.setenv(linear_mod.WIDE16_ENV, "0")
+    assert pack_linear_weights(layer) == 0 and layer.packed is None

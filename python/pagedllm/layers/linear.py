@@ -66,6 +66,14 @@ WIDE16_QTYPES = (30, 1)  # BF16, F16
 WIDE16_ENV = "PAGEDLLM_CPU_WIDE16_WEIGHTS"
 
 
+# A model kept in bfloat16 / float16 on a CPU with that type's dot-product hardware (cpu_features): torch's
+# 16-bit GEMM wins from ~32 rows (prefill), but a decode GEMM of 1-NATIVE16_MAX_ROWS rows streams the same
+# 16 bits faster through wide16_linear, in fp32 math on the widened weights and activations, the result
+# rounded back to the model's dtype (1 row: 8.0 vs 16.5 ms for the default model's step, 32 rows: 31.0 vs
+# 28.6, on 2 Zen 5 cores; benchmarks/kernels/bench_wide16_linear.py).
+NATIVE16_MAX_ROWS = 16
+
+
 # The opt-in int8 mode (quantization="gguf_int8", csrc/cpu/int8_linear.cpp): the codes meet x quantized
 # per block of 32 to int8, for every row count (prefill too). decoder_layers reads its kind as
 # INT8_KIND + the GGML type id.
@@ -75,10 +83,12 @@ INT8_KIND = 256
 class PackedWeight:
     """The CPU decode copy of a Linear / LMHead weight: fp32 panels (qtype 0), the exact GGUF codes
     of it (qtype: their GGML type id, one of CODE_QTYPES) or its exact 16-bit values (WIDE16_QTYPES);
-    int8: those codes in the int8 mode's layout."""
+    int8: those codes in the int8 mode's layout. act_dtype: the model's dtype (16-bit for a 16-bit model's
+    own weights, which serve 1-NATIVE16_MAX_ROWS rows)."""
 
-    def __init__(self, data: torch.Tensor, qtype: int = 0, int8: bool = False):
-        self.data, self.qtype, self.int8 = data, qtype, int8
+    def __init__(self, data: torch.Tensor, qtype: int = 0, int8: bool = False,
+                 act_dtype: torch.dtype = torch.float32):
+        self.data, self.qtype, self.int8, self.act_dtype = data, qtype, int8, act_dtype
         self.min_rows = QUANTIZED_MIN_ROWS if qtype else PACKED_MIN_ROWS
 
     @property
@@ -91,9 +101,14 @@ class PackedWeight:
         return self.data.numel() * self.data.element_size()
 
     def serves(self, rows: int) -> bool:
+        if self.act_dtype != torch.float32:
+            return 1 <= rows <= NATIVE16_MAX_ROWS
         return rows >= 1 if self.int8 else self.min_rows <= rows <= PACKED_MAX_ROWS
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+        if self.act_dtype != torch.float32:  # a 16-bit model: fp32 math, rounded back to its dtype
+            y = _ops.wide16_linear(x.float(), self.data, None if bias is None else bias.float(), out_features)
+            return y.to(self.act_dtype)
         if self.int8:
             return _ops.int8_linear(x, self.data, self.qtype, bias, out_features)
         if self.qtype in WIDE16_QTYPES:
@@ -121,6 +136,16 @@ def pack_weight(weight: torch.Tensor, fp32_panels: bool = True, wide16_panels: b
             if panels.numel():
                 return PackedWeight(panels, qtype)
     return PackedWeight(_ops.pack_linear_weight(weight)) if fp32_panels else None
+
+
+def pack_16bit_weight(weight: torch.Tensor) -> Optional[PackedWeight]:
+    """A bfloat16 / float16 weight's own bits as 16-bit panels for the model's decode GEMMs (exact by
+    construction); None when PAGEDLLM_CPU_WIDE16_WEIGHTS=0."""
+    if os.environ.get(WIDE16_ENV, "1") == "0":
+        return None
+    qtype = 30 if weight.dtype == torch.bfloat16 else 1
+    panels = _ops.pack_wide16_linear_weight(weight.float(), qtype)
+    return PackedWeight(panels, qtype, act_dtype=weight.dtype) if panels.numel() else None
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -280,21 +305,29 @@ def pack_linear_weights(model: nn.Module, int8: bool = False) -> int:
     Codes (at most 10/32 of the weight) are always taken; 16-bit panels when a 16-bit copy of every
     weight, fp32 panels when an fp32 copy, takes at most half of the memory still available. int8
     (quantization="gguf_int8"): the codes go to the int8 kernel for every row count; weights that are
-    not codes keep the exact paths."""
-    layers = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
-    layers = [(m, w) for m, w in layers if w.device.type == "cpu" and w.dtype == torch.float32]
+    not codes keep the exact paths. A bfloat16 / float16 model (kept 16-bit on a CPU with that type's
+    hardware) gets its own weights as 16-bit panels when a copy takes at most half of that memory."""
+    mods = [(m, _matmul_weight(m)) for m in model.modules() if isinstance(m, (Linear, LMHead))]
+    mods = [(m, w) for m, w in mods if w.device.type == "cpu"]
+    layers = [(m, w) for m, w in mods if w.dtype == torch.float32]
+    layers16 = [(m, w) for m, w in mods if w.dtype in (torch.bfloat16, torch.float16) and not int8]
     fp32_bytes, available = sum(w.numel() * 4 for _, w in layers), _available_memory()
     for m, w in layers:
         m.packed = pack_weight(w, fp32_bytes <= available // 2, fp32_bytes // 2 <= available // 2, int8)
+    if sum(w.numel() * 2 for _, w in layers16) <= available // 2:
+        for m, w in layers16:
+            m.packed = pack_16bit_weight(w)
     _packed_anew()
-    return sum(m.packed.nbytes for m, _ in layers if m.packed is not None)
+    return sum(m.packed.nbytes for m, _ in layers + layers16 if m.packed is not None)
 
 
 def repack_linear_weights(model: nn.Module) -> None:
     """After new weights were loaded into a model that has packed copies: pack them again."""
     for m in model.modules():
         if isinstance(m, (Linear, LMHead)) and m.packed is not None:
-            m.packed = pack_weight(_matmul_weight(m), int8=m.packed.int8)
+            w = _matmul_weight(m)
+            m.packed = pack_16bit_weight(w) if m.packed.act_dtype != torch.float32 \
+                else pack_weight(w, int8=m.packed.int8)
     _packed_anew()
 
 
