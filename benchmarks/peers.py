@@ -71,7 +71,7 @@ ENGINES = [  # the table's order (and the run's: the baseline, then the peers, t
     Engine("llama-bench", "Q4_1 x Q8 activations", "llamacpp", "gguf", batched=False),
     Engine("llama-cpp-python", "Q4_1 x Q8 activations", "llamacpp", "gguf", batched=False),
     Engine("transformers", "fp32", "project", "gguf"),
-    Engine("pagedllm-hf-fp32", "fp32 (HF fp32 folder: fp32 panels)", "project", "hf-fp32"),
+    Engine("pagedllm-hf-fp32", "HF fp32 folder (exact Q4_1 values: codes recovered)", "project", "hf-fp32"),
     Engine("pagedllm-hf-bf16", "HF bf16 folder, dtype auto", "project", "hf-bf16"),
     Engine("pagedllm-bf16", "bf16 (dtype=bfloat16)", "project", "gguf", dtype="bfloat16"),
     Engine("pagedllm-int8", "Q4_1 x int8 activations (quantization=gguf_int8)", "project", "gguf",
