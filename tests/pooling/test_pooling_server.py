@@ -74,6 +74,23 @@ def test_embeddings_inputs_and_formats(embed_server, offline):
     assert cut["usage"]["prompt_tokens"] == 4
 
 
+def test_a_list_of_texts_is_tokenized_in_one_call(embed_server, offline, monkeypatch):
+    """The server encodes a request's texts with one tokenizer call (as LLM.embed does), with the same
+    results as one text at a time; a text-pair score request too."""
+    calls = []
+    from pagedllm.pooling.engine import PoolingEngine
+    real = PoolingEngine.encode_texts
+    monkeypatch.setattr(PoolingEngine, "encode_texts",
+                        lambda self, texts, pairs=None: calls.append(len(texts)) or real(self, texts, pairs))
+    got = _post(embed_server, "/v1/embeddings", {"input": TEXTS, "encoding_format": "float"}).json()
+    assert calls == [len(TEXTS)]
+    singles = [_post(embed_server, "/v1/embeddings", {"input": t, "encoding_format": "float"}).json() for t in TEXTS]
+    assert calls == [len(TEXTS)]  # one text: no batch call
+    torch.testing.assert_close(torch.tensor([d["embedding"] for d in got["data"]]),
+                               torch.tensor([r["data"][0]["embedding"] for r in singles]), atol=1e-6, rtol=1e-5)
+    assert got["usage"]["prompt_tokens"] == sum(r["usage"]["prompt_tokens"] for r in singles)
+
+
 @pytest.mark.parametrize("body,match", [
     ({"input": []}, "Input cannot be empty"),
     ({"input": "word " * 400}, "maximum context length is 256 tokens. However, you requested 402 tokens"),

@@ -190,6 +190,21 @@ class PoolingEngine:
         types = enc["token_type_ids"] if self.is_encoder and "token_type_ids" in enc else None
         return [(list(ids), list(types[i]) if types is not None else None) for i, ids in enumerate(enc["input_ids"])]
 
+    def encode_text_prompts(self, prompts: list, pairs: Optional[list] = None) -> dict:
+        """Prompt index -> encode_texts' (ids, types), for the plain-text prompts (and text pairs) of a request
+        in one tokenizer call; empty when there is nothing to batch or the batch fails (then each prompt is
+        tokenized, and fails, alone in make_item)."""
+        where = [i for i, p in enumerate(prompts)
+                 if isinstance(p, str) and (pairs is None or isinstance(pairs[i], str))]
+        if len(where) < 2 or self.tokenizer is None:
+            return {}
+        try:
+            encoded = self.encode_texts([prompts[i] for i in where],
+                                        [pairs[i] for i in where] if pairs is not None else None)
+        except Exception:  # noqa: BLE001 - e.g. text the tokenizer rejects: found again, per prompt, by make_item
+            return {}
+        return dict(zip(where, encoded))
+
     def tokenize(self, prompt, pair: Optional[str] = None, truncate_prompt_tokens: Optional[int] = None,
                  encoded: Optional[tuple] = None) -> tuple[list[int], Optional[list[int]]]:
         """(token ids, token type ids or None) of a str / TextPrompt / TokensPrompt / list of ids, or of

@@ -41,21 +41,6 @@ def _params_list(pooling_params, n: int, truncate_prompt_tokens: Optional[int]) 
     return params
 
 
-def _encode_texts(engine, prompts: list, pairs: Optional[list]) -> dict:
-    """Prompt index -> its tokens, for the plain-text prompts (and text pairs), in one tokenizer call;
-    empty when there is nothing to batch or the batch fails (then each prompt is tokenized, and fails, alone)."""
-    where = [i for i, p in enumerate(prompts)
-             if isinstance(p, str) and (pairs is None or isinstance(pairs[i], str))]
-    if len(where) < 2 or engine.get_tokenizer() is None:
-        return {}
-    try:
-        encoded = engine.encode_texts([prompts[i] for i in where],
-                                      [pairs[i] for i in where] if pairs is not None else None)
-    except Exception:  # noqa: BLE001 - e.g. text the tokenizer rejects: found again, per prompt, by make_item
-        return {}
-    return dict(zip(where, encoded))
-
-
 class PoolingMixin:
     """Mixed into LLM: self.llm_engine is a PoolingEngine for runner="pooling" models."""
 
@@ -75,7 +60,7 @@ class PoolingMixin:
         if not prompts:
             raise ValueError("At least one prompt must be given")
         engine.check_task(task)
-        encoded = _encode_texts(engine, prompts, pairs)
+        encoded = engine.encode_text_prompts(prompts, pairs)
         items, errors = [], {}
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:

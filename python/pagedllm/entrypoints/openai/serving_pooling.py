@@ -193,9 +193,11 @@ def build_pooling_app(engine: AsyncPoolingEngine, *, served_model_names: Optiona
         if not prompts:
             raise OpenAIError("Input cannot be empty", 400, param="input")
         items = []
+        encoded = core.encode_text_prompts(prompts, pairs)  # one tokenizer call for the request's texts
         for i, prompt in enumerate(prompts):
             try:
-                items.append(core.make_item(prompt, params, task, pairs[i] if pairs is not None else None))
+                items.append(core.make_item(prompt, params, task, pairs[i] if pairs is not None else None,
+                                            encoded.get(i)))
             except PromptTooLongError as e:
                 raise OpenAIError(f"This model's maximum context length is {e.max_model_len} tokens. However, you "
                                   f"requested {e.length} tokens in the input for {what}. Please reduce the length "
