@@ -84,6 +84,7 @@ class TinyModel(torch.nn.Module):
 
 
 def test_layers_use_the_packed_weight_for_small_batches(monkeypatch):
+    monkeypatch.setattr(linear_mod, "PACKED_MIN_ROWS", 2)  # a host where MKL's one-row GEMV is as fast
     torch.manual_seed(0)
     model = TinyModel(torch.float32)
     assert pack_linear_weights(model) == (3 + 4) * 48 * 32 * 4  # whole 32-feature panels of 70 and 100
@@ -154,15 +155,15 @@ def test_reloading_weights_repacks(tmp_path):
 
 
 def test_default_row_limit_by_host_and_override(monkeypatch):
-    """No limit on an AMD CPU with AVX-512 (MKL runs its AVX2 code there), 64 elsewhere, the environment
-    variable over both; a bad value is refused naming the variable."""
+    """No limit on an AMD CPU with AVX-512 (MKL runs its AVX2 code there; one-row GEMVs are packed too), 64
+    elsewhere, the environment variable over both; a bad value is refused naming the variable."""
     from pagedllm import cpu_features
     monkeypatch.delenv(linear_mod.PACKED_MAX_ROWS_ENV, raising=False)
     monkeypatch.setenv(cpu_features.FEATURES_ENV, "avx2,avx512f")
     monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: "AuthenticAMD")
-    assert linear_mod.default_packed_max_rows() == linear_mod.NO_ROW_LIMIT
+    assert linear_mod.default_packed_max_rows() == linear_mod.NO_ROW_LIMIT and linear_mod.mkl_runs_avx2_code()
     monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: "GenuineIntel")
-    assert linear_mod.default_packed_max_rows() == 64
+    assert linear_mod.default_packed_max_rows() == 64 and not linear_mod.mkl_runs_avx2_code()
     monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setenv(cpu_features.FEATURES_ENV, "avx2,fma")
     assert linear_mod.default_packed_max_rows() == 64

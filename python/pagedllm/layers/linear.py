@@ -25,10 +25,19 @@ from pagedllm.distributed import parallel_state
 # On an AMD CPU with AVX-512, MKL runs its AVX2 code: on 2 Zen 5 cores F.linear made ~195 GFLOP/s
 # and packed_linear ~430 from 32 to 4096 rows, the codes kernel 1.7-3.7x F.linear at 64-2048 rows
 # (benchmarks/RESULTS.md, 2026-12-07 third session), so there the kernels take every row count
-# (prefill included). PAGEDLLM_CPU_PACKED_MAX_ROWS overrides the limit.
-PACKED_MIN_ROWS = 2
+# (prefill included), one-row GEMVs too (MKL's made ~12 GB/s there, packed_linear ~40: a real fp32
+# checkpoint's batch-1 decode went from 22 to 70 tok/s, 83% of its memory floor).
+# PAGEDLLM_CPU_PACKED_MAX_ROWS overrides the row limit.
 PACKED_MAX_ROWS_ENV = "PAGEDLLM_CPU_PACKED_MAX_ROWS"
 NO_ROW_LIMIT = 1 << 62
+
+
+def mkl_runs_avx2_code() -> bool:
+    """An AMD CPU with AVX-512: MKL dispatches its AVX2 kernels there, at half our AVX-512 kernels' rate."""
+    return "avx512f" in cpu_features.cpu_flags() and cpu_features.cpu_vendor() == "AuthenticAMD"
+
+
+PACKED_MIN_ROWS = 1 if mkl_runs_avx2_code() else 2
 
 
 def default_packed_max_rows() -> int:
@@ -43,7 +52,7 @@ def default_packed_max_rows() -> int:
         if rows < 1:
             raise ValueError(f"{PACKED_MAX_ROWS_ENV} must be a positive integer, got {env!r}")
         return rows
-    if "avx512f" in cpu_features.cpu_flags() and cpu_features.cpu_vendor() == "AuthenticAMD":
+    if mkl_runs_avx2_code():
         return NO_ROW_LIMIT
     return 64
 
