@@ -24,7 +24,7 @@ import torch
 
 from pagedllm.sampling.processors.base import ProcessorChain, SampleRow, SamplingBatch
 from pagedllm.sampling.step import SampleResult, wants_logprob
-from pagedllm.layers.sampler import GREEDY_TEMPERATURE, _to_int64, filtered_probs, philox4x32
+from pagedllm.layers.sampler import GREEDY_TEMPERATURE, _to_int64, filtered_probs, philox4x32, unpack_bitmask
 
 _MASK32 = 0xFFFFFFFF
 STREAM_DRAFT, STREAM_ACCEPT, STREAM_DRAW = 1, 2, 3
@@ -48,9 +48,8 @@ def rows_for_drafts(row: SampleRow, drafts: list[int]) -> list[SampleRow]:
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """logits with every token the packed int32 bitmask forbids (bit clear) at -inf: what sample_tokens
     reads for them."""
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :logits.shape[1]]
-    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[1])
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def speculative_logits(logits: torch.Tensor, rows: list[SampleRow], chain: Optional[ProcessorChain] = None,
