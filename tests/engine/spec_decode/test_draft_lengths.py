@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-from model_factory import make_tiny_model
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.spec_decode.cost_model import StepCostModel
 from pagedllm.engine.spec_decode.draft_lengths import AcceptanceRate, choose_draft_lengths
@@ -115,11 +114,6 @@ def test_choice_at_batch_1_and_batch_8():
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
 
-@pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("cost"), "llama"))
-
-
 def _prompts():
     rng = random.Random(3)
     base = [rng.randrange(3, 400) for _ in range(10)]
@@ -149,11 +143,6 @@ def _simulated(llm: LLM, fixed: float, per_token: float):
         return [o.outputs[0].token_ids for o in outs], now[0] - start
     finally:
         engine.executor.execute_model = execute
-
-
-@pytest.fixture(scope="module")
-def plain(path):
-    return LLM(path, kv_cache_space=0.05, max_model_len=256)
 
 
 @pytest.mark.parametrize("fixed", [0.0, 1.0, 4.0])

@@ -5,20 +5,9 @@ import random
 
 import pytest
 
-from model_factory import make_tiny_model
 from pagedllm import LLM, SamplingParams
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-
-
-@pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("spec"), "llama"))
-
-
-@pytest.fixture(scope="module")
-def plain(path):
-    return LLM(path, kv_cache_space=0.05, max_model_len=256)
 
 
 def full_speculation(llm: LLM) -> LLM:

@@ -60,16 +60,6 @@ def _check(llm, params, outputs):
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("spec-so"), "llama"))
-
-
-@pytest.fixture(scope="module")
-def plain(path):
-    return LLM(path, kv_cache_space=0.05, max_model_len=256)
-
-
-@pytest.fixture(scope="module")
 def spec(path):
     llm = LLM(path, kv_cache_space=0.05, max_model_len=256, speculative_config=NGRAM)
     llm.llm_engine.speculator.cost_aware = False  # every proposal verified in full
