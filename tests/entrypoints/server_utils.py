@@ -2,6 +2,7 @@
 models the server tests use, and a logits processor that makes the model say a given text."""
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -128,6 +129,22 @@ def wait_until(condition, timeout: float = 60.0, what: str = "the condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+async def hang_up_when_held(request: asyncio.Task, held: threading.Event, engine, what: str) -> None:
+    """Once the engine holds the request (held set), the client drops it (the task's connection closes);
+    then waits, without blocking the event loop, until the server has aborted it (engine empty)."""
+    assert await asyncio.to_thread(held.wait, 60)
+    request.cancel()   # closes the connection
+    try:
+        await request
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the request finished before the client hung up")
+    # The server saw the disconnect and aborted the request (it leaves the engine at the next step).
+    await asyncio.to_thread(wait_until, lambda: engine.num_unfinished_requests() == 0, 60,
+                            f"the server to abort the abandoned {what}")
 
 
 class ServerProcess:

@@ -12,7 +12,7 @@ from model_factory import make_tiny_model
 from pagedllm import LLM, AsyncEngineArgs, AsyncLLMEngine
 from pagedllm.entrypoints.openai.api_server import build_app
 from pagedllm.sampling_params import BeamSearchParams
-from server_utils import ServerThread, wait_until
+from server_utils import ServerThread, hang_up_when_held, wait_until
 
 PROMPT = "The capital of France is"
 NUM_BLOCKS = 200
@@ -233,13 +233,7 @@ def test_client_gone_aborts_a_streamed_beam_search(server, engine, url):
                         pass
             request = asyncio.create_task(consume())
             try:
-                assert await asyncio.to_thread(reached.wait, 60)
-                request.cancel()   # closes the connection
-                with pytest.raises(asyncio.CancelledError):
-                    await request
-                # The server saw the disconnect and aborted the request (the engine drops it at its next step).
-                await asyncio.to_thread(wait_until, lambda: engine.num_unfinished_requests() == 0, 60,
-                                        "the server to abort the abandoned beam search")
+                await hang_up_when_held(request, reached, engine, "beam search")
             finally:
                 release.set()
 
