@@ -169,6 +169,8 @@ def test_default_row_limit_by_host_and_override(monkeypatch):
     assert linear_mod.default_packed_max_rows() == 64
     monkeypatch.setenv(linear_mod.PACKED_MAX_ROWS_ENV, "8")
     assert linear_mod.default_packed_max_rows() == 8
+    monkeypatch.setenv(linear_mod.PACKED_MAX_ROWS_ENV, str(10 ** 30))  # more than an int64: no limit
+    assert linear_mod.default_packed_max_rows() == linear_mod.NO_ROW_LIMIT
     for bad in ("0", "-3", "many"):
         monkeypatch.setenv(linear_mod.PACKED_MAX_ROWS_ENV, bad)
         with pytest.raises(ValueError, match="PAGEDLLM_CPU_PACKED_MAX_ROWS must be a positive integer"):

@@ -51,7 +51,7 @@ def default_packed_max_rows() -> int:
             rows = 0
         if rows < 1:
             raise ValueError(f"{PACKED_MAX_ROWS_ENV} must be a positive integer, got {env!r}")
-        return rows
+        return min(rows, NO_ROW_LIMIT)  # the decoder_layers op takes it as an int64
     if mkl_runs_avx2_code():
         return NO_ROW_LIMIT
     return 64
