@@ -103,14 +103,15 @@ def main() -> None:
 
     # per-op profile through the module loop: a few decode steps
     os.environ["PAGEDLLM_CPU_FUSED_LAYERS"] = "0"
-    engine.add_request("ops", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for i, pr in enumerate(prompts):  # the same batch as above
+        engine.add_request(f"ops-{i}", pr, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     engine.step()  # prefill
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         steps = 0
         while engine.has_unfinished_requests():
             engine.step()
             steps += 1
-    print(f"per-op, {steps} decode steps through the module loop (self CPU time):")
+    print(f"per-op, {steps} decode steps of {args.batch} through the module loop (self CPU time):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

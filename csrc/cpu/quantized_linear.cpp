@@ -98,52 +98,87 @@ inline void expand_row(const uint8_t* codes, int64_t k, __m512 d0, __m512 d1, __
   }
 }
 
-// Up to a register tile of rows: each weight vector is expanded in registers right before its FMAs
-// (with few rows the FMA chains leave the ports idle enough to hide it; at 8-12 rows it still beats a
-// round trip through L1). Same chains as panel_tile: same bits.
-template <int M, int QT>
-void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel, int64_t K,
-                const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                const uint8_t* next) {
+// Up to a register tile of rows against NP consecutive panels: each weight vector is expanded in
+// registers right before its FMAs (with few rows the FMA chains leave the ports idle enough to hide
+// it; at 8-12 rows it still beats a round trip through L1). Same chains as panel_tile: same bits.
+// NP = 2 for 1-2 rows: one panel gives 2 * M FMA chains, and at M = 1 each k waits out the FMA
+// latency (4 cycles a 24-byte Q4_1 row of 32 features: ~21 GB/s a core, under the DRAM rate); two
+// panels side by side give twice the independent chains, each output's still in k order.
+template <int M, int NP, int QT>
+void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel,
+                int64_t panel_bytes, int64_t K, const float* __restrict__ bias, float* __restrict__ y, int64_t ldy,
+                int64_t n_valid, const uint8_t* next) {
   constexpr Format f = format_of(QT);
   constexpr int64_t bb = block_bytes(f);
-  __m512 c0[M], c1[M];
-  panel::load_tile<M>(c0, c1, y, ldy, n_valid, 0);
+  __m512 c0[NP][M], c1[NP][M];
+#pragma GCC unroll 2
+  for (int q = 0; q < NP; ++q) panel::load_tile<M>(c0[q], c1[q], y + q * kPanel, ldy, n_valid - q * kPanel, 0);
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const uint8_t* blk = codes_panel + b * bb;
-    for (int64_t line = 0; next != nullptr && line < bb; line += 64) _mm_prefetch(reinterpret_cast<const char*>(next + b * bb + line), _MM_HINT_T1);
-    const float* d = reinterpret_cast<const float*>(blk);
-    const __m512 m0 = f.affine ? _mm512_loadu_ps(d + kPanel) : _mm512_setzero_ps();
-    const __m512 m1 = f.affine ? _mm512_loadu_ps(d + kPanel + 16) : _mm512_setzero_ps();
-    const uint8_t* codes = blk + scale_bytes(f);
+    for (int q = 0; q < NP && next != nullptr; ++q) {
+      for (int64_t line = 0; line < bb; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + q * panel_bytes + b * bb + line), _MM_HINT_T1);
+      }
+    }
+    __m512 m0[NP], m1[NP];
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q) {
+      const float* d = reinterpret_cast<const float*>(blk + q * panel_bytes);
+      m0[q] = f.affine ? _mm512_loadu_ps(d + kPanel) : _mm512_setzero_ps();
+      m1[q] = f.affine ? _mm512_loadu_ps(d + kPanel + 16) : _mm512_setzero_ps();
+    }
     const float* xb = x + b * kBlock;
     for (int64_t s0 = 0; s0 < kBlock; s0 += f.sub) {
-      const float* ds = d + s0 / f.sub * kPanel;
-      const __m512 d0 = _mm512_loadu_ps(ds), d1 = _mm512_loadu_ps(ds + 16);
+      __m512 d0[NP], d1[NP];
+#pragma GCC unroll 2
+      for (int q = 0; q < NP; ++q) {
+        const float* ds = reinterpret_cast<const float*>(blk + q * panel_bytes) + s0 / f.sub * kPanel;
+        d0[q] = _mm512_loadu_ps(ds);
+        d1[q] = _mm512_loadu_ps(ds + 16);
+      }
       for (int64_t k = s0; k < s0 + f.sub; ++k) {
-        __m512 w0, w1;
-        expand_row<QT>(codes, k, d0, d1, m0, m1, w0, w1);
+#pragma GCC unroll 2
+        for (int q = 0; q < NP; ++q) {
+          __m512 w0, w1;
+          expand_row<QT>(blk + q * panel_bytes + scale_bytes(f), k, d0[q], d1[q], m0[q], m1[q], w0, w1);
 #pragma GCC unroll 12
-        for (int m = 0; m < M; ++m) {
-          const __m512 xv = _mm512_set1_ps(xb[m * ldx + k]);
-          c0[m] = _mm512_fmadd_ps(w0, xv, c0[m]);
-          c1[m] = _mm512_fmadd_ps(w1, xv, c1[m]);
+          for (int m = 0; m < M; ++m) {
+            const __m512 xv = _mm512_set1_ps(xb[m * ldx + k]);
+            c0[q][m] = _mm512_fmadd_ps(w0, xv, c0[q][m]);
+            c1[q][m] = _mm512_fmadd_ps(w1, xv, c1[q][m]);
+          }
         }
       }
     }
   }
-  panel::store_tile<M>(c0, c1, bias, y, ldy, n_valid, 0);
+#pragma GCC unroll 2
+  for (int q = 0; q < NP; ++q) {
+    panel::store_tile<M>(c0[q], c1[q], bias ? bias + q * kPanel : nullptr, y + q * kPanel, ldy, n_valid - q * kPanel, 0);
+  }
 }
 
-using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t,
-                         const uint8_t*);
+using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, const float*, float*, int64_t,
+                         int64_t, const uint8_t*);
 constexpr int kFusedRows = kTileRows;
-template <int QT, int... Ms>
+constexpr int kGroupedRows = 2;  // row counts that take two panels side by side
+// Panels a fused tile of M rows takes side by side. Measured (one core, Q4_1 layer GEMVs, L3-resident):
+// 1 row 20 GB/s with one panel, 30 with two, 28 with three, 27 with four; 2 rows 20 -> 25 with two; 3
+// rows no gain. 8-bit codes (a 36-byte row of 32 features) stay single: the model's Q8_0 LM head read
+// from memory was slower paired.
+template <int QT>
+constexpr int64_t group_panels(int64_t M) { return M <= kGroupedRows && format_of(QT).code_bits < 8 ? 2 : 1; }
+template <int QT, int NP, int... Ms>
 constexpr auto make_fused(std::integer_sequence<int, Ms...>) {
-  return std::array<FusedFn, sizeof...(Ms)>{&fused_tile<Ms + 1, QT>...};
+  return std::array<FusedFn, sizeof...(Ms)>{&fused_tile<Ms + 1, NP, QT>...};
 }
 template <int QT>
-constexpr auto kFused = make_fused<QT>(std::make_integer_sequence<int, kFusedRows>{});
+constexpr auto kFused = make_fused<QT, 1>(std::make_integer_sequence<int, kFusedRows>{});
+template <int QT>
+constexpr auto kPaired = make_fused<QT, 2>(std::make_integer_sequence<int, kGroupedRows>{});
+template <int QT>
+FusedFn fused_fn(int64_t M, int64_t np) {
+  return np == 1 ? kFused<QT>[M - 1] : kPaired<QT>[M - 1];
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define PAGEDLLM_QL_AVX2 1
 // The AVX2 + FMA twins (x86-64-v3 CPUs without AVX-512, e.g. AMD Zen 2 / 3): 8 features a vector, a
@@ -193,9 +228,9 @@ inline void expand_row8(const uint8_t* codes, int64_t k, const float* ds, const 
 // 16 registers free of spills). One FMA chain per output over k in order: the portable panel_tile's
 // (its c += w * x contracts to the same FMA), so the same bits.
 template <int M, int QT>
-void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel, int64_t K,
-                const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                const uint8_t* next) {
+void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel,
+                int64_t /*panel_bytes*/, int64_t K, const float* __restrict__ bias, float* __restrict__ y, int64_t ldy,
+                int64_t n_valid, const uint8_t* next) {
   constexpr Format f = format_of(QT);
   constexpr int64_t bb = block_bytes(f);
   __m256 acc[M][4];
@@ -220,15 +255,19 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
   for (int m = 0; m < M; ++m) {
     alignas(32) float sums[kPanel];
     for (int v = 0; v < 4; ++v) _mm256_store_ps(sums + 8 * v, acc[m][v]);
-    for (int64_t j = 0; j < n_valid; ++j) y[m * ldy + j] = sums[j] + (bias ? bias[j] : 0.f);
+    for (int64_t j = 0; j < std::min(n_valid, kPanel); ++j) y[m * ldy + j] = sums[j] + (bias ? bias[j] : 0.f);
   }
 }
 
-using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t,
-                         const uint8_t*);
+using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, const float*, float*, int64_t,
+                         int64_t, const uint8_t*);
 constexpr int kFusedRows = 2;
 template <int QT>
+constexpr int64_t group_panels(int64_t) { return 1; }  // 16 registers: one panel's chains fill them
+template <int QT>
 constexpr std::array<FusedFn, kFusedRows> kFused = {&fused_tile<1, QT>, &fused_tile<2, QT>};
+template <int QT>
+FusedFn fused_fn(int64_t M, int64_t) { return kFused<QT>[M - 1]; }
 #else
 constexpr int kFusedRows = 0;  // the portable build always expands chunks
 #endif
@@ -353,6 +392,21 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
     const uint8_t* wp = packed.data_ptr<uint8_t>();
     const int64_t B = packed.size(1);
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+#if defined(__AVX512F__) || defined(PAGEDLLM_QL_AVX2)
+      if (io.M <= kFusedRows) {
+        // The thread's panels in the fewest groups of at most group_panels(M), of balanced sizes.
+        const int64_t n = p1 - p0, groups = (n + group_panels<QT>(io.M) - 1) / group_panels<QT>(io.M);
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t p = p0 + g * n / groups, np = p0 + (g + 1) * n / groups - p;
+          const uint8_t* codes = wp + p * panel_bytes;
+          const uint8_t* next = p + np < p1 ? codes + np * panel_bytes : nullptr;
+          const int64_t n0 = p * kPanel;
+          fused_fn<QT>(io.M, np)(io.xp, io.ldx, codes, panel_bytes, K, io.bias ? io.bias + n0 : nullptr, io.yp + n0,
+                                 N, N - n0, next);
+        }
+        return;
+      }
+#endif
       // More rows: the panel is expanded kChunkBlocks blocks at a time into an L1-sized buffer that
       // every row tile reads; the tiles carry their sums across chunks through y (kResume / kPartial).
       alignas(64) float chunk[kChunkBlocks * kBlock * kPanel];
@@ -360,13 +414,6 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         const uint8_t* codes = wp + p * panel_bytes;
         const uint8_t* next = p + 1 < p1 ? codes + panel_bytes : nullptr;
         const int64_t n0 = p * kPanel, n_valid = std::min(kPanel, N - n0);
-#if defined(__AVX512F__) || defined(PAGEDLLM_QL_AVX2)
-        const float* bp = io.bias ? io.bias + n0 : nullptr;
-        if (io.M <= kFusedRows) {
-          kFused<QT>[io.M - 1](io.xp, io.ldx, codes, K, bp, io.yp + n0, N, n_valid, next);
-          continue;
-        }
-#endif
         for (int64_t b0 = 0; b0 < B; b0 += kChunkBlocks) {
           const int64_t b1 = std::min(B, b0 + kChunkBlocks);
           expand_chunk<QT>(codes, b0, b1, chunk, next);

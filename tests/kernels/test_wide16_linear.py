@@ -162,10 +162,11 @@ def test_16_bit_panels_need_half_the_memory_of_fp32_ones(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("march", ["x86-64-v4", "x86-64"])
-def test_other_isa_variants_compile(march, tmp_path):
-    """The AVX-512 (x86-64-v4) and portable (x86-64) variants cannot run on an AVX2 machine's build
-    (-march=native picks one): compile them, to object code, so they at least build."""
+@pytest.mark.parametrize("source", ["wide16_linear.cpp", "quantized_linear.cpp"])
+@pytest.mark.parametrize("march", ["x86-64-v4", "x86-64-v3", "x86-64"])
+def test_other_isa_variants_compile(source, march, tmp_path):
+    """The AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and portable (x86-64) variants of the panel kernels:
+    -march=native builds only one of them, so compile each, to object code, so that they at least build."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -179,7 +180,7 @@ def test_other_isa_variants_compile(march, tmp_path):
     includes = [f"-I{p}" for p in [str(csrc), *cpp_extension.include_paths()]]
     cmd = [cxx, "-std=c++20", "-O2", f"-march={march}", "-fopenmp", "-Wall", "-Werror", "-Wno-unused-function",
            "-Wno-maybe-uninitialized",  # GCC 12 flags its own avx512fintrin.h (`__m512i __Y = __Y;`)
-           "-Wno-sign-compare", *includes, "-c", str(csrc / "cpu" / "wide16_linear.cpp"), "-o", str(tmp_path / "w.o")]
+           "-Wno-sign-compare", *includes, "-c", str(csrc / "cpu" / source), "-o", str(tmp_path / "w.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
 
