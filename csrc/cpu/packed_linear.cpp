@@ -91,7 +91,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
         // [t * 2K / T, (t + 1) * 2K / T), at most one per k.
         const int64_t lo = t * 2 * K / tiles, hi = (t + 1) * 2 * K / tiles;
         kTiles[rows - 1](io.xp + m0 * io.ldx, io.ldx, panel, K, io.bias ? io.bias + n0 : nullptr, io.yp + m0 * N + n0, N,
-                         n_valid, next + lo * kLine, tiles == 1 ? K : hi - lo, tiles == 1 ? 2 * kLine : kLine, 0);
+                         n_valid, next + lo * kLine, tiles == 1 ? K : hi - lo, tiles == 1 ? 2 * kLine : kLine);
       }
     }
   });

@@ -50,17 +50,17 @@ inline LinearIO linear_io(const char* op, const at::Tensor& x, int64_t K, int64_
   return io;
 }
 
-// Every row tile of io against one chunk of a panel expanded to fp32: inputs [k0, k1) of K, laid out
-// [k1 - k0, 32] (quantized_linear.cpp, wide16_linear.cpp). The tiles carry their sums across chunks
-// through y (kResume / kPartial), so each output's FMA chain over k runs unbroken, as in packed_linear.
-inline void chunk_tiles(const LinearIO& io, const float* chunk, int64_t k0, int64_t k1, int64_t K, int64_t N,
-                        int64_t n0, int64_t n_valid) {
-  const int flags = (k0 > 0 ? kResume : 0) | (k1 < K ? kPartial : 0);
+// Every row tile of io against one panel expanded to fp32, [K, 32] (quantized_linear.cpp,
+// wide16_linear.cpp): the same FMA chain per output as packed_linear, so the same bits. The whole panel
+// (74 KB at K = 576: L2) rather than L1-sized chunks of K carried across tiles through y: with many rows
+// a chunk's slab of x (every row, a few dozen inputs) was read in short strided runs and fell out of L2
+// between a panel's chunks (Q4_1, 2 cores: 1152 rows 315 -> 390 GFLOP/s, 256 rows 359 -> 404, the fp32
+// panels' rate; 16-32 rows a few % faster too).
+inline void panel_tiles(const LinearIO& io, const float* panel, int64_t K, int64_t N, int64_t n0, int64_t n_valid) {
   const float* bias = io.bias ? io.bias + n0 : nullptr;
   for (int64_t t = 0, tiles = num_tiles(io.M); t < tiles; ++t) {
     const int64_t m0 = tile_start(io.M, t), rows = tile_start(io.M, t + 1) - m0;
-    kTiles[rows - 1](io.xp + m0 * io.ldx + k0, io.ldx, chunk, k1 - k0, bias, io.yp + m0 * N + n0, N, n_valid,
-                     nullptr, 0, 0, flags);
+    kTiles[rows - 1](io.xp + m0 * io.ldx, io.ldx, panel, K, bias, io.yp + m0 * N + n0, N, n_valid, nullptr, 0, 0);
   }
 }
 

@@ -17,12 +17,6 @@ constexpr int64_t kPanel = 32;  // output features per packed panel
 constexpr int kTileRows = 12;   // rows of x per register tile (24 accumulators + 2 weight vectors)
 constexpr int64_t kLine = 16;   // floats per 64-byte cache line
 
-// flags of a tile call that covers only part of K (quantized_linear.cpp runs K in L1-sized chunks):
-// kResume starts from the partial sums stored in y (the same FMA chain goes on), kPartial stores the
-// sums without the bias (a later chunk finishes them).
-constexpr int kResume = 1;
-constexpr int kPartial = 2;
-
 #if defined(__AVX512F__)
 // Which of a panel's two 16-column halves exist: n_valid of its 32 output features are real.
 inline __mmask16 half_mask(int64_t n_valid, int half) {
@@ -30,19 +24,11 @@ inline __mmask16 half_mask(int64_t n_valid, int half) {
   return n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// y[m, 0:n_valid] = c0[m] | c1[m] (+ bias unless kPartial).
+// y[m, 0:n_valid] = c0[m] | c1[m] (+ bias).
 template <int M>
 inline void store_tile(const __m512 (&c0)[M], const __m512 (&c1)[M], const float* __restrict__ bias,
-                       float* __restrict__ y, int64_t ldy, int64_t n_valid, int flags) {
+                       float* __restrict__ y, int64_t ldy, int64_t n_valid) {
   const __mmask16 mask0 = half_mask(n_valid, 0), mask1 = half_mask(n_valid, 1);
-  if (flags & kPartial) {  // the raw sums (adding 0 would turn a -0 into +0 and change the chain)
-#pragma GCC unroll 12
-    for (int m = 0; m < M; ++m) {
-      _mm512_mask_storeu_ps(y + m * ldy, mask0, c0[m]);
-      _mm512_mask_storeu_ps(y + m * ldy + 16, mask1, c1[m]);
-    }
-    return;
-  }
   const __m512 b0 = bias ? _mm512_maskz_loadu_ps(mask0, bias) : _mm512_setzero_ps();
   const __m512 b1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + 16) : _mm512_setzero_ps();
 #pragma GCC unroll 12
@@ -52,16 +38,10 @@ inline void store_tile(const __m512 (&c0)[M], const __m512 (&c1)[M], const float
   }
 }
 
-// Zero accumulators, or (kResume) the partial sums in y.
 template <int M>
-inline void load_tile(__m512 (&c0)[M], __m512 (&c1)[M], const float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                      int flags) {
-  const __mmask16 mask0 = half_mask(n_valid, 0), mask1 = half_mask(n_valid, 1);
+inline void zero_tile(__m512 (&c0)[M], __m512 (&c1)[M]) {
 #pragma GCC unroll 12
-  for (int m = 0; m < M; ++m) {
-    c0[m] = (flags & kResume) ? _mm512_maskz_loadu_ps(mask0, y + m * ldy) : _mm512_setzero_ps();
-    c1[m] = (flags & kResume) ? _mm512_maskz_loadu_ps(mask1, y + m * ldy + 16) : _mm512_setzero_ps();
-  }
+  for (int m = 0; m < M; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
 }
 
 // Rows [0, M) of x against one panel; writes y[:, 0:n_valid] (+ bias). M is a template
@@ -69,9 +49,9 @@ inline void load_tile(__m512 (&c0)[M], __m512 (&c1)[M], const float* __restrict_
 template <int M>
 void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restrict__ panel, int64_t K,
                 const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                const float* pf_next, int64_t pf_lines, int64_t pf_stride, int flags) {
+                const float* pf_next, int64_t pf_lines, int64_t pf_stride) {
   __m512 c0[M], c1[M];
-  load_tile<M>(c0, c1, y, ldy, n_valid, flags);
+  zero_tile<M>(c0, c1);
   for (int64_t k = 0; k < K; ++k) {
     // The weight stream must overlap the FMAs (the hardware prefetcher alone leaves them in
     // series): while a panel is computed, the next one is fetched into L2, its 2K lines spread
@@ -89,18 +69,15 @@ void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restric
       c1[m] = _mm512_fmadd_ps(w1, b, c1[m]);
     }
   }
-  store_tile<M>(c0, c1, bias, y, ldy, n_valid, flags);
+  store_tile<M>(c0, c1, bias, y, ldy, n_valid);
 }
 #else
 // Portable twin (same order of summation): the compiler vectorizes the j loop.
 template <int M>
 void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restrict__ panel, int64_t K,
                 const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
-                const float* /*pf_next*/, int64_t /*pf_lines*/, int64_t /*pf_stride*/, int flags) {
+                const float* /*pf_next*/, int64_t /*pf_lines*/, int64_t /*pf_stride*/) {
   float c[M][kPanel] = {};
-  for (int m = 0; m < M && (flags & kResume); ++m) {
-    for (int64_t j = 0; j < n_valid; ++j) c[m][j] = y[m * ldy + j];
-  }
   for (int64_t k = 0; k < K; ++k) {
     for (int m = 0; m < M; ++m) {
       const float b = x[m * ldx + k];
@@ -109,14 +86,14 @@ void panel_tile(const float* __restrict__ x, int64_t ldx, const float* __restric
   }
   for (int m = 0; m < M; ++m) {
     for (int64_t j = 0; j < n_valid; ++j) {
-      y[m * ldy + j] = (flags & kPartial) ? c[m][j] : c[m][j] + (bias ? bias[j] : 0.f);
+      y[m * ldy + j] = c[m][j] + (bias ? bias[j] : 0.f);
     }
   }
 }
 #endif
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
-                       const float*, int64_t, int64_t, int);
+                       const float*, int64_t, int64_t);
 
 template <int... Ms>
 constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {

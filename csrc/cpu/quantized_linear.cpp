@@ -13,7 +13,7 @@
 // to d * float(c - offset): their zeros are -0.0 where d < 0, which fl(d * q + m) never gives, so
 // they are expanded with that product, not an offset. The kernel streams the codes (5-9 bits a
 // weight) and expands them into the exact fp32 weights: for up to 12 rows in registers right before
-// the FMAs (AVX-512), otherwise 64 inputs at a time into an L1-resident chunk that the fp32
+// the FMAs (AVX-512), otherwise a whole panel at a time into an L2-resident fp32 buffer that the
 // packed_linear tile (panel_tile.h) reads. Each output is the same FMA chain over k as in
 // packed_linear on the fp32 weights: the result is bit-identical, for every row count.
 // (benchmarks/kernels/bench_packed_linear.py: one decode step of the default model, 2 cores, 6 ms
@@ -60,8 +60,6 @@ using namespace gguf_codes;  // NOLINT: the formats and their search (gguf_block
 using panel::kPanel;
 using panel::kTileRows;
 
-constexpr int64_t kChunkBlocks = 2;  // blocks expanded at a time for many rows: 8 KB of fp32 weights
-                                     // (1 and 4 blocks measured slower at 32 rows)
 
 #if defined(__AVX512F__)
 // The fp32 weights of input k of a block: features 0-15 in w0, 16-31 in w1, exactly weight_of.
@@ -112,7 +110,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
   constexpr int64_t bb = block_bytes(f);
   __m512 c0[NP][M], c1[NP][M];
 #pragma GCC unroll 2
-  for (int q = 0; q < NP; ++q) panel::load_tile<M>(c0[q], c1[q], y + q * kPanel, ldy, n_valid - q * kPanel, 0);
+  for (int q = 0; q < NP; ++q) panel::zero_tile<M>(c0[q], c1[q]);
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const uint8_t* blk = codes_panel + b * bb;
     for (int q = 0; q < NP && next != nullptr; ++q) {
@@ -153,7 +151,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
   }
 #pragma GCC unroll 2
   for (int q = 0; q < NP; ++q) {
-    panel::store_tile<M>(c0[q], c1[q], bias ? bias + q * kPanel : nullptr, y + q * kPanel, ldy, n_valid - q * kPanel, 0);
+    panel::store_tile<M>(c0[q], c1[q], bias ? bias + q * kPanel : nullptr, y + q * kPanel, ldy, n_valid - q * kPanel);
   }
 }
 
@@ -269,22 +267,21 @@ constexpr std::array<FusedFn, kFusedRows> kFused = {&fused_tile<1, QT>, &fused_t
 template <int QT>
 FusedFn fused_fn(int64_t M, int64_t) { return kFused<QT>[M - 1]; }
 #else
-constexpr int kFusedRows = 0;  // the portable build always expands chunks
+constexpr int kFusedRows = 0;  // the portable build always expands whole panels
 #endif
 
-// Expands blocks [b0, b1) of one packed panel into fp32 weights [(b1 - b0) * 32, 32] (the layout
-// panel_tile reads), exactly weight_of per weight; prefetches the same bytes of the next panel into
-// L2 as it goes.
+// Expands the B blocks of one packed panel into fp32 weights [B * 32, 32] (the layout panel_tile
+// reads), exactly weight_of per weight; prefetches the same bytes of the next panel into L2 as it goes.
 template <int QT>
-void expand_chunk(const uint8_t* panel_codes, int64_t b0, int64_t b1, float* __restrict__ dst, const uint8_t* next) {
+void expand_blocks(const uint8_t* panel_codes, int64_t B, float* __restrict__ dst, const uint8_t* next) {
   constexpr Format f = format_of(QT);
   constexpr int64_t bb = block_bytes(f);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = 0; b < B; ++b) {
     const uint8_t* src = panel_codes + b * bb;
     for (int64_t line = 0; next != nullptr && line < bb; line += 64) __builtin_prefetch(next + b * bb + line, 0, 2);
     const float* d = reinterpret_cast<const float*>(src);
     const uint8_t* codes = src + scale_bytes(f);
-    float* out = dst + (b - b0) * kBlock * kPanel;
+    float* out = dst + b * kBlock * kPanel;
 #if defined(__AVX512F__)
     const __m512 m0 = f.affine ? _mm512_loadu_ps(d + kPanel) : _mm512_setzero_ps();
     const __m512 m1 = f.affine ? _mm512_loadu_ps(d + kPanel + 16) : _mm512_setzero_ps();
@@ -407,18 +404,14 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         return;
       }
 #endif
-      // More rows: the panel is expanded kChunkBlocks blocks at a time into an L1-sized buffer that
-      // every row tile reads; the tiles carry their sums across chunks through y (kResume / kPartial).
-      alignas(64) float chunk[kChunkBlocks * kBlock * kPanel];
+      // More rows: each panel expanded whole (panel::panel_tiles) into a buffer that every row tile reads.
+      std::vector<float> expanded(K * kPanel);
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* codes = wp + p * panel_bytes;
         const uint8_t* next = p + 1 < p1 ? codes + panel_bytes : nullptr;
-        const int64_t n0 = p * kPanel, n_valid = std::min(kPanel, N - n0);
-        for (int64_t b0 = 0; b0 < B; b0 += kChunkBlocks) {
-          const int64_t b1 = std::min(B, b0 + kChunkBlocks);
-          expand_chunk<QT>(codes, b0, b1, chunk, next);
-          panel::chunk_tiles(io, chunk, b0 * kBlock, b1 * kBlock, K, N, n0, n_valid);
-        }
+        const int64_t n0 = p * kPanel;
+        expand_blocks<QT>(codes, B, expanded.data(), next);
+        panel::panel_tiles(io, expanded.data(), K, N, n0, std::min(kPanel, N - n0));
       }
     });
   });

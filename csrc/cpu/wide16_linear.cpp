@@ -4,8 +4,8 @@
 // Why: such a weight loses nothing when stored in its own 16-bit format, and widening it back is
 // exact (bf16: the 16 bits shifted left by 16; fp16: F16C's vcvtph2ps, subnormals included). So the
 // kernel streams 16-bit panels (half the bytes of fp32 panels: a small decode step is bound by that
-// stream) and widens them in registers right before fp32 FMAs, or for many rows into an L1-sized
-// fp32 chunk that the packed_linear tile (panel_tile.h) reads. Each output is the same FMA chain over
+// stream) and widens them in registers right before fp32 FMAs, or for more rows a whole panel at a
+// time into an fp32 buffer that the packed_linear tile (panel_tile.h) reads. Each output is the same FMA chain over
 // k in order as packed_linear on the fp32 weights: the result is packed_linear's, bit for bit, for
 // every row count (the quantized_linear idea with a trivial code).
 //
@@ -21,6 +21,7 @@
 #include <cstring>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -45,7 +46,6 @@ using panel::kTileRows;
 
 constexpr int64_t kF16 = 1;    // GGML type ids
 constexpr int64_t kBF16 = 30;
-constexpr int64_t kChunkK = 64;  // inputs widened at a time for many rows: 8 KB of fp32 weights
 
 // The exact fp32 value of one 16-bit weight (the portable widening; the SIMD ones below equal it).
 template <int64_t QT>
@@ -98,7 +98,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint16_t* __rest
                 const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, int64_t n_valid,
                 const uint16_t* next) {
   __m512 c0[M], c1[M];
-  panel::load_tile<M>(c0, c1, y, ldy, n_valid, 0);
+  panel::zero_tile<M>(c0, c1);
   for (int64_t k = 0; k < K; ++k) {
     if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T1);
     __m512 w0, w1;
@@ -110,7 +110,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint16_t* __rest
       c1[m] = _mm512_fmadd_ps(w1, xv, c1[m]);
     }
   }
-  panel::store_tile<M>(c0, c1, bias, y, ldy, n_valid, 0);
+  panel::store_tile<M>(c0, c1, bias, y, ldy, n_valid);
 }
 constexpr int kFusedRows = kTileRows;
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -155,7 +155,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint16_t* __rest
 }
 constexpr int kFusedRows = 2;
 #else
-constexpr int kFusedRows = 0;  // the portable build always widens chunks
+constexpr int kFusedRows = 0;  // the portable build always widens whole panels
 #endif
 
 #if defined(__AVX512F__) || defined(PAGEDLLM_W16_AVX2)
@@ -169,14 +169,14 @@ template <int64_t QT>
 constexpr auto kFused = make_fused<QT>(std::make_integer_sequence<int, kFusedRows>{});
 #endif
 
-// Widens inputs [k0, k1) of one packed panel into fp32 [(k1 - k0), 32] (the layout panel_tile reads),
-// prefetching the same bytes of the next panel into L2.
+// Widens one packed panel into fp32 [K, 32] (the layout panel_tile reads), prefetching the same bytes
+// of the next panel into L2.
 template <int64_t QT>
-void widen_chunk(const uint16_t* panel, int64_t k0, int64_t k1, float* __restrict__ dst, const uint16_t* next) {
-  for (int64_t k = k0; k < k1; ++k) {
+void widen_panel(const uint16_t* panel, int64_t K, float* __restrict__ dst, const uint16_t* next) {
+  for (int64_t k = 0; k < K; ++k) {
     if (next != nullptr) __builtin_prefetch(next + k * kPanel, 0, 2);
     const uint16_t* row = panel + k * kPanel;
-    float* out = dst + (k - k0) * kPanel;
+    float* out = dst + k * kPanel;
 #if defined(__AVX512F__)
     __m512 w0, w1;
     widen_row<QT>(row, w0, w1);
@@ -233,7 +233,7 @@ template <int64_t QT>
 void run(const panel::LinearIO& io, const uint16_t* wp, int64_t P, int64_t K, int64_t N) {
   // Threads split the panels: each weight byte is read by one thread, once per call.
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    alignas(64) float chunk[kChunkK * kPanel];
+    std::vector<float> widened(io.M > kFusedRows ? K * kPanel : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const uint16_t* bits = wp + p * K * kPanel;
       const uint16_t* next = p + 1 < p1 ? bits + K * kPanel : nullptr;
@@ -245,12 +245,9 @@ void run(const panel::LinearIO& io, const uint16_t* wp, int64_t P, int64_t K, in
         continue;
       }
 #endif
-      // More rows: kChunkK inputs at a time widened into an L1 buffer that every row tile reads.
-      for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
-        const int64_t k1 = std::min(K, k0 + kChunkK);
-        widen_chunk<QT>(bits, k0, k1, chunk, next);
-        panel::chunk_tiles(io, chunk, k0, k1, K, N, n0, n_valid);
-      }
+      // More rows: the panel widened whole (panel::panel_tiles) into a buffer that every row tile reads.
+      widen_panel<QT>(bits, K, widened.data(), next);
+      panel::panel_tiles(io, widened.data(), K, N, n0, n_valid);
     }
   });
 }
