@@ -5,8 +5,8 @@
 // Per output, block b and sub-block s: the integer dot product isum of the stored codes and x's int8,
 // exact; then, in fp32, acc = fma(float(isum), d_w * d_x, acc) and (formats with corr)
 // acc = fma(corr, d_x * float(sum of x's int8 over s), acc). Three twins: portable scalar (the reference),
-// AVX2 (vpmaddubsw + vpmaddwd) and AVX-512 VNNI (vpdpbusd), chosen at run time by CPU features; they
-// give the same bits (same integers, same fp32 operations in the same order per output).
+// AVX2 (vpmaddubsw + vpmaddwd) and AVX-512 VNNI (vpdpbusd; two panels at a time in 16 lanes where there are
+// two), chosen at run time by CPU features; they give the same bits (same integers, same fp32 operations in the same order per output).
 #pragma once
 
 #include <algorithm>
@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "int8_codes_layout.h"
 
@@ -129,6 +130,7 @@ namespace vnni {
 #define PAGEDLLM_INT8_VNNI 1
 #include "int8_tile_x86.inc"
 #undef PAGEDLLM_INT8_VNNI
+#include "int8_pair_tile_avx512.inc"
 }  // namespace vnni
 #pragma GCC pop_options
 #endif

@@ -207,16 +207,33 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t qt
     const std::array<TileFn, kTileRows>& tiles = tiles_for<QT>(isa);
     const int64_t panel_bytes = packed.size(1) * packed.size(2);
     const uint8_t* wp = packed.data_ptr<uint8_t>();
-    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    // The VNNI twin takes panels two at a time (16 lanes): threads split pairs of panels.
+    const int64_t per_unit = isa == Isa::kVnni ? 2 : 1;
+    at::parallel_for(0, (P + per_unit - 1) / per_unit, 1, [&](int64_t u0, int64_t u1) {
+      const int64_t p0 = u0 * per_unit, p1 = std::min(P, u1 * per_unit);
       for (int64_t m0 = 0; m0 < io.M; m0 += kRowChunk) {
         const int64_t m1 = std::min(io.M, m0 + kRowChunk);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n0 = p * kFeatures, n_valid = std::min(kFeatures, N - n0);
+        for (int64_t p = p0; p < p1;) {
+          const int64_t n0 = p * kFeatures;
           const float* bp = io.bias ? io.bias + n0 : nullptr;
+#if defined(PAGEDLLM_INT8_X86)
+          if (per_unit == 2 && p + 1 < p1) {
+            const auto& pair_tiles = vnni::kPairTilesOf<QT>;
+            const uint8_t* panel = wp + p * panel_bytes;
+            for (int64_t r = m0; r < m1; r += vnni::kPairRows) {
+              const int64_t rows_here = std::min<int64_t>(vnni::kPairRows, m1 - r);
+              pair_tiles[rows_here - 1](rows, r, panel, panel + panel_bytes, io.yp + r * N + n0, N,
+                                        std::min(2 * kFeatures, N - n0), bp);
+            }
+            p += 2;
+            continue;
+          }
+#endif
           for (int64_t r = m0; r < m1; r += kTileRows) {
             const int64_t rows_here = std::min<int64_t>(kTileRows, m1 - r);
-            tiles[rows_here - 1](rows, r, wp + p * panel_bytes, io.yp + r * N + n0, N, n_valid, bp);
+            tiles[rows_here - 1](rows, r, wp + p * panel_bytes, io.yp + r * N + n0, N, std::min(kFeatures, N - n0), bp);
           }
+          ++p;
         }
       }
     });
