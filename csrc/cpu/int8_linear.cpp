@@ -220,10 +220,13 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t qt
           if (per_unit == 2 && p + 1 < p1) {
             const auto& pair_tiles = vnni::kPairTilesOf<QT>;
             const uint8_t* panel = wp + p * panel_bytes;
+            // the first row tile fetches the thread's next pair (of this row chunk or the next one)
+            const int64_t p_next = p + 3 < p1 ? p + 2 : m1 < io.M ? p0 : -1;
             for (int64_t r = m0; r < m1; r += vnni::kPairRows) {
               const int64_t rows_here = std::min<int64_t>(vnni::kPairRows, m1 - r);
               pair_tiles[rows_here - 1](rows, r, panel, panel + panel_bytes, io.yp + r * N + n0, N,
-                                        std::min(2 * kFeatures, N - n0), bp);
+                                        std::min(2 * kFeatures, N - n0), bp,
+                                        r == m0 && p_next >= 0 ? wp + p_next * panel_bytes : nullptr);
             }
             p += 2;
             continue;
