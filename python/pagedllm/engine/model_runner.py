@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pagedllm import huge_pages
 from pagedllm.engine.cuda_graph import CudaGraphBackend, DecodeGraphRunner, GraphBackend, capture_sizes
 from pagedllm.distributed import parallel_state
 from pagedllm.engine.cpu_malloc import keep_freed_memory
@@ -140,8 +141,12 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.release_kv_cache()  # the old cache is freed before the new one is allocated
         shape = (self.num_layers, num_blocks, self.num_kv_heads, self.block_size, self.head_size)
-        self.key_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.value_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":  # decode attention reads scattered blocks: huge pages spare the page walks
+            self.key_cache = huge_pages.empty_tensor(shape, self.dtype)
+            self.value_cache = huge_pages.empty_tensor(shape, self.dtype)
+        else:
+            self.key_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.value_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attn_layers):
             layer.kv_cache = (self.key_cache[i], self.value_cache[i])
 

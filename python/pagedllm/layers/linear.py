@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm import _ops, cpu_features
+from pagedllm import _ops, cpu_features, huge_pages
 from pagedllm.distributed import parallel_state
 
 # CPU fp32 GEMMs of PACKED_MIN_ROWS..PACKED_MAX_ROWS rows go through our packed-weight kernel
@@ -326,6 +326,7 @@ def pack_linear_weights(model: nn.Module, int8: bool = False) -> int:
     if sum(w.numel() * 2 for _, w in layers16) <= available // 2:
         for m, w in layers16:
             m.packed = pack_16bit_weight(w)
+    _into_huge_pages([m.packed for m, _ in layers + layers16 if m.packed is not None])
     _packed_anew()
     return sum(m.packed.nbytes for m, _ in layers + layers16 if m.packed is not None)
 
@@ -337,7 +338,18 @@ def repack_linear_weights(model: nn.Module) -> None:
             w = _matmul_weight(m)
             m.packed = pack_16bit_weight(w) if m.packed.act_dtype != torch.float32 \
                 else pack_weight(w, int8=m.packed.int8)
+    _into_huge_pages([m.packed for m in model.modules() if isinstance(m, (Linear, LMHead)) and m.packed is not None])
     _packed_anew()
+
+
+def _into_huge_pages(packs: list[PackedWeight]) -> None:
+    """Moves the packed copies (what every decode step streams) into one buffer of huge pages
+    (pagedllm/huge_pages.py)."""
+    if not huge_pages.enabled():
+        return
+    arena = huge_pages.Arena(sum(huge_pages.footprint(p.data) for p in packs))
+    for p in packs:
+        p.data = arena.copy_in(p.data)
 
 
 def _matmul_weight(m: nn.Module) -> torch.Tensor:

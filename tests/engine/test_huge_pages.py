@@ -1,0 +1,93 @@
+"""pagedllm/huge_pages.py: the packed weights and the CPU KV cache sit in 2 MiB-aligned buffers advised for
+transparent huge pages (the kernel marks such a mapping "hg" in /proc/self/smaps), unless turned off."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from pagedllm import huge_pages
+from pagedllm.layers import linear as linear_mod
+from pagedllm.layers.linear import Linear, pack_linear_weights
+
+needs_madvise = pytest.mark.skipif(not huge_pages.enabled(), reason="no madvise here (not Linux / glibc)")
+
+
+def _vm_flags(addr: int) -> set[str]:
+    """The VmFlags of the mapping that holds addr (/proc/self/smaps)."""
+    flags, inside = set(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = set(line.split()[1:])
+    return flags
+
+
+@needs_madvise
+def test_empty_is_aligned_and_advised():
+    buf = huge_pages.empty(3 * huge_pages.HUGE_PAGE + 5)
+    assert buf.dtype == torch.uint8 and buf.numel() == 3 * huge_pages.HUGE_PAGE + 5
+    assert buf.data_ptr() % huge_pages.HUGE_PAGE == 0
+    if os.path.exists("/proc/self/smaps"):
+        assert "hg" in _vm_flags(buf.data_ptr())
+    buf.fill_(7)  # every byte is writable, the tail in the slack page too
+    assert int(buf[-1]) == 7
+    small = huge_pages.empty(100)  # under a huge page: a plain buffer
+    assert small.numel() == 100
+
+
+def test_switched_off_and_bad_values(monkeypatch):
+    monkeypatch.setenv(huge_pages.ENV, "0")
+    assert not huge_pages.enabled()
+    assert huge_pages.empty(3 * huge_pages.HUGE_PAGE).numel() == 3 * huge_pages.HUGE_PAGE
+    monkeypatch.setenv(huge_pages.ENV, "yes")
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_HUGE_PAGES must be 0 or 1"):
+        huge_pages.enabled()
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        huge_pages.empty(-1)
+
+
+def test_arena_copies_side_by_side():
+    tensors = [torch.randn(5, 7), torch.arange(11, dtype=torch.uint8), torch.randn(3, 4).to(torch.bfloat16)]
+    arena = huge_pages.Arena(sum(huge_pages.footprint(t) for t in tensors))
+    copies = [arena.copy_in(t) for t in tensors]
+    for t, c in zip(tensors, copies):
+        assert c.dtype == t.dtype and c.shape == t.shape and c.is_contiguous() and torch.equal(c, t)
+        assert c.data_ptr() % huge_pages.ALIGN == 0 and c.data_ptr() != t.data_ptr()
+    with pytest.raises(ValueError, match="Arena full"):
+        arena.copy_in(torch.zeros(1))
+    with pytest.raises(ValueError, match="contiguous CPU tensors"):
+        huge_pages.Arena(1024).copy_in(torch.randn(4, 4).t())
+
+
+def test_empty_tensor_shape_and_dtype():
+    t = huge_pages.empty_tensor((2, 3, 4), torch.float16)
+    assert t.shape == (2, 3, 4) and t.dtype == torch.float16 and t.is_contiguous()
+
+
+@needs_madvise
+@pytest.mark.parametrize("on", ["1", "0"])
+def test_packed_weights_move_into_one_buffer_and_keep_their_results(monkeypatch, on):
+    monkeypatch.setenv(huge_pages.ENV, on)
+    monkeypatch.setattr(linear_mod, "_available_memory", lambda: 1 << 40)
+    torch.manual_seed(0)
+    model = nn.Sequential(Linear(256, 2048, bias=False), Linear(2048, 512, bias=True))
+    with torch.no_grad():
+        for m in model:
+            m.weight.normal_()
+    x = torch.randn(3, 256)
+    before = [m.packed for m in model]
+    assert before == [None, None]
+    pack_linear_weights(model)
+    ptrs = sorted(m.packed.data.data_ptr() for m in model)
+    if on == "1":  # one arena: the second right after the first (64-byte aligned), the first on a huge page
+        first = model[0].packed.data if model[0].packed.data.data_ptr() == ptrs[0] else model[1].packed.data
+        assert ptrs[0] % huge_pages.HUGE_PAGE == 0
+        assert ptrs[1] == ptrs[0] + huge_pages.footprint(first)
+    y = model(x)
+    ref = torch.nn.functional.linear(torch.nn.functional.linear(x, model[0].weight), model[1].weight, model[1].bias)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
