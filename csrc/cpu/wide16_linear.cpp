@@ -5,9 +5,9 @@
 // exact (bf16: the 16 bits shifted left by 16; fp16: F16C's vcvtph2ps, subnormals included). So the
 // kernel streams 16-bit panels (half the bytes of fp32 panels: a small decode step is bound by that
 // stream) and widens them in registers right before fp32 FMAs, or for more rows a whole panel at a
-// time into an fp32 buffer that the packed_linear tile (panel_tile.h) reads. Each output is the same FMA chain over
-// k in order as packed_linear on the fp32 weights: the result is packed_linear's, bit for bit, for
-// every row count (the quantized_linear idea with a trivial code).
+// time into an fp32 buffer that the packed_linear tile (panel_tile.h) reads. Each output is the same
+// FMA chain over k in order as packed_linear on the fp32 weights: the result is packed_linear's, bit
+// for bit, for every row count (the quantized_linear idea with a trivial code).
 //
 // pack_wide16_linear_weight(weight [N, K] float32, qtype) -> [ceil(N / 32), K, 32] of bfloat16
 // (qtype 30, GGML's BF16) or float16 (qtype 1, GGML's F16): packed[p, k, j] = weight[32 p + j, k],
