@@ -80,8 +80,7 @@ def test_packed_weights_move_into_one_buffer_and_keep_their_results(monkeypatch,
         for m in model:
             m.weight.normal_()
     x = torch.randn(3, 256)
-    before = [m.packed for m in model]
-    assert before == [None, None]
+    assert [m.packed for m in model] == [None, None]
     pack_linear_weights(model)
     ptrs = sorted(m.packed.data.data_ptr() for m in model)
     if on == "1":  # one arena: the second right after the first (64-byte aligned), the first on a huge page

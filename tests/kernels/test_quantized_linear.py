@@ -73,8 +73,8 @@ def test_k_quant_blocks_are_found_and_exact(qtype):
 
 # N: a single short panel (5), a partial panel (83), a partial panel paired with a full one in the 1-2
 # row tiles (115: two panels a thread), exact panels (576). K: one block, two, the model's two.
-# M: 1 row, the in-register expansion (2 rows on AVX2, up to 12 on AVX-512), chunked tiles with a
-# remainder (13, 25), 64, 130.
+# M: 1 row, the in-register expansion (2 rows on AVX2, up to 12 on AVX-512), whole expanded panels with
+# a remainder tile (13, 25), 64, 130.
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("n,k", [(5, 32), (83, 576), (115, 64), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 2, 3, 12, 13, 25, 64, 130])
