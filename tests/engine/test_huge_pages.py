@@ -90,3 +90,19 @@ def test_packed_weights_move_into_one_buffer_and_keep_their_results(monkeypatch,
     y = model(x)
     ref = torch.nn.functional.linear(torch.nn.functional.linear(x, model[0].weight), model[1].weight, model[1].bias)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+
+
+@needs_madvise
+def test_cpu_kv_cache_is_on_huge_pages():
+    from model_factory import tiny_config
+    from pagedllm.engine.model_runner import ModelRunner
+    from pagedllm.models import build_model
+
+    model = build_model(tiny_config("llama", 512), torch.float32, "cpu")
+    runner = ModelRunner(model, None, torch.device("cpu"), torch.float32, 16)
+    runner.allocate_kv_cache(1024)  # 2 layers x 1024 blocks x 1 kv head x 16 x 64 floats: 8 MiB each
+    for cache in (runner.key_cache, runner.value_cache):
+        assert cache.shape[1] == 1024 and cache.dtype == torch.float32 and cache.is_contiguous()
+        assert cache.data_ptr() % huge_pages.HUGE_PAGE == 0
+        if os.path.exists("/proc/self/smaps"):
+            assert "hg" in _vm_flags(cache.data_ptr())
