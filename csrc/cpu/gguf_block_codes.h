@@ -22,21 +22,23 @@ constexpr int64_t kBlock = 32;  // inputs per quantization block (GGUF's QK4_0 .
 
 // The block formats, by GGML type id. weight = affine ? fma(d, c, m) : d * float(c - offset).
 struct Format {
-  int code_bits;  // 4, 5 or 8 (8: c is a signed byte)
+  int code_bits;     // 4, 5 or 8 (8: c is a signed byte)
   bool affine;
-  int offset;     // signed formats only
-  int sub;        // inputs per scale d: 32, or 16 (Q6_K; signed formats only)
+  int offset;        // signed formats only
+  int sub;           // inputs per scale d: 32, or 16 (Q6_K; signed formats only)
+  bool half_scales;  // d (and m) are fp16 values, packed as fp16 (the K-quants' fp32 products are not)
 };
 // Q4_K's sub-blocks of 32 are Q4_1's form with fp32 d and m, Q6_K's sub-blocks of 16 are Q8_0's form
 // with an fp32 d each (quantize_block_q4k, quantize_block_q6k).
 constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;
 constexpr Format format_of(int qtype) {
-  return qtype == kQ4_0 ? Format{4, false, 8, 32}
-       : qtype == kQ4_1 || qtype == kQ4_K ? Format{4, true, 0, 32}
-       : qtype == kQ5_0 ? Format{5, false, 16, 32}
-       : qtype == kQ5_1 ? Format{5, true, 0, 32}
-       : qtype == kQ6_K ? Format{8, false, 0, 16}
-                        : Format{8, false, 0, 32};
+  return qtype == kQ4_0 ? Format{4, false, 8, 32, true}
+       : qtype == kQ4_1 ? Format{4, true, 0, 32, true}
+       : qtype == kQ4_K ? Format{4, true, 0, 32, false}
+       : qtype == kQ5_0 ? Format{5, false, 16, 32, true}
+       : qtype == kQ5_1 ? Format{5, true, 0, 32, true}
+       : qtype == kQ6_K ? Format{8, false, 0, 16, false}
+                        : Format{8, false, 0, 32, true};
 }
 
 // Calls fn(std::integral_constant<int, QT>) for the format qtype names.
@@ -53,8 +55,9 @@ decltype(auto) with_qtype(int64_t qtype, Fn&& fn) {
   }
 }
 
-// d[32 / sub][32], then (affine) m[32]
-constexpr int64_t scale_bytes(Format f) { return (f.affine ? 2 : kBlock / f.sub) * kPanel * 4; }
+// d[32 / sub][32], then (affine) m[32]: fp16 where half_scales (Q4_1: 20 bytes per 32 weights, GGUF's own
+// size, instead of 24 with fp32 scales), else fp32.
+constexpr int64_t scale_bytes(Format f) { return (f.affine ? 2 : kBlock / f.sub) * kPanel * (f.half_scales ? 2 : 4); }
 constexpr int64_t code_bytes(Format f) {
   return f.code_bits == 8 ? kBlock * kPanel : kBlock * kPanel / 2 + (f.code_bits == 5 ? kBlock * 4 : 0);
 }
@@ -68,6 +71,30 @@ inline bool same_bits(float a, float b) {  // -0.0 is not +0.0 here: "exact" mea
 }
 
 inline float to_half_and_back(float v) { return static_cast<float>(c10::Half(v)); }
+
+// Scale i of a packed block's scale area (d[32 / sub][32], then m[32]), as fp32 (exactly: the fp16
+// values widen without rounding), and its store (pack: the values are fp16 ones, quantize_block checked).
+template <int QT>
+inline float scale_at(const uint8_t* blk, int64_t i) {
+  if constexpr (format_of(QT).half_scales) {
+    uint16_t h;
+    std::memcpy(&h, blk + 2 * i, 2);
+    return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+  } else {
+    float v;
+    std::memcpy(&v, blk + 4 * i, 4);
+    return v;
+  }
+}
+template <int QT>
+inline void store_scale(uint8_t* blk, int64_t i, float v) {
+  if constexpr (format_of(QT).half_scales) {
+    const uint16_t h = c10::Half(v).x;
+    std::memcpy(blk + 2 * i, &h, 2);
+  } else {
+    std::memcpy(blk + 4 * i, &v, 4);
+  }
+}
 
 // The fp16 values next to h (h itself first): the scale recovered from a block's extremes can be
 // one fp16 step off after the fp32 rounding of d * q + m.

@@ -119,14 +119,14 @@ at::Tensor repack(const at::Tensor& codes, int64_t N) {
         const int64_t n = p * kFeatures + fe, j = n % gc::kPanel;
         for (int64_t b = 0; b < B; ++b) {
           const uint8_t* in = src + ((n / gc::kPanel) * B + b) * src_bb;
-          const float* d_in = reinterpret_cast<const float*>(in);  // [32 / sub][32], then (affine) m[32]
           uint8_t* blk = dst + (p * B + b) * dst_bb;
           float* d_out = reinterpret_cast<float*>(blk);
-          for (int64_t s = 0; s < subs(l); ++s) {
-            const float d = d_in[s * gc::kPanel + j];
+          for (int64_t s = 0; s < subs(l); ++s) {  // the codes' d[32 / sub][32], then (affine) m[32]
+            const float d = gc::scale_at<QT>(in, s * gc::kPanel + j);
             d_out[s * kFeatures + fe] = d;
             if (l.has_corr) {
-              d_out[(subs(l) + s) * kFeatures + fe] = f.affine ? d_in[gc::kPanel + j] : -static_cast<float>(l.offset) * d;
+              d_out[(subs(l) + s) * kFeatures + fe] =
+                  f.affine ? gc::scale_at<QT>(in, gc::kPanel + j) : -static_cast<float>(l.offset) * d;
             }
           }
           uint8_t* c_out = blk + scale_bytes(l);

@@ -20,8 +20,9 @@
 // at 1 row, 11 ms at 8, 29 ms at 32, against 24 / 28 / 42 ms for packed_linear on fp32 weights.)
 //
 // Packed layout, uint8 [ceil(N / 32), K / 32, block_bytes]: per panel of 32 output features and
-// block of 32 inputs, d[32] float32 (Q6_K: d[2][32], inputs 0-15 and 16-31), then (affine formats)
-// m[32] float32, then the codes:
+// block of 32 inputs, d[32] (Q6_K: d[2][32], inputs 0-15 and 16-31), then (affine formats) m[32], fp16
+// for the formats whose scales are fp16 in GGUF, fp32 for the K-quants' (gguf_block_codes.h scale_at),
+// then the codes:
 //   4 and 5 bits: 32 x 16 bytes (byte j of input k: feature j's low 4 bits in the low nibble,
 //                 feature j + 16's in the high one), then (5 bits) 32 uint32 (bit j of input k's
 //                 word: feature j's bit 4);
@@ -62,6 +63,16 @@ using panel::kTileRows;
 
 
 #if defined(__AVX512F__)
+// Scales i .. i + 15 of a block's scale area as fp32 (scale_at, 16 at a time).
+template <int QT>
+inline __m512 load_scales(const uint8_t* blk, int64_t i) {
+  if constexpr (format_of(QT).half_scales) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2 * i)));
+  } else {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(blk) + i);
+  }
+}
+
 // The fp32 weights of input k of a block: features 0-15 in w0, 16-31 in w1, exactly weight_of.
 template <int QT>
 inline void expand_row(const uint8_t* codes, int64_t k, __m512 d0, __m512 d1, __m512 m0, __m512 m1, __m512& w0,
@@ -121,18 +132,16 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
     __m512 m0[NP], m1[NP];
 #pragma GCC unroll 2
     for (int q = 0; q < NP; ++q) {
-      const float* d = reinterpret_cast<const float*>(blk + q * panel_bytes);
-      m0[q] = f.affine ? _mm512_loadu_ps(d + kPanel) : _mm512_setzero_ps();
-      m1[q] = f.affine ? _mm512_loadu_ps(d + kPanel + 16) : _mm512_setzero_ps();
+      m0[q] = f.affine ? load_scales<QT>(blk + q * panel_bytes, kPanel) : _mm512_setzero_ps();
+      m1[q] = f.affine ? load_scales<QT>(blk + q * panel_bytes, kPanel + 16) : _mm512_setzero_ps();
     }
     const float* xb = x + b * kBlock;
     for (int64_t s0 = 0; s0 < kBlock; s0 += f.sub) {
       __m512 d0[NP], d1[NP];
 #pragma GCC unroll 2
       for (int q = 0; q < NP; ++q) {
-        const float* ds = reinterpret_cast<const float*>(blk + q * panel_bytes) + s0 / f.sub * kPanel;
-        d0[q] = _mm512_loadu_ps(ds);
-        d1[q] = _mm512_loadu_ps(ds + 16);
+        d0[q] = load_scales<QT>(blk + q * panel_bytes, s0 / f.sub * kPanel);
+        d1[q] = load_scales<QT>(blk + q * panel_bytes, s0 / f.sub * kPanel + 16);
       }
       for (int64_t k = s0; k < s0 + f.sub; ++k) {
 #pragma GCC unroll 2
@@ -177,16 +186,27 @@ template <int QT>
 FusedFn fused_fn(int64_t M, int64_t np) {
   return np == 1 ? kFused<QT>[M - 1] : kPaired<QT>[M - 1];
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PAGEDLLM_QL_AVX2 1
 // The AVX2 + FMA twins (x86-64-v3 CPUs without AVX-512, e.g. AMD Zen 2 / 3): 8 features a vector, a
 // panel row of 32 is 4 vectors, the same formulas as weight_of, in the same order.
 
-// The fp32 weights of input k of a block: features 8v .. 8v + 7 in w[v]. ds: the 32 scales of k's
-// sub-block; ms: the 32 offsets (affine formats).
+// Scales i .. i + 7 of a block's scale area as fp32 (scale_at, 8 at a time).
 template <int QT>
-inline void expand_row8(const uint8_t* codes, int64_t k, const float* ds, const float* ms, __m256 (&w)[4]) {
+inline __m256 load_scales8(const uint8_t* blk, int64_t i) {
+  if constexpr (format_of(QT).half_scales) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 * i)));
+  } else {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(blk) + i);
+  }
+}
+
+// The fp32 weights of input k of a block (blk: its scale area, then the codes): features 8v .. 8v + 7
+// in w[v], with k's sub-block's scales and (affine formats) the offsets.
+template <int QT>
+inline void expand_row8(const uint8_t* blk, int64_t k, __m256 (&w)[4]) {
   constexpr Format f = format_of(QT);
+  const uint8_t* codes = blk + scale_bytes(f);
   __m256i c[4];
   if constexpr (f.code_bits == 8) {
     for (int v = 0; v < 4; ++v) {
@@ -213,9 +233,9 @@ inline void expand_row8(const uint8_t* codes, int64_t k, const float* ds, const 
     }
   }
   for (int v = 0; v < 4; ++v) {
-    const __m256 d = _mm256_loadu_ps(ds + 8 * v);
+    const __m256 d = load_scales8<QT>(blk, k / f.sub * kPanel + 8 * v);
     if constexpr (f.affine) {
-      w[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[v]), d, _mm256_loadu_ps(ms + 8 * v));
+      w[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[v]), d, load_scales8<QT>(blk, kPanel + 8 * v));
     } else {
       w[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c[v], _mm256_set1_epi32(f.offset))), d);
     }
@@ -238,12 +258,10 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const uint8_t* blk = codes_panel + b * bb;
     for (int64_t line = 0; next != nullptr && line < bb; line += 64) _mm_prefetch(reinterpret_cast<const char*>(next + b * bb + line), _MM_HINT_T1);
-    const float* d = reinterpret_cast<const float*>(blk);
-    const uint8_t* codes = blk + scale_bytes(f);
     const float* xb = x + b * kBlock;
     for (int64_t k = 0; k < kBlock; ++k) {
       __m256 w[4];
-      expand_row8<QT>(codes, k, d + k / f.sub * kPanel, d + kPanel, w);
+      expand_row8<QT>(blk, k, w);
       for (int m = 0; m < M; ++m) {
         const __m256 xv = _mm256_broadcast_ss(xb + m * ldx + k);
         for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_fmadd_ps(w[v], xv, acc[m][v]);
@@ -279,31 +297,30 @@ void expand_blocks(const uint8_t* panel_codes, int64_t B, float* __restrict__ ds
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* src = panel_codes + b * bb;
     for (int64_t line = 0; next != nullptr && line < bb; line += 64) __builtin_prefetch(next + b * bb + line, 0, 2);
-    const float* d = reinterpret_cast<const float*>(src);
-    const uint8_t* codes = src + scale_bytes(f);
     float* out = dst + b * kBlock * kPanel;
 #if defined(__AVX512F__)
-    const __m512 m0 = f.affine ? _mm512_loadu_ps(d + kPanel) : _mm512_setzero_ps();
-    const __m512 m1 = f.affine ? _mm512_loadu_ps(d + kPanel + 16) : _mm512_setzero_ps();
+    const uint8_t* codes = src + scale_bytes(f);
+    const __m512 m0 = f.affine ? load_scales<QT>(src, kPanel) : _mm512_setzero_ps();
+    const __m512 m1 = f.affine ? load_scales<QT>(src, kPanel + 16) : _mm512_setzero_ps();
     for (int64_t k = 0; k < kBlock; ++k) {
-      const float* ds = d + k / f.sub * kPanel;
+      const int64_t ds = k / f.sub * kPanel;
       __m512 w0, w1;
-      expand_row<QT>(codes, k, _mm512_loadu_ps(ds), _mm512_loadu_ps(ds + 16), m0, m1, w0, w1);
+      expand_row<QT>(codes, k, load_scales<QT>(src, ds), load_scales<QT>(src, ds + 16), m0, m1, w0, w1);
       _mm512_storeu_ps(out + k * kPanel, w0);
       _mm512_storeu_ps(out + k * kPanel + 16, w1);
     }
 #elif defined(PAGEDLLM_QL_AVX2)
     for (int64_t k = 0; k < kBlock; ++k) {
       __m256 w[4];
-      expand_row8<QT>(codes, k, d + k / f.sub * kPanel, d + kPanel, w);
+      expand_row8<QT>(src, k, w);
       for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + k * kPanel + 8 * v, w[v]);
     }
 #else
-    const float* m = d + kPanel;  // affine formats only
+    const uint8_t* codes = src + scale_bytes(f);
     for (int64_t k = 0; k < kBlock; ++k) {
-      const float* ds = d + k / f.sub * kPanel;
       for (int64_t j = 0; j < kPanel; ++j) {
-        out[k * kPanel + j] = weight_of<QT>(ds[j], code_at<QT>(codes, k, j), f.affine ? m[j] : 0.f);
+        out[k * kPanel + j] = weight_of<QT>(scale_at<QT>(src, k / f.sub * kPanel + j), code_at<QT>(codes, k, j),
+                                            f.affine ? scale_at<QT>(src, kPanel + j) : 0.f);
       }
     }
 #endif
@@ -342,14 +359,13 @@ at::Tensor pack(const at::Tensor& w) {
     for (int64_t p = p0; p < p1 && exact.load(std::memory_order_relaxed); ++p) {
       for (int64_t j = 0; j < kPanel && p * kPanel + j < N; ++j) {
         for (int64_t b = 0; b < B; ++b) {
-          uint8_t* blk = dst + (p * B + b) * bb;
-          float* d = reinterpret_cast<float*>(blk);  // [32 / sub][32], then (affine) m[32]
+          uint8_t* blk = dst + (p * B + b) * bb;  // d[32 / sub][32], then (affine) m[32]
           if (!quantize_block<QT>(src + (p * kPanel + j) * K + b * kBlock, ds, m, c)) {
             exact.store(false, std::memory_order_relaxed);
             return;
           }
-          for (int64_t s = 0; s < kBlock / f.sub; ++s) d[s * kPanel + j] = ds[s];
-          if (f.affine) d[kPanel + j] = m;
+          for (int64_t s = 0; s < kBlock / f.sub; ++s) store_scale<QT>(blk, s * kPanel + j, ds[s]);
+          if (f.affine) store_scale<QT>(blk, kPanel + j, m);
           store_codes<QT>(blk + scale_bytes(f), j, c);
         }
       }
@@ -383,7 +399,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
   const int64_t K = packed.size(1) * kBlock, N = out_features;
   const panel::LinearIO io = panel::linear_io("quantized_linear", x, K, N, packed.size(0), bias);
   if (io.M == 0) return io.y;
-  with_qtype(qtype == kQ4_K ? kQ4_1 : qtype, [&](auto qt) {  // one kernel per layout
+  with_qtype(qtype, [&](auto qt) {
     constexpr int QT = decltype(qt)::value;
     const int64_t P = packed.size(0), panel_bytes = packed.size(1) * packed.size(2);
     const uint8_t* wp = packed.data_ptr<uint8_t>();

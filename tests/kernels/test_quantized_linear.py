@@ -17,7 +17,7 @@ gguf = pytest.importorskip("gguf")  # the GPU image has no gguf: collecting test
 
 Q = gguf.GGMLQuantizationType
 QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
-BLOCK_BYTES = {Q.Q4_0: 640, Q.Q4_1: 768, Q.Q5_0: 768, Q.Q5_1: 896, Q.Q8_0: 1152}  # per 32 x 32 block
+BLOCK_BYTES = {Q.Q4_0: 576, Q.Q4_1: 640, Q.Q5_0: 704, Q.Q5_1: 768, Q.Q8_0: 1088}  # per 32 x 32 block (fp16 d, m)
 
 
 def gguf_round_trip(w: torch.Tensor, qtype) -> torch.Tensor:
@@ -199,7 +199,7 @@ def test_layer_uses_the_codes_from_one_row(monkeypatch):
         layer.weight.copy_(gguf_round_trip(torch.randn(70, 96), Q.Q4_1))
         layer.bias.normal_()
     added = pack_linear_weights(layer)
-    assert layer.packed.qtype == Q.Q4_1 and added == layer.packed.nbytes == 3 * 3 * 768  # panels x blocks
+    assert layer.packed.qtype == Q.Q4_1 and added == layer.packed.nbytes == 3 * 3 * 640  # panels x blocks
     calls = []
     real = _ops.quantized_linear
     monkeypatch.setattr(linear_mod._ops, "quantized_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
