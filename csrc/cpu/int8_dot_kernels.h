@@ -5,8 +5,9 @@
 // Per output, block b and sub-block s: the integer dot product isum of the stored codes and x's int8,
 // exact; then, in fp32, acc = fma(float(isum), d_w * d_x, acc) and (formats with corr)
 // acc = fma(corr, d_x * float(sum of x's int8 over s), acc). Three twins: portable scalar (the reference),
-// AVX2 (vpmaddubsw + vpmaddwd) and AVX-512 VNNI (vpdpbusd; two panels at a time in 16 lanes where there are
-// two), chosen at run time by CPU features; they give the same bits (same integers, same fp32 operations in the same order per output).
+// AVX2 (vpmaddubsw + vpmaddwd) and AVX-512 VNNI (vpdpbusd; two panels at a time in 16 lanes where there
+// are two), chosen at run time by CPU features; they give the same bits (same integers, same fp32
+// operations in the same order per output).
 #pragma once
 
 #include <algorithm>
