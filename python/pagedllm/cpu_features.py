@@ -27,29 +27,27 @@ NATIVE_16BIT_FLAGS = {
 }
 
 
-@functools.lru_cache(maxsize=1)
-def _detected_flags() -> frozenset[str]:
+def _cpuinfo_field(name: str) -> str:
+    """The value of the first /proc/cpuinfo line named name; "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
+def _detected_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo_field("flags").split())
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD, ...); "" where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo_field("vendor_id")
 
 
 def cpu_flags() -> frozenset[str]:

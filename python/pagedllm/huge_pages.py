@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
 import os
 from typing import Optional
 
@@ -67,14 +68,7 @@ def empty(nbytes: int) -> torch.Tensor:
 
 def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor of that shape and dtype in a buffer from empty()."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    return empty(numel * _itemsize(dtype)).view(dtype).view(shape)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return empty(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def footprint(t: torch.Tensor) -> int:

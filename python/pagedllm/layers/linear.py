@@ -333,12 +333,11 @@ def pack_linear_weights(model: nn.Module, int8: bool = False) -> int:
 
 def repack_linear_weights(model: nn.Module) -> None:
     """After new weights were loaded into a model that has packed copies: pack them again."""
-    for m in model.modules():
-        if isinstance(m, (Linear, LMHead)) and m.packed is not None:
-            w = _matmul_weight(m)
-            m.packed = pack_16bit_weight(w) if m.packed.act_dtype != torch.float32 \
-                else pack_weight(w, int8=m.packed.int8)
-    _into_huge_pages([m.packed for m in model.modules() if isinstance(m, (Linear, LMHead)) and m.packed is not None])
+    mods = [m for m in model.modules() if isinstance(m, (Linear, LMHead)) and m.packed is not None]
+    for m in mods:
+        w = _matmul_weight(m)
+        m.packed = pack_16bit_weight(w) if m.packed.act_dtype != torch.float32 else pack_weight(w, int8=m.packed.int8)
+    _into_huge_pages([m.packed for m in mods if m.packed is not None])
     _packed_anew()
 
 
