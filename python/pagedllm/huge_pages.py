@@ -10,6 +10,13 @@ before anything is written, so that the first touch faults in huge pages.
 
 PAGEDLLM_CPU_HUGE_PAGES=0 turns it off (then these are plain torch.empty buffers); where madvise is
 missing or refused (not Linux, THP "never") the buffers are plain too.
+
+The CPU KV cache is also faulted in (zero-filled) when it is allocated, as vLLM's is (torch.zeros): a
+page's first touch costs a fault and, in a VM whose host backs memory lazily, the host's fault too
+(~0.5 GB/s on the dev VM, with compaction stalls of up to 13 ms on one 3 MB write). Left to the first
+requests, the ~200 MB of KV that throughput.py's 32 requests write cost ~12% of their throughput there
+(benchmarks/RESULTS.md). PAGEDLLM_CPU_KV_PREFAULT=0 leaves the cache untouched until used (the test
+suite does, to keep its many engine startups fast).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV = "PAGEDLLM_CPU_HUGE_PAGES"
+PREFAULT_ENV = "PAGEDLLM_CPU_KV_PREFAULT"
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 ALIGN = 64  # bytes between tensors placed in one buffer (the kernels' vector loads)
@@ -43,11 +51,20 @@ def _madvise():
     return fn
 
 
-def enabled() -> bool:
-    value = os.environ.get(ENV, "1")
+def _switch(name: str) -> bool:
+    """An on/off environment variable, on unless set to 0."""
+    value = os.environ.get(name, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{ENV} must be 0 or 1, got {value!r}")
-    return value == "1" and _madvise() is not None
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def enabled() -> bool:
+    return _switch(ENV) and _madvise() is not None
+
+
+def prefault_enabled() -> bool:
+    return _switch(PREFAULT_ENV)
 
 
 def empty(nbytes: int) -> torch.Tensor:

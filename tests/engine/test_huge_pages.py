@@ -1,5 +1,8 @@
 """pagedllm/huge_pages.py: the packed weights and the CPU KV cache sit in 2 MiB-aligned buffers advised for
 transparent huge pages (the kernel marks such a mapping "hg" in /proc/self/smaps), unless turned off."""
+import ctypes
+import ctypes.util
+import mmap
 import os
 
 import pytest
@@ -106,3 +109,32 @@ def test_cpu_kv_cache_is_on_huge_pages():
         assert cache.data_ptr() % huge_pages.HUGE_PAGE == 0
         if os.path.exists("/proc/self/smaps"):
             assert "hg" in _vm_flags(cache.data_ptr())
+
+
+def _resident_fraction(t: torch.Tensor) -> float:
+    """The share of t's pages that are in memory (mincore)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = t.data_ptr() + t.numel() * t.element_size() - start
+    pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="mincore is checked on Linux")
+def test_cpu_kv_cache_is_faulted_in_when_allocated(monkeypatch):
+    from model_factory import tiny_config
+    from pagedllm.engine.model_runner import ModelRunner
+    from pagedllm.models import build_model
+
+    monkeypatch.setenv(huge_pages.PREFAULT_ENV, "1")
+    model = build_model(tiny_config("llama", 512), torch.float32, "cpu")
+    runner = ModelRunner(model, None, torch.device("cpu"), torch.float32, 16)
+    runner.allocate_kv_cache(512)  # 2 layers x 512 blocks x 1 kv head x 16 x 64 floats: 4 MiB each
+    for cache in (runner.key_cache, runner.value_cache):
+        assert _resident_fraction(cache) == 1.0
+        assert not cache.any()  # zero-filled, as vLLM's torch.zeros cache
+    monkeypatch.setenv(huge_pages.PREFAULT_ENV, "on")
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_KV_PREFAULT must be 0 or 1"):
+        runner.allocate_kv_cache(512)
