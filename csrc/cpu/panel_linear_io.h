@@ -3,6 +3,7 @@
 // y [..., N] allocated.
 #pragma once
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -56,11 +57,18 @@ inline LinearIO linear_io(const char* op, const at::Tensor& x, int64_t K, int64_
 // a chunk's slab of x (every row, a few dozen inputs) was read in short strided runs and fell out of L2
 // between a panel's chunks (Q4_1, 2 cores: 1152 rows 315 -> 390 GFLOP/s, 256 rows 359 -> 404, the fp32
 // panels' rate; 16-32 rows a few % faster too).
-inline void panel_tiles(const LinearIO& io, const float* panel, int64_t K, int64_t N, int64_t n0, int64_t n_valid) {
+// next / next_bytes: the thread's next packed panel (nullptr for none), fetched into L2 a line per k
+// during the first tile (at most 64 bytes per k in every packed format: a line per k covers it). Spread
+// over the tile rather than issued in a burst while a panel is expanded: the burst overran the core's
+// outstanding misses and the next expansion waited on DRAM (Q8_0 LM head, 32 rows: see RESULTS.md).
+inline void panel_tiles(const LinearIO& io, const float* panel, int64_t K, int64_t N, int64_t n0, int64_t n_valid,
+                        const void* next = nullptr, int64_t next_bytes = 0) {
   const float* bias = io.bias ? io.bias + n0 : nullptr;
+  const int64_t next_lines = next == nullptr ? 0 : std::min(K, (next_bytes + 4 * kLine - 1) / (4 * kLine));
   for (int64_t t = 0, tiles = num_tiles(io.M); t < tiles; ++t) {
     const int64_t m0 = tile_start(io.M, t), rows = tile_start(io.M, t + 1) - m0;
-    kTiles[rows - 1](io.xp + m0 * io.ldx, io.ldx, panel, K, bias, io.yp + m0 * N + n0, N, n_valid, nullptr, 0, 0);
+    kTiles[rows - 1](io.xp + m0 * io.ldx, io.ldx, panel, K, bias, io.yp + m0 * N + n0, N, n_valid,
+                     static_cast<const float*>(next), t == 0 ? next_lines : 0, kLine);
   }
 }
 

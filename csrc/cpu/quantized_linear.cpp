@@ -289,14 +289,13 @@ constexpr int kFusedRows = 0;  // the portable build always expands whole panels
 #endif
 
 // Expands the B blocks of one packed panel into fp32 weights [B * 32, 32] (the layout panel_tile
-// reads), exactly weight_of per weight; prefetches the same bytes of the next panel into L2 as it goes.
+// reads), exactly weight_of per weight (the next panel is fetched during the row tiles: panel_tiles).
 template <int QT>
-void expand_blocks(const uint8_t* panel_codes, int64_t B, float* __restrict__ dst, const uint8_t* next) {
+void expand_blocks(const uint8_t* panel_codes, int64_t B, float* __restrict__ dst) {
   constexpr Format f = format_of(QT);
   constexpr int64_t bb = block_bytes(f);
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* src = panel_codes + b * bb;
-    for (int64_t line = 0; next != nullptr && line < bb; line += 64) __builtin_prefetch(next + b * bb + line, 0, 2);
     float* out = dst + b * kBlock * kPanel;
 #if defined(__AVX512F__)
     const uint8_t* codes = src + scale_bytes(f);
@@ -426,8 +425,8 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         const uint8_t* codes = wp + p * panel_bytes;
         const uint8_t* next = p + 1 < p1 ? codes + panel_bytes : nullptr;
         const int64_t n0 = p * kPanel;
-        expand_blocks<QT>(codes, B, expanded.data(), next);
-        panel::panel_tiles(io, expanded.data(), K, N, n0, std::min(kPanel, N - n0));
+        expand_blocks<QT>(codes, B, expanded.data());
+        panel::panel_tiles(io, expanded.data(), K, N, n0, std::min(kPanel, N - n0), next, panel_bytes);
       }
     });
   });

@@ -169,12 +169,11 @@ template <int64_t QT>
 constexpr auto kFused = make_fused<QT>(std::make_integer_sequence<int, kFusedRows>{});
 #endif
 
-// Widens one packed panel into fp32 [K, 32] (the layout panel_tile reads), prefetching the same bytes
-// of the next panel into L2.
+// Widens one packed panel into fp32 [K, 32] (the layout panel_tile reads; the next panel is fetched
+// during the row tiles: panel_tiles).
 template <int64_t QT>
-void widen_panel(const uint16_t* panel, int64_t K, float* __restrict__ dst, const uint16_t* next) {
+void widen_panel(const uint16_t* panel, int64_t K, float* __restrict__ dst) {
   for (int64_t k = 0; k < K; ++k) {
-    if (next != nullptr) __builtin_prefetch(next + k * kPanel, 0, 2);
     const uint16_t* row = panel + k * kPanel;
     float* out = dst + k * kPanel;
 #if defined(__AVX512F__)
@@ -246,8 +245,8 @@ void run(const panel::LinearIO& io, const uint16_t* wp, int64_t P, int64_t K, in
       }
 #endif
       // More rows: the panel widened whole (panel::panel_tiles) into a buffer that every row tile reads.
-      widen_panel<QT>(bits, K, widened.data(), next);
-      panel::panel_tiles(io, widened.data(), K, N, n0, n_valid);
+      widen_panel<QT>(bits, K, widened.data());
+      panel::panel_tiles(io, widened.data(), K, N, n0, n_valid, next, K * kPanel * 2);
     }
   });
 }
