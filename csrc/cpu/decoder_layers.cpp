@@ -21,6 +21,7 @@
 #include <c10/util/Exception.h>
 
 #include "cpu_only_ops.h"
+#include "next_weight.h"
 #include "ops.h"
 
 namespace pagedllm::cpu {
@@ -57,8 +58,17 @@ std::optional<at::Tensor> present(const at::Tensor& t) {
   return t.numel() > 0 ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// Linear.forward: the packed copy for the row counts it serves, else F.linear.
-at::Tensor linear(const at::Tensor& x, const at::Tensor* layer, int weight_slot, int64_t kind, const Config& c) {
+// The packed weight of a layer's GEMM as the GEMM after another one reads it (next_weight.h): the kinds
+// split in panels over the threads (fp32, 16-bit or code panels); nullptr for none.
+const at::Tensor* panels_of(const at::Tensor* layer, int weight_slot, int64_t kind) {
+  return layer != nullptr && kind >= 0 && kind < kInt8Kind ? &layer[weight_slot + 1] : nullptr;
+}
+
+// Linear.forward: the packed copy for the row counts it serves, else F.linear. next: the packed weight
+// of the GEMM that follows (panels_of), fetched ahead by this one.
+at::Tensor linear(const at::Tensor& x, const at::Tensor* layer, int weight_slot, int64_t kind, const Config& c,
+                  const at::Tensor* next) {
+  const next_weight::Scope ahead(next);
   const at::Tensor& weight = layer[weight_slot];
   const at::Tensor& packed = layer[weight_slot + 1];
   const std::optional<at::Tensor> bias = present(layer[weight_slot + 2]);
@@ -85,7 +95,7 @@ at::Tensor rms_norm_new(const at::Tensor& x, const at::Tensor& weight, double ep
 at::Tensor attention(const at::Tensor& h, const at::Tensor* layer, const int64_t* ints, const at::Tensor& cos_sin,
                      const Config& c, const Step& s) {
   const int64_t D = c.head_size, q_size = c.num_heads * D, kv_size = c.num_kv_heads * D;
-  const at::Tensor qkv = linear(h, layer, kQkvWeight, ints[kQkvKind], c);
+  const at::Tensor qkv = linear(h, layer, kQkvWeight, ints[kQkvKind], c, panels_of(layer, kOWeight, ints[kOKind]));
   const int64_t n = qkv.size(0);
   at::Tensor q = qkv.narrow(-1, 0, q_size), k = qkv.narrow(-1, q_size, kv_size);
   const at::Tensor v = qkv.narrow(-1, q_size + kv_size, kv_size);
@@ -111,13 +121,14 @@ at::Tensor attention(const at::Tensor& h, const at::Tensor* layer, const int64_t
     paged_attention(out_d, q3.narrow(0, p, n - p), key_cache, value_cache, *s.decode_block_tables,
                     *s.decode_seq_lens, c.scale, window);
   }
-  return linear(out.view({n, q_size}), layer, kOWeight, ints[kOKind], c);
+  return linear(out.view({n, q_size}), layer, kOWeight, ints[kOKind], c,
+                panels_of(layer, kGateUpWeight, ints[kGateUpKind]));
 }
 
 // LlamaDecoderLayer.forward: (hidden, residual) in, (hidden, residual) out; residual undefined on
-// the first layer.
+// the first layer. next_qkv: the next layer's packed qkv weight (panels_of), nullptr after the last.
 void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* layer, const int64_t* ints,
-                   const at::Tensor& cos_sin, const Config& c, const Step& s) {
+                   const at::Tensor& cos_sin, const Config& c, const Step& s, const at::Tensor* next_qkv) {
   if (!residual.defined()) {
     residual = hidden;
     hidden = rms_norm_new(hidden, layer[kInputNorm], c.eps);
@@ -126,10 +137,11 @@ void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* l
   }
   hidden = attention(hidden, layer, ints, cos_sin, c, s);
   fused_add_rms_norm(hidden, residual, layer[kPostNorm], c.eps);
-  const at::Tensor gate_up = linear(hidden, layer, kGateUpWeight, ints[kGateUpKind], c);
+  const at::Tensor gate_up =
+      linear(hidden, layer, kGateUpWeight, ints[kGateUpKind], c, panels_of(layer, kDownWeight, ints[kDownKind]));
   at::Tensor act = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
   silu_and_mul(act, gate_up);
-  hidden = linear(act, layer, kDownWeight, ints[kDownKind], c);
+  hidden = linear(act, layer, kDownWeight, ints[kDownKind], c, next_qkv);
 }
 
 }  // namespace
@@ -161,9 +173,12 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Te
   const Step s{positions, slot_mapping, num_prefill_tokens, max_prefill_query_len, num_decodes,
                prefill_query_start_loc, prefill_seq_lens, prefill_block_tables, decode_seq_lens, decode_block_tables};
   at::Tensor hidden = hidden_in, residual;
+  const auto layer_at = [&](int64_t i) { return tensors.data() + 1 + i * kLayerTensors; };
+  const auto ints_at = [&](int64_t i) { return ints.data() + kGlobalInts + i * kLayerInts; };
   for (int64_t i = 0; i < num_layers; ++i) {
-    decoder_layer(hidden, residual, tensors.data() + 1 + i * kLayerTensors, ints.data() + kGlobalInts + i * kLayerInts,
-                  tensors[0], c, s);
+    const at::Tensor* next_qkv =
+        i + 1 < num_layers ? panels_of(layer_at(i + 1), kQkvWeight, ints_at(i + 1)[kQkvKind]) : nullptr;
+    decoder_layer(hidden, residual, layer_at(i), ints_at(i), tensors[0], c, s, next_qkv);
   }
   return {hidden, residual};
 }

@@ -51,6 +51,7 @@
 #include "cpu_only_ops.h"
 
 #include "gguf_block_codes.h"
+#include "next_weight.h"
 #include "panel_linear_io.h"
 #include "panel_tile.h"
 
@@ -116,18 +117,17 @@ inline void expand_row(const uint8_t* codes, int64_t k, __m512 d0, __m512 d1, __
 template <int M, int NP, int QT>
 void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel,
                 int64_t panel_bytes, int64_t K, const float* __restrict__ bias, float* __restrict__ y, int64_t ldy,
-                int64_t n_valid, const uint8_t* next) {
+                int64_t n_valid, const uint8_t* next, int64_t next_bytes) {
   constexpr Format f = format_of(QT);
   constexpr int64_t bb = block_bytes(f);
+  const int64_t B = K / kBlock, next_lines = (next_bytes + 63) / 64;
   __m512 c0[NP][M], c1[NP][M];
 #pragma GCC unroll 2
   for (int q = 0; q < NP; ++q) panel::zero_tile<M>(c0[q], c1[q]);
-  for (int64_t b = 0; b < K / kBlock; ++b) {
+  for (int64_t b = 0; b < B; ++b) {
     const uint8_t* blk = codes_panel + b * bb;
-    for (int q = 0; q < NP && next != nullptr; ++q) {
-      for (int64_t line = 0; line < bb; line += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + q * panel_bytes + b * bb + line), _MM_HINT_T1);
-      }
+    for (int64_t line = b * next_lines / B; line < (b + 1) * next_lines / B; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + 64 * line), _MM_HINT_T1);
     }
     __m512 m0[NP], m1[NP];
 #pragma GCC unroll 2
@@ -165,7 +165,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
 }
 
 using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, const float*, float*, int64_t,
-                         int64_t, const uint8_t*);
+                         int64_t, const uint8_t*, int64_t);
 constexpr int kFusedRows = kTileRows;
 constexpr int kGroupedRows = 2;  // row counts that take two panels side by side
 // Panels a fused tile of M rows takes side by side. Measured (one core, Q4_1 layer GEMVs, L3-resident):
@@ -248,16 +248,19 @@ inline void expand_row8(const uint8_t* blk, int64_t k, __m256 (&w)[4]) {
 template <int M, int QT>
 void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel,
                 int64_t /*panel_bytes*/, int64_t K, const float* __restrict__ bias, float* __restrict__ y, int64_t ldy,
-                int64_t n_valid, const uint8_t* next) {
+                int64_t n_valid, const uint8_t* next, int64_t next_bytes) {
   constexpr Format f = format_of(QT);
   constexpr int64_t bb = block_bytes(f);
+  const int64_t B = K / kBlock, next_lines = (next_bytes + 63) / 64;
   __m256 acc[M][4];
   for (int m = 0; m < M; ++m) {
     for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_setzero_ps();
   }
-  for (int64_t b = 0; b < K / kBlock; ++b) {
+  for (int64_t b = 0; b < B; ++b) {
     const uint8_t* blk = codes_panel + b * bb;
-    for (int64_t line = 0; next != nullptr && line < bb; line += 64) _mm_prefetch(reinterpret_cast<const char*>(next + b * bb + line), _MM_HINT_T1);
+    for (int64_t line = b * next_lines / B; line < (b + 1) * next_lines / B; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + 64 * line), _MM_HINT_T1);
+    }
     const float* xb = x + b * kBlock;
     for (int64_t k = 0; k < kBlock; ++k) {
       __m256 w[4];
@@ -276,7 +279,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
 }
 
 using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, const float*, float*, int64_t,
-                         int64_t, const uint8_t*);
+                         int64_t, const uint8_t*, int64_t);
 constexpr int kFusedRows = 2;
 template <int QT>
 constexpr int64_t group_panels(int64_t) { return 1; }  // 16 registers: one panel's chains fill them
@@ -403,6 +406,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
     const int64_t P = packed.size(0), panel_bytes = packed.size(1) * packed.size(2);
     const uint8_t* wp = packed.data_ptr<uint8_t>();
     const int64_t B = packed.size(1);
+    const next_weight::Hint after = next_weight::current();  // the next GEMM's weight (decoder_layers)
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
 #if defined(__AVX512F__) || defined(PAGEDLLM_QL_AVX2)
       if (io.M <= kFusedRows) {
@@ -411,10 +415,12 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
         for (int64_t g = 0; g < groups; ++g) {
           const int64_t p = p0 + g * n / groups, np = p0 + (g + 1) * n / groups - p;
           const uint8_t* codes = wp + p * panel_bytes;
-          const uint8_t* next = p + np < p1 ? codes + np * panel_bytes : nullptr;
+          // Fetched meanwhile: as many panels of the next group, or the next GEMM's first ones.
+          const auto [next, next_bytes] = g + 1 < groups ? std::pair(codes + np * panel_bytes, np * panel_bytes)
+                                                         : next_weight::this_thread_start(after, 2);
           const int64_t n0 = p * kPanel;
           fused_fn<QT>(io.M, np)(io.xp, io.ldx, codes, panel_bytes, K, io.bias ? io.bias + n0 : nullptr, io.yp + n0,
-                                 N, N - n0, next);
+                                 N, N - n0, next, next_bytes);
         }
         return;
       }
@@ -423,10 +429,11 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
       std::vector<float> expanded(K * kPanel);
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* codes = wp + p * panel_bytes;
-        const uint8_t* next = p + 1 < p1 ? codes + panel_bytes : nullptr;
+        const auto [next, next_bytes] = p + 1 < p1 ? std::pair(codes + panel_bytes, panel_bytes)
+                                                   : next_weight::this_thread_start(after, 1);
         const int64_t n0 = p * kPanel;
         expand_blocks<QT>(codes, B, expanded.data());
-        panel::panel_tiles(io, expanded.data(), K, N, n0, std::min(kPanel, N - n0), next, panel_bytes);
+        panel::panel_tiles(io, expanded.data(), K, N, n0, std::min(kPanel, N - n0), next, next_bytes);
       }
     });
   });
