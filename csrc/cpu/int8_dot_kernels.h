@@ -71,7 +71,6 @@ void tile(const QuantizedRows& x, int64_t r0, const uint8_t* __restrict__ panel,
   float acc[R][kFeatures] = {};
   for (int64_t b = 0; b < x.B; ++b) {
     const uint8_t* blk = panel + b * bb;
-    const float* dw = reinterpret_cast<const float*>(blk);
     const uint8_t* codes = blk + scale_bytes(l);
     for (int r = 0; r < R; ++r) {
       const int8_t* xq = x.q + (r0 + r) * x.K + b * kBlock;
@@ -81,9 +80,9 @@ void tile(const QuantizedRows& x, int64_t r0, const uint8_t* __restrict__ panel,
         for (int64_t f = 0; f < kFeatures; ++f) {
           int32_t isum = 0;
           for (int64_t k = s * l.sub; k < (s + 1) * l.sub; ++k) isum += code_at<QT>(codes, f, k) * xq[k];
-          const float dd = dw[s * kFeatures + f] * dx;
-          acc[r][f] = std::fma(static_cast<float>(isum), dd, acc[r][f]);
-          if constexpr (l.has_corr) acc[r][f] = std::fma(dw[(nsub + s) * kFeatures + f], sx, acc[r][f]);
+          const float dw = scale_at<QT>(blk, s * kFeatures + f);
+          acc[r][f] = std::fma(static_cast<float>(isum), dw * dx, acc[r][f]);
+          if constexpr (l.has_corr) acc[r][f] = std::fma(corr_at<QT>(blk, s, f, dw), sx, acc[r][f]);
         }
       }
     }
@@ -119,14 +118,14 @@ inline void quantize_row(const float* __restrict__ x, int64_t K, int8_t* __restr
 
 #if defined(PAGEDLLM_INT8_X86)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #include "int8_tile_x86.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace vnni {
 #define PAGEDLLM_INT8_VNNI 1
 #include "int8_tile_x86.inc"

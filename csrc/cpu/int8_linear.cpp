@@ -44,7 +44,8 @@ enum class Isa { kScalar, kAvx2, kVnni };
 
 bool cpu_has(Isa isa) {
 #if defined(PAGEDLLM_INT8_X86)
-  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                 __builtin_cpu_supports("f16c");
   if (isa == Isa::kVnni) {
     return cpu_has(Isa::kAvx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -120,14 +121,9 @@ at::Tensor repack(const at::Tensor& codes, int64_t N) {
         for (int64_t b = 0; b < B; ++b) {
           const uint8_t* in = src + ((n / gc::kPanel) * B + b) * src_bb;
           uint8_t* blk = dst + (p * B + b) * dst_bb;
-          float* d_out = reinterpret_cast<float*>(blk);
           for (int64_t s = 0; s < subs(l); ++s) {  // the codes' d[32 / sub][32], then (affine) m[32]
-            const float d = gc::scale_at<QT>(in, s * gc::kPanel + j);
-            d_out[s * kFeatures + fe] = d;
-            if (l.has_corr) {
-              d_out[(subs(l) + s) * kFeatures + fe] =
-                  f.affine ? gc::scale_at<QT>(in, gc::kPanel + j) : -static_cast<float>(l.offset) * d;
-            }
+            store_scale<QT>(blk, s * kFeatures + fe, gc::scale_at<QT>(in, s * gc::kPanel + j));
+            if (corr_stored(l)) store_scale<QT>(blk, (subs(l) + s) * kFeatures + fe, gc::scale_at<QT>(in, gc::kPanel + j));
           }
           uint8_t* c_out = blk + scale_bytes(l);
           for (int64_t k = 0; k < kBlock; ++k) {
@@ -202,7 +198,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t qt
   const Isa isa = chosen_isa();
   auto [q, d, sums] = quantize(io.xp, io.ldx, io.M, K, isa, x.options());
   const QuantizedRows rows{q.data_ptr<int8_t>(), d.data_ptr<float>(), sums.data_ptr<int32_t>(), K, K / kBlock};
-  gc::with_qtype(qtype == gc::kQ4_K ? gc::kQ4_1 : qtype, [&](auto qt) {  // Q4_K's layout is Q4_1's
+  gc::with_qtype(qtype, [&](auto qt) {
     constexpr int QT = decltype(qt)::value;
     const std::array<TileFn, kTileRows>& tiles = tiles_for<QT>(isa);
     const int64_t panel_bytes = packed.size(1) * packed.size(2);

@@ -14,11 +14,12 @@ from test_quantized_linear import gguf_round_trip, random_k_quant  # noqa: E402 
 
 Q = gguf.GGMLQuantizationType
 QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
-# Per format: (code storage, inputs per scale, has corr, offset of the stored code) as
-# csrc/cpu/int8_codes_layout.h documents them.
-LAYOUT = {Q.Q4_0: ("nibble", 32, True, 8), Q.Q4_1: ("nibble", 32, True, 0), Q.Q4_K: ("nibble", 32, True, 0),
-          Q.Q5_0: ("byte", 32, True, 16), Q.Q5_1: ("byte", 32, True, 0), Q.Q6_K: ("byte", 16, True, 32),
-          Q.Q8_0: ("signed", 32, False, 0)}
+# Per format: (code storage, inputs per scale, has corr, offset of the stored code, fp16 scales) as
+# csrc/cpu/int8_codes_layout.h documents them (corr is stored for the affine formats, offset 0; else -offset * d).
+LAYOUT = {Q.Q4_0: ("nibble", 32, True, 8, True), Q.Q4_1: ("nibble", 32, True, 0, True),
+          Q.Q4_K: ("nibble", 32, True, 0, False), Q.Q5_0: ("byte", 32, True, 16, True),
+          Q.Q5_1: ("byte", 32, True, 0, True), Q.Q6_K: ("byte", 16, True, 32, False),
+          Q.Q8_0: ("signed", 32, False, 0, True)}
 AFFINE = {Q.Q4_1, Q.Q4_K, Q.Q5_1}
 
 
@@ -53,14 +54,18 @@ def int8_pack(w: torch.Tensor, qtype) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, qtype, n: int):
     """The layout read back in Python: codes [n, K] (stored, unsigned but Q8_0's), d and corr [n, K / sub]."""
-    kind, sub, has_corr, _ = LAYOUT[qtype]
+    kind, sub, has_corr, offset, half = LAYOUT[qtype]
     p, b, _ = packed.shape
-    subs = 32 // sub
-    scale = packed[:, :, :subs * 8 * (2 if has_corr else 1) * 4].contiguous().view(torch.float32)
-    scale = scale.view(p, b, 2 if has_corr else 1, subs, 8)
+    subs, stored = 32 // sub, 2 if has_corr and offset == 0 else 1
+    nbytes = subs * 8 * stored * (2 if half else 4)
+    scale = packed[:, :, :nbytes].contiguous().view(torch.float16 if half else torch.float32).float()
+    scale = scale.view(p, b, stored, subs, 8)
     d = scale[:, :, 0].permute(0, 3, 1, 2).reshape(p * 8, b * subs)[:n]
-    corr = scale[:, :, 1].permute(0, 3, 1, 2).reshape(p * 8, b * subs)[:n] if has_corr else torch.zeros_like(d)
-    raw = packed[:, :, subs * 8 * (2 if has_corr else 1) * 4:]
+    if stored == 2:
+        corr = scale[:, :, 1].permute(0, 3, 1, 2).reshape(p * 8, b * subs)[:n]
+    else:  # -offset * d in fp32 (exact), -0.0 where d = 0 as in the kernels
+        corr = d * -float(offset) if has_corr else torch.zeros_like(d)
+    raw = packed[:, :, nbytes:]
     if kind == "nibble":  # 4 runs of 32 bytes: groups 2q (low nibbles) and 2q + 1 (high)
         runs = raw.reshape(p, b, 4, 8, 4).to(torch.int64)
         groups = torch.stack([runs & 0xF, runs >> 4], dim=3)  # [p, b, 4 runs, 2, 8 features, 4]
@@ -82,7 +87,7 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def reference(x: torch.Tensor, packed: torch.Tensor, qtype, n: int, bias=None) -> torch.Tensor:
     """int8_linear's arithmetic in plain torch: exact integer sums per sub-block, then per output the same
     fp32 ops in the same order: acc = fma(float(isum), d_w * d_x, acc); acc = fma(corr, d_x * float(sum x), acc)."""
-    _, sub, has_corr, _ = LAYOUT[qtype]
+    _, sub, has_corr, _, _ = LAYOUT[qtype]
     codes, dw, corr = unpack(packed, qtype, n)
     q, dx, sums = _ops.quantize_rows_int8(x)
     m, k = q.shape
@@ -127,7 +132,7 @@ def test_layout_holds_the_codes_of_every_weight(qtype):
     """Read back in Python, the int8 layout gives every GGUF weight: d * c + corr (affine: fma)."""
     w = gguf_weight(37, 256, qtype, seed=3)
     codes, d, corr = unpack(int8_pack(w, qtype), qtype, 37)
-    _, sub, _, _ = LAYOUT[qtype]
+    _, sub, _, _, _ = LAYOUT[qtype]
     rebuilt = codes.double() * d.double().repeat_interleave(sub, 1) + corr.double().repeat_interleave(sub, 1)
     assert torch.equal(rebuilt.float(), w)  # exact in float64, one rounding to fp32 = the fma of gguf's formula
 
