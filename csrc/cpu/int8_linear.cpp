@@ -123,7 +123,9 @@ at::Tensor repack(const at::Tensor& codes, int64_t N) {
           uint8_t* blk = dst + (p * B + b) * dst_bb;
           for (int64_t s = 0; s < subs(l); ++s) {  // the codes' d[32 / sub][32], then (affine) m[32]
             store_scale<QT>(blk, s * kFeatures + fe, gc::scale_at<QT>(in, s * gc::kPanel + j));
-            if (corr_stored(l)) store_scale<QT>(blk, (subs(l) + s) * kFeatures + fe, gc::scale_at<QT>(in, gc::kPanel + j));
+            if (corr_stored(l)) {
+              store_scale<QT>(blk, (subs(l) + s) * kFeatures + fe, gc::scale_at<QT>(in, gc::kPanel + j));
+            }
           }
           uint8_t* c_out = blk + scale_bytes(l);
           for (int64_t k = 0; k < kBlock; ++k) {
