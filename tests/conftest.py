@@ -3,10 +3,10 @@ import os
 import pytest
 import torch
 
-# The CPU KV cache is faulted in when allocated (pagedllm/huge_pages.py): seconds for the default 4 GiB on a
-# VM whose host backs memory lazily, for every engine the suite starts. tests/engine/test_huge_pages.py
+# The first GiB of the CPU KV cache is faulted in when allocated (pagedllm/huge_pages.py): ~1.7 s on a VM
+# whose host backs memory lazily, for every engine the suite starts. tests/engine/test_huge_pages.py
 # turns it back on where it tests it.
-os.environ.setdefault("PAGEDLLM_CPU_KV_PREFAULT", "0")
+os.environ.setdefault("PAGEDLLM_CPU_KV_PREFAULT_GIB", "0")
 
 
 def cuda_kernels_usable() -> bool:

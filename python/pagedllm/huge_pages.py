@@ -11,12 +11,14 @@ before anything is written, so that the first touch faults in huge pages.
 PAGEDLLM_CPU_HUGE_PAGES=0 turns it off (then these are plain torch.empty buffers); where madvise is
 missing or refused (not Linux, THP "never") the buffers are plain too.
 
-The CPU KV cache is also faulted in (zero-filled) when it is allocated, as vLLM's is (torch.zeros): a
-page's first touch costs a fault and, in a VM whose host backs memory lazily, the host's fault too
-(~0.5 GB/s on the dev VM, with compaction stalls of up to 13 ms on one 3 MB write). Left to the first
-requests, the ~200 MB of KV that throughput.py's 32 requests write cost ~12% of their throughput there
-(benchmarks/RESULTS.md). PAGEDLLM_CPU_KV_PREFAULT=0 leaves the cache untouched until used (the test
-suite does, to keep its many engine startups fast).
+The first blocks of the CPU KV cache (those the block manager hands out first: its free list starts at
+block 0) are also faulted in (zero-filled) when it is allocated, as vLLM's whole cache is (torch.zeros):
+a page's first touch costs a fault and, in a VM whose host backs memory lazily, the host's fault too
+(~0.5-0.7 GB/s on the dev VM, with compaction stalls of up to 13 ms on one 3 MB write). Left to the
+first requests, the ~200 MB of KV that throughput.py's 32 requests write cost ~12-20% of their
+throughput there (benchmarks/RESULTS.md). PAGEDLLM_CPU_KV_PREFAULT_GIB (default 1) bounds it: the
+whole default 4 GiB took ~7 s of start-up there, 1 GiB ~1.7 s; 0 turns it off (the test suite does, to
+keep its many engine start-ups fast).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV = "PAGEDLLM_CPU_HUGE_PAGES"
-PREFAULT_ENV = "PAGEDLLM_CPU_KV_PREFAULT"
+PREFAULT_ENV = "PAGEDLLM_CPU_KV_PREFAULT_GIB"
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 ALIGN = 64  # bytes between tensors placed in one buffer (the kernels' vector loads)
@@ -63,8 +65,21 @@ def enabled() -> bool:
     return _switch(ENV) and _madvise() is not None
 
 
-def prefault_enabled() -> bool:
-    return _switch(PREFAULT_ENV)
+def prefault_bytes() -> int:
+    """How much of the CPU KV cache to fault in when it is allocated (PAGEDLLM_CPU_KV_PREFAULT_GIB, default 1)."""
+    value = os.environ.get(PREFAULT_ENV, "1")
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if not math.isfinite(gib) or gib < 0:
+        raise ValueError(f"{PREFAULT_ENV} must be a number of GiB >= 0, got {value!r}")
+    return int(gib * (1 << 30))
+
+
+def prefault_count(num_blocks: int, block_bytes: int) -> int:
+    """How many of a KV cache's first blocks (block_bytes each, K and V of every layer) prefault_bytes() covers."""
+    return min(num_blocks, prefault_bytes() // max(block_bytes, 1))
 
 
 def empty(nbytes: int) -> torch.Tensor:

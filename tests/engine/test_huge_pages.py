@@ -123,18 +123,36 @@ def _resident_fraction(t: torch.Tensor) -> float:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="mincore is checked on Linux")
-def test_cpu_kv_cache_is_faulted_in_when_allocated(monkeypatch):
+def test_cpu_kv_cache_first_blocks_are_faulted_in_when_allocated(monkeypatch):
     from model_factory import tiny_config
     from pagedllm.engine.model_runner import ModelRunner
     from pagedllm.models import build_model
 
-    monkeypatch.setenv(huge_pages.PREFAULT_ENV, "1")
     model = build_model(tiny_config("llama", 512), torch.float32, "cpu")
     runner = ModelRunner(model, None, torch.device("cpu"), torch.float32, 16)
-    runner.allocate_kv_cache(512)  # 2 layers x 512 blocks x 1 kv head x 16 x 64 floats: 4 MiB each
+    # 2 layers x 1024 blocks x 1 kv head x 16 x 64 floats: 8 MiB each for K and V, 16 KiB a block id (K + V)
+    monkeypatch.setenv(huge_pages.PREFAULT_ENV, str(8 / 1024))  # 8 MiB: the first 512 blocks of each layer
+    runner.allocate_kv_cache(1024)
     for cache in (runner.key_cache, runner.value_cache):
-        assert _resident_fraction(cache) == 1.0
-        assert not cache.any()  # zero-filled, as vLLM's torch.zeros cache
-    monkeypatch.setenv(huge_pages.PREFAULT_ENV, "on")
-    with pytest.raises(ValueError, match="PAGEDLLM_CPU_KV_PREFAULT must be 0 or 1"):
-        runner.allocate_kv_cache(512)
+        for layer in cache:
+            assert _resident_fraction(layer[:512]) == 1.0
+            assert not layer[:512].any()  # zero-filled, as vLLM's torch.zeros cache
+    monkeypatch.setenv(huge_pages.PREFAULT_ENV, "100")  # more than the cache: all of it
+    runner.allocate_kv_cache(256)
+    assert _resident_fraction(runner.key_cache) == 1.0 and _resident_fraction(runner.value_cache) == 1.0
+    for bad in ("on", "-1", "nan", "inf"):
+        monkeypatch.setenv(huge_pages.PREFAULT_ENV, bad)
+        with pytest.raises(ValueError, match="PAGEDLLM_CPU_KV_PREFAULT_GIB must be a number of GiB >= 0"):
+            runner.allocate_kv_cache(256)
+
+
+def test_prefault_covers_the_first_blocks_up_to_its_budget(monkeypatch):
+    monkeypatch.setenv(huge_pages.PREFAULT_ENV, "1")  # the default: 1 GiB
+    assert huge_pages.prefault_count(10_000, 1 << 20) == 1024
+    assert huge_pages.prefault_count(100, 1 << 20) == 100
+    monkeypatch.setenv(huge_pages.PREFAULT_ENV, "0.5")
+    assert huge_pages.prefault_count(10_000, 1 << 20) == 512
+    monkeypatch.setenv(huge_pages.PREFAULT_ENV, "0")
+    assert huge_pages.prefault_count(10_000, 1 << 20) == 0
+    monkeypatch.delenv(huge_pages.PREFAULT_ENV)
+    assert huge_pages.prefault_bytes() == 1 << 30

@@ -144,9 +144,10 @@ class ModelRunner:
         if self.device.type == "cpu":  # decode attention reads scattered blocks: huge pages spare the page walks
             self.key_cache = huge_pages.empty_tensor(shape, self.dtype)
             self.value_cache = huge_pages.empty_tensor(shape, self.dtype)
-            if huge_pages.prefault_enabled():  # faulted in now, not by the first requests (huge_pages.py)
-                self.key_cache.zero_()
-                self.value_cache.zero_()
+            # The blocks handed out first, faulted in now rather than by the first requests (huge_pages.py).
+            first = huge_pages.prefault_count(num_blocks, 2 * self.key_cache[:, 0].nbytes)
+            self.key_cache[:, :first].zero_()
+            self.value_cache[:, :first].zero_()
         else:
             self.key_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             self.value_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
