@@ -72,28 +72,39 @@ inline bool same_bits(float a, float b) {  // -0.0 is not +0.0 here: "exact" mea
 
 inline float to_half_and_back(float v) { return static_cast<float>(c10::Half(v)); }
 
-// Scale i of a packed block's scale area (d[32 / sub][32], then m[32]), as fp32 (exactly: the fp16
-// values widen without rounding), and its store (pack: the values are fp16 ones, quantize_block checked).
-template <int QT>
-inline float scale_at(const uint8_t* blk, int64_t i) {
-  if constexpr (format_of(QT).half_scales) {
+// Scale i of an array of fp16 (Half) or fp32 scales, as fp32 (exactly: fp16 widens without rounding), and
+// its store (the value must be an fp16 one where Half). Shared by this layout and the int8 mode's.
+template <bool Half>
+inline float load_scale(const uint8_t* scales, int64_t i) {
+  if constexpr (Half) {
     uint16_t h;
-    std::memcpy(&h, blk + 2 * i, 2);
+    std::memcpy(&h, scales + 2 * i, 2);
     return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
   } else {
     float v;
-    std::memcpy(&v, blk + 4 * i, 4);
+    std::memcpy(&v, scales + 4 * i, 4);
     return v;
   }
 }
+template <bool Half>
+inline void put_scale(uint8_t* scales, int64_t i, float v) {
+  if constexpr (Half) {
+    const uint16_t h = c10::Half(v).x;
+    std::memcpy(scales + 2 * i, &h, 2);
+  } else {
+    std::memcpy(scales + 4 * i, &v, 4);
+  }
+}
+
+// Scale i of a packed block's scale area (d[32 / sub][32], then m[32]), and its store (pack: the values
+// are fp16 ones where half_scales, quantize_block checked).
+template <int QT>
+inline float scale_at(const uint8_t* blk, int64_t i) {
+  return load_scale<format_of(QT).half_scales>(blk, i);
+}
 template <int QT>
 inline void store_scale(uint8_t* blk, int64_t i, float v) {
-  if constexpr (format_of(QT).half_scales) {
-    const uint16_t h = c10::Half(v).x;
-    std::memcpy(blk + 2 * i, &h, 2);
-  } else {
-    std::memcpy(blk + 4 * i, &v, 4);
-  }
+  put_scale<format_of(QT).half_scales>(blk, i, v);
 }
 
 // The fp16 values next to h (h itself first): the scale recovered from a block's extremes can be

@@ -17,9 +17,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
-
-#include <c10/util/Half.h>
 
 #include "gguf_block_codes.h"
 
@@ -54,7 +51,9 @@ constexpr Layout layout_of(int qtype) {
 constexpr int64_t subs(Layout l) { return kBlock / l.sub; }
 constexpr bool corr_stored(Layout l) { return l.has_corr && l.offset == 0; }  // the affine formats' m
 constexpr int64_t scale_width(Layout l) { return l.half_scales ? 2 : 4; }
-constexpr int64_t scale_bytes(Layout l) { return subs(l) * kFeatures * scale_width(l) * (corr_stored(l) ? 2 : 1); }
+constexpr int64_t scale_bytes(Layout l) {
+  return subs(l) * kFeatures * scale_width(l) * (corr_stored(l) ? 2 : 1);
+}
 constexpr int64_t code_bytes(Layout l) { return l.codes == Codes::kNibble ? kBlock * kFeatures / 2 : kBlock * kFeatures; }
 constexpr int64_t block_bytes(Layout l) { return scale_bytes(l) + code_bytes(l); }
 
@@ -66,28 +65,15 @@ constexpr int int16_groups(Layout l) {
   return l.codes == Codes::kSigned ? 1 : (n >= l.sub / 4 ? l.sub / 4 : n >= 4 ? 4 : n >= 2 ? 2 : 1);
 }
 
-// Scale i of a block's scale area (d[subs][8], then the stored corr[subs][8]) as fp32 (fp16 widens
-// exactly), and its store (repack: the values are fp16 ones where half_scales).
+// Scale i of a block's scale area (d[subs][8], then the stored corr[subs][8]) as fp32, and its store
+// (repack: the values are fp16 ones where half_scales).
 template <int QT>
 inline float scale_at(const uint8_t* blk, int64_t i) {
-  if constexpr (layout_of(QT).half_scales) {
-    uint16_t h;
-    std::memcpy(&h, blk + 2 * i, 2);
-    return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-  } else {
-    float v;
-    std::memcpy(&v, blk + 4 * i, 4);
-    return v;
-  }
+  return gguf_codes::load_scale<layout_of(QT).half_scales>(blk, i);
 }
 template <int QT>
 inline void store_scale(uint8_t* blk, int64_t i, float v) {
-  if constexpr (layout_of(QT).half_scales) {
-    const uint16_t h = c10::Half(v).x;
-    std::memcpy(blk + 2 * i, &h, 2);
-  } else {
-    std::memcpy(blk + 4 * i, &v, 4);
-  }
+  gguf_codes::put_scale<layout_of(QT).half_scales>(blk, i, v);
 }
 // The corr of sub-block s, feature f, given its d: stored (affine) or -offset * d.
 template <int QT>
