@@ -53,16 +53,11 @@ def _madvise():
     return fn
 
 
-def _switch(name: str) -> bool:
-    """An on/off environment variable, on unless set to 0."""
-    value = os.environ.get(name, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
 def enabled() -> bool:
-    return _switch(ENV) and _madvise() is not None
+    value = os.environ.get(ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV} must be 0 or 1, got {value!r}")
+    return value == "1" and _madvise() is not None
 
 
 def prefault_bytes() -> int:
