@@ -61,7 +61,7 @@ std::optional<at::Tensor> present(const at::Tensor& t) {
 // The packed weight of a layer's GEMM as the GEMM after another one reads it (next_weight.h): the kinds
 // split in panels over the threads (fp32, 16-bit or code panels); nullptr for none.
 const at::Tensor* panels_of(const at::Tensor* layer, int weight_slot, int64_t kind) {
-  return layer != nullptr && kind >= 0 && kind < kInt8Kind ? &layer[weight_slot + 1] : nullptr;
+  return kind >= 0 && kind < kInt8Kind ? &layer[weight_slot + 1] : nullptr;
 }
 
 // Linear.forward: the packed copy for the row counts it serves, else F.linear. next: the packed weight
