@@ -89,8 +89,10 @@ inline __m512 transpose_sum16(const __m512 (&v)[16]) {
                        _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// scores[t] = q . k[t] for the n <= 16 key rows k ([n, D], contiguous).
-template <int D>
+// scores[t] = q . k[t] for the n <= 16 key rows k ([n, D], contiguous). Full: 16 rows may be read
+// (n of them are keys in range, the rest rows of the same cache block whose products are dropped):
+// no per-row branch.
+template <int D, bool Full>
 inline void qk16(const float* __restrict__ q, const float* __restrict__ k, int n, float* __restrict__ scores) {
   __m512 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
@@ -98,10 +100,35 @@ inline void qk16(const float* __restrict__ q, const float* __restrict__ k, int n
     const __m512 qv = _mm512_loadu_ps(q + c);
 #pragma GCC unroll 16
     for (int t = 0; t < 16; ++t) {
-      if (t < n) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(k + t * D + c), qv, acc[t]);
+      if (Full || t < n) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(k + t * D + c), qv, acc[t]);
     }
   }
   _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << n) - 1), transpose_sum16(acc));
+}
+
+// One online-softmax step of a head over the n scores of a block: turns them into e^(s - m_new) in
+// place, updates the running max m and sum l, returns the rescale e^(m_old - m_new) of the accumulator.
+inline float softmax_step(float* __restrict__ sg, int n, float& m, float& l) {
+  typedef int32_t v16si __attribute__((vector_size(64)));
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int t = 0; t < n; t += 16) {
+    const __mmask16 live = static_cast<__mmask16>((1u << std::min(16, n - t)) - 1);
+    mx = _mm512_mask_max_ps(mx, live, mx, _mm512_maskz_loadu_ps(live, sg + t));
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(mx));
+  // 0 on the first block (m = -inf); exactly 1 when the max holds (exp_nonpositive(0) = 1)
+  const float corr = m_new == m ? 1.f : exp_nonpositive(m - m_new);
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 shift = _mm512_set1_ps(m_new);
+  for (int t = 0; t < n; t += 16) {
+    const __mmask16 live = static_cast<__mmask16>((1u << std::min(16, n - t)) - 1);
+    const __m512 e = exp_nonpositive_lanes<__m512, v16si>(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sg + t), shift));
+    _mm512_mask_storeu_ps(sg + t, live, e);
+    sum = _mm512_mask_add_ps(sum, live, sum, e);
+  }
+  l = l * corr + _mm512_reduce_add_ps(sum);
+  m = m_new;
+  return corr;
 }
 
 // acc = acc * corr + sum_t p[t] v[t] over n value rows v ([n, D], contiguous); the accumulator
@@ -200,12 +227,27 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
       prefetch_rows(value_cache + next, BS * D);
     }
     const float* kf = rows_as_float<scalar_t, D>(key_cache + base, n, s.kbuf.data());
-    for (int g = 0; g < G; ++g) {
 #if defined(__AVX512F__)
-      for (int t = 0; t < n; t += 16) qk16<D>(q + g * D, kf + t * D, std::min(16, n - t), scores + g * BS + t);
+    // Rows off .. off + 15 lie in this block when off + 16 <= BS (and, for 16-bit caches, in kbuf).
+    const bool full = off + 16 <= BS && std::is_same_v<scalar_t, float>;
+    for (int g = 0; g < G; ++g) {
+      for (int t = 0; t < n; t += 16) {
+        if (full) {
+          qk16<D, true>(q + g * D, kf + t * D, std::min(16, n - t), scores + g * BS + t);
+        } else {
+          qk16<D, false>(q + g * D, kf + t * D, std::min(16, n - t), scores + g * BS + t);
+        }
+      }
+    }
+    const float* vf = rows_as_float<scalar_t, D>(value_cache + base, n, s.vbuf.data());
+    for (int g = 0; g < G; ++g) {
+      float* sg = scores + g * BS;
+      const float corr = softmax_step(sg, n, s.m[g], s.l[g]);
+      pv_update<D>(acc + g * D, sg, vf, n, corr);
+    }
 #else
+    for (int g = 0; g < G; ++g) {
       for (int t = 0; t < n; ++t) scores[g * BS + t] = dot<D>(q + g * D, kf + t * D);
-#endif
     }
     const float* vf = rows_as_float<scalar_t, D>(value_cache + base, n, s.vbuf.data());
     for (int g = 0; g < G; ++g) {
@@ -214,15 +256,12 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
       for (int t = 0; t < n; ++t) mb = std::max(mb, sg[t]);
       const float m_new = std::max(s.m[g], mb);
       const float corr = exp_nonpositive(s.m[g] - m_new);  // 0 on the first block (m = -inf)
-      for (int t = 0; t < n; ++t) sg[t] = exp_nonpositive(sg[t] - m_new);  // vectorized
+      for (int t = 0; t < n; ++t) sg[t] = exp_nonpositive(sg[t] - m_new);
       float sum = 0.f;
       for (int t = 0; t < n; ++t) sum += sg[t];
       s.l[g] = s.l[g] * corr + sum;
       s.m[g] = m_new;
       float* __restrict__ ag = acc + g * D;
-#if defined(__AVX512F__)
-      pv_update<D>(ag, sg, vf, n, corr);
-#else
       if (corr != 1.f) {
         for (int d = 0; d < D; ++d) ag[d] *= corr;
       }
@@ -231,8 +270,8 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
         const float* __restrict__ vt = vf + t * D;
         for (int d = 0; d < D; ++d) ag[d] += p * vt[d];
       }
-#endif
     }
+#endif
     pos += n;
   }
 }

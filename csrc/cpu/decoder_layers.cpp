@@ -21,7 +21,9 @@
 #include <c10/util/Exception.h>
 
 #include "cpu_only_ops.h"
+#include "fetch_ahead.h"
 #include "next_weight.h"
+#include "panel_tile.h"
 #include "ops.h"
 
 namespace pagedllm::cpu {
@@ -125,10 +127,37 @@ at::Tensor attention(const at::Tensor& h, const at::Tensor* layer, const int64_t
                 panels_of(layer, kGateUpWeight, ints[kGateUpKind]));
 }
 
+// The KV cache blocks the decode attention of a layer (its caches in `layer`) reads, into plan
+// (fetch_ahead.h): every block of each decode's visible keys, K then V. Empty when the step's GEMMs are
+// too small to carry them (panel_linear_io.h ahead_for).
+void plan_decode_kv(fetch_ahead::Plan& plan, const at::Tensor* layer, int64_t window, const Step& s, int64_t rows) {
+  plan.clear();
+  if (s.num_decodes == 0 || rows <= panel::kTileRows) return;
+  const at::Tensor &key_cache = layer[kKeyCache], &value_cache = layer[kValueCache];
+  const int64_t bs = key_cache.size(2), block_bytes = key_cache.stride(0) * key_cache.element_size();
+  const auto* k = static_cast<const char*>(key_cache.data_ptr());
+  const auto* v = static_cast<const char*>(value_cache.data_ptr());
+  const at::Tensor lens = s.decode_seq_lens->to(at::kInt).contiguous(), tables = s.decode_block_tables->to(at::kInt);
+  const int32_t* len = lens.data_ptr<int32_t>();
+  const int64_t nb = key_cache.size(0);
+  for (int64_t i = 0; i < s.num_decodes; ++i) {
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len[i] - window) / bs : 0;
+    const int32_t* row = tables.data_ptr<int32_t>() + i * tables.stride(0);
+    for (int64_t b = first; b * bs < len[i] && b < tables.size(1); ++b) {
+      if (row[b] < 0 || row[b] >= nb) continue;  // the attention op rejects it
+      plan.add(k + row[b] * block_bytes, block_bytes);
+      plan.add(v + row[b] * block_bytes, block_bytes);
+    }
+  }
+  plan.split(at::get_num_threads());
+}
+
 // LlamaDecoderLayer.forward: (hidden, residual) in, (hidden, residual) out; residual undefined on
-// the first layer. next_qkv: the next layer's packed qkv weight (panels_of), nullptr after the last.
+// the first layer. next_qkv: the next layer's packed qkv weight (panels_of), nullptr after the last;
+// next_kv: the KV blocks the next layer's decode attention reads, fetched during the MLP's GEMMs.
 void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* layer, const int64_t* ints,
-                   const at::Tensor& cos_sin, const Config& c, const Step& s, const at::Tensor* next_qkv) {
+                   const at::Tensor& cos_sin, const Config& c, const Step& s, const at::Tensor* next_qkv,
+                   fetch_ahead::Plan* next_kv) {
   if (!residual.defined()) {
     residual = hidden;
     hidden = rms_norm_new(hidden, layer[kInputNorm], c.eps);
@@ -137,6 +166,7 @@ void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* l
   }
   hidden = attention(hidden, layer, ints, cos_sin, c, s);
   fused_add_rms_norm(hidden, residual, layer[kPostNorm], c.eps);
+  const fetch_ahead::Scope ahead(next_kv);
   const at::Tensor gate_up =
       linear(hidden, layer, kGateUpWeight, ints[kGateUpKind], c, panels_of(layer, kDownWeight, ints[kDownKind]));
   at::Tensor act = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
@@ -175,10 +205,12 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Te
   at::Tensor hidden = hidden_in, residual;
   const auto layer_at = [&](int64_t i) { return tensors.data() + 1 + i * kLayerTensors; };
   const auto ints_at = [&](int64_t i) { return ints.data() + kGlobalInts + i * kLayerInts; };
+  fetch_ahead::Plan next_kv;
   for (int64_t i = 0; i < num_layers; ++i) {
-    const at::Tensor* next_qkv =
-        i + 1 < num_layers ? panels_of(layer_at(i + 1), kQkvWeight, ints_at(i + 1)[kQkvKind]) : nullptr;
-    decoder_layer(hidden, residual, layer_at(i), ints_at(i), tensors[0], c, s, next_qkv);
+    const bool last = i + 1 == num_layers;
+    const at::Tensor* next_qkv = last ? nullptr : panels_of(layer_at(i + 1), kQkvWeight, ints_at(i + 1)[kQkvKind]);
+    if (!last) plan_decode_kv(next_kv, layer_at(i + 1), ints_at(i + 1)[kSlidingWindow], s, hidden.size(0));
+    decoder_layer(hidden, residual, layer_at(i), ints_at(i), tensors[0], c, s, next_qkv, last ? nullptr : &next_kv);
   }
   return {hidden, residual};
 }

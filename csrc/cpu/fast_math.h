@@ -37,4 +37,18 @@ inline float exp_nonpositive(float x) {
   return x >= -87.3f ? exp_reduced(r) * scale : 0.0f;  // false for NaN
 }
 
+// exp_nonpositive lane by lane on a GCC vector of floats VF (e.g. __m512), VI its int32 twin: the same
+// operations, for loops the vectorizer leaves scalar (a short, masked trip count).
+template <typename VF, typename VI>
+inline VF exp_nonpositive_lanes(VF x) {
+  const VF lowest = VF{} - 87.3f;
+  const VF xc = x < lowest ? lowest : x;
+  const VF shifted = xc * 1.44269504088896341f + 12582912.0f;
+  const VF n = shifted - 12582912.0f;
+  const VI scale_bits = ((VI)shifted - 0x4B400000 + 127) << 23;  // same-size casts reinterpret the bits
+  VF r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  return x >= lowest ? exp_reduced(r) * (VF)scale_bits : VF{};  // false for NaN
+}
+
 }  // namespace pagedllm::cpu

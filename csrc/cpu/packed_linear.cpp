@@ -78,7 +78,9 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
   const int64_t P = packed.size(0);
   // Threads split the panels: each weight byte is read by one thread, once per step; the rows
   // of x (a few KB each) are shared from cache.
+  fetch_ahead::Plan* later = fetch_ahead::current();  // what the caller reads next (decoder_layers)
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanel;
       const int64_t n_valid = std::min(kPanel, N - n0);
@@ -91,7 +93,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
         // [t * 2K / T, (t + 1) * 2K / T), at most one per k.
         const int64_t lo = t * 2 * K / tiles, hi = (t + 1) * 2 * K / tiles;
         kTiles[rows - 1](io.xp + m0 * io.ldx, io.ldx, panel, K, io.bias ? io.bias + n0 : nullptr, io.yp + m0 * N + n0, N,
-                         n_valid, next + lo * kLine, tiles == 1 ? K : hi - lo, tiles == 1 ? 2 * kLine : kLine);
+                         n_valid, next + lo * kLine, tiles == 1 ? K : hi - lo, tiles == 1 ? 2 * kLine : kLine, ahead);
       }
     }
   });

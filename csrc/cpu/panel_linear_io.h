@@ -51,6 +51,13 @@ inline LinearIO linear_io(const char* op, const at::Tensor& x, int64_t K, int64_
   return io;
 }
 
+// The calling thread's share of the caller's fetch-ahead plan (fetch_ahead.h) inside a GEMM's parallel
+// region: plan is fetch_ahead::current() read before the region; only GEMMs of more than one row tile
+// take it (fewer rows stream their weights near the memory rate: extra reads would slow them).
+inline fetch_ahead::Cursor* ahead_for(fetch_ahead::Plan* plan, int64_t M) {
+  return plan != nullptr && M > kTileRows ? plan->this_thread() : nullptr;
+}
+
 // Every row tile of io against one panel expanded to fp32, [K, 32] (quantized_linear.cpp,
 // wide16_linear.cpp): the same FMA chain per output as packed_linear, so the same bits. The whole panel
 // (74 KB at K = 576: L2) rather than L1-sized chunks of K carried across tiles through y: with many rows
@@ -61,14 +68,15 @@ inline LinearIO linear_io(const char* op, const at::Tensor& x, int64_t K, int64_
 // during the first tile (at most 64 bytes per k in every packed format: a line per k covers it). Spread
 // over the tile rather than issued in a burst while a panel is expanded: the burst overran the core's
 // outstanding misses and the next expansion waited on DRAM (Q8_0 LM head, 32 rows: see RESULTS.md).
+// ahead: the thread's share of what the caller reads after this GEMM (fetch_ahead.h), or nullptr.
 inline void panel_tiles(const LinearIO& io, const float* panel, int64_t K, int64_t N, int64_t n0, int64_t n_valid,
-                        const void* next = nullptr, int64_t next_bytes = 0) {
+                        const void* next, int64_t next_bytes, fetch_ahead::Cursor* ahead) {
   const float* bias = io.bias ? io.bias + n0 : nullptr;
   const int64_t next_lines = next == nullptr ? 0 : std::min(K, (next_bytes + 4 * kLine - 1) / (4 * kLine));
   for (int64_t t = 0, tiles = num_tiles(io.M); t < tiles; ++t) {
     const int64_t m0 = tile_start(io.M, t), rows = tile_start(io.M, t + 1) - m0;
     kTiles[rows - 1](io.xp + m0 * io.ldx, io.ldx, panel, K, bias, io.yp + m0 * N + n0, N, n_valid,
-                     static_cast<const float*>(next), t == 0 ? next_lines : 0, kLine);
+                     static_cast<const float*>(next), t == 0 ? next_lines : 0, kLine, ahead);
   }
 }
 

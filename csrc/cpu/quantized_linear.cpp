@@ -407,6 +407,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
     const uint8_t* wp = packed.data_ptr<uint8_t>();
     const int64_t B = packed.size(1);
     const next_weight::Hint after = next_weight::current();  // the next GEMM's weight (decoder_layers)
+    fetch_ahead::Plan* later = fetch_ahead::current();       // what the caller reads next (decoder_layers)
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
 #if defined(__AVX512F__) || defined(PAGEDLLM_QL_AVX2)
       if (io.M <= kFusedRows) {
@@ -427,13 +428,14 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
 #endif
       // More rows: each panel expanded whole (panel::panel_tiles) into a buffer that every row tile reads.
       std::vector<float> expanded(K * kPanel);
+      fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M);
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* codes = wp + p * panel_bytes;
         const auto [next, next_bytes] = p + 1 < p1 ? std::pair(codes + panel_bytes, panel_bytes)
                                                    : next_weight::this_thread_start(after, 1);
         const int64_t n0 = p * kPanel;
         expand_blocks<QT>(codes, B, expanded.data());
-        panel::panel_tiles(io, expanded.data(), K, N, n0, std::min(kPanel, N - n0), next, next_bytes);
+        panel::panel_tiles(io, expanded.data(), K, N, n0, std::min(kPanel, N - n0), next, next_bytes, ahead);
       }
     });
   });

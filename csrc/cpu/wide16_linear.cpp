@@ -231,8 +231,10 @@ at::Tensor pack(const at::Tensor& w) {
 template <int64_t QT>
 void run(const panel::LinearIO& io, const uint16_t* wp, int64_t P, int64_t K, int64_t N) {
   // Threads split the panels: each weight byte is read by one thread, once per call.
+  fetch_ahead::Plan* later = fetch_ahead::current();  // what the caller reads next (decoder_layers)
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> widened(io.M > kFusedRows ? K * kPanel : 0);
+    fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M);
     for (int64_t p = p0; p < p1; ++p) {
       const uint16_t* bits = wp + p * K * kPanel;
       const uint16_t* next = p + 1 < p1 ? bits + K * kPanel : nullptr;
@@ -246,7 +248,7 @@ void run(const panel::LinearIO& io, const uint16_t* wp, int64_t P, int64_t K, in
 #endif
       // More rows: the panel widened whole (panel::panel_tiles) into a buffer that every row tile reads.
       widen_panel<QT>(bits, K, widened.data());
-      panel::panel_tiles(io, widened.data(), K, N, n0, n_valid, next, K * kPanel * 2);
+      panel::panel_tiles(io, widened.data(), K, N, n0, n_valid, next, K * kPanel * 2, ahead);
     }
   });
 }

@@ -162,11 +162,12 @@ def test_16_bit_panels_need_half_the_memory_of_fp32_ones(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["wide16_linear.cpp", "quantized_linear.cpp"])
+@pytest.mark.parametrize("source", ["wide16_linear.cpp", "quantized_linear.cpp", "attention_decode.cpp"])
 @pytest.mark.parametrize("march", ["x86-64-v4", "x86-64-v3", "x86-64"])
 def test_other_isa_variants_compile(source, march, tmp_path):
-    """The AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and portable (x86-64) variants of the panel kernels:
-    -march=native builds only one of them, so compile each, to object code, so that they at least build."""
+    """The AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and portable (x86-64) variants of the panel kernels
+    (and of the decode attention's inner loop): -march=native builds only one of them, so compile each,
+    to object code, so that they at least build."""
     import shutil
     import subprocess
     from pathlib import Path

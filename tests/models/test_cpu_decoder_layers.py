@@ -38,15 +38,15 @@ def folder(request, tmp_path_factory):
     return path
 
 
-def _logits(model, fused: bool, monkeypatch) -> list[torch.Tensor]:
-    """A prefill of three prompts (61 rows), then three decode steps (3 rows), on a fresh paged cache."""
+def _logits(model, fused: bool, monkeypatch, lens=PROMPT_LENS) -> list[torch.Tensor]:
+    """A prefill of the prompts (three: 61 rows), then three decode steps (a row each), on a fresh paged cache."""
     monkeypatch.setenv(cpu_decoder_layers.ENV, "1" if fused else "0")
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    runner = PagedRunner(model, PROMPT_LENS, max_new=3, native=False)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lens]
+    runner = PagedRunner(model, lens, max_new=3, native=False)
     out = runner.prefill(prompts)
     for step in range(3):
-        out.append(runner.decode([(17 * step + 5 * i) % VOCAB for i in range(3)]))
+        out.append(runner.decode([(17 * step + 5 * i) % VOCAB for i in range(len(lens))]))
     return out
 
 
@@ -69,6 +69,21 @@ def test_same_bits_as_the_layer_loop(folder, pack, monkeypatch):
     assert calls == [sum(PROMPT_LENS), 3, 3, 3]
     loop = _logits(model, False, monkeypatch)
     assert len(calls) == 4
+    for a, b in zip(fused, loop):
+        assert torch.equal(a, b)
+
+
+def test_many_decodes_same_bits(folder, monkeypatch):
+    """Decode steps of more rows than one register tile: the GEMMs fetch the next layer's KV blocks
+    (csrc/cpu/fetch_ahead.h) while they compute; the results stay the layer loop's (sliding window:
+    mistral; prompts past the window and across blocks)."""
+    model = load_model(resolve_model(str(folder)), dtype=torch.float32)
+    assert pack_linear_weights(model) > 0
+    lens = [1 + (7 * i) % 40 for i in range(14)]
+    calls = _count_calls(monkeypatch)
+    fused = _logits(model, True, monkeypatch, lens)
+    assert calls == [sum(lens), 14, 14, 14]
+    loop = _logits(model, False, monkeypatch, lens)
     for a, b in zip(fused, loop):
         assert torch.equal(a, b)
 
