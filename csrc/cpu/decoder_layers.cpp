@@ -8,8 +8,13 @@
 // paged attention, SiLU-and-mul MLP), so its results are the Python path's, bit for bit.
 // python/pagedllm/models/cpu_decoder_layers.py decides when it applies and flattens the layers.
 //
+// A float32 model, or a bfloat16 / float16 one (hidden in its dtype): its GEMMs of 1 to the 16-bit max rows
+// take its own 16-bit panels in fp32 math, rounded back (layers/linear.py PackedWeight with act_dtype), the
+// rest at::linear in its dtype, and SiLU-and-mul is at::silu(gate) * up, as layers/activation.py does.
+//
 // tensors: [cos_sin_cache] then kLayerTensors per layer (Slot order; a 0-element tensor = absent).
-// ints: [num_heads, num_kv_heads, head_size, is_neox, fp32 panel min rows, code min rows, max rows]
+// ints: [num_heads, num_kv_heads, head_size, is_neox, fp32 panel min rows, code min rows, max rows,
+//   16-bit model max rows]
 //   then per layer [qkv, o, gate_up, down packed kinds (-1 none, 0 fp32 panels, 1 / 30 fp16 / bf16
 //   panels, a GGML type id: exact codes, kInt8Kind + a type id: the int8 mode's codes, every row count),
 //   sliding_window].
@@ -35,13 +40,13 @@ enum Slot {
   kLayerTensors
 };
 enum LayerInt { kQkvKind, kOKind, kGateUpKind, kDownKind, kSlidingWindow, kLayerInts };
-constexpr int64_t kGlobalInts = 7;
+constexpr int64_t kGlobalInts = 8;
 constexpr int64_t kInt8Kind = 256;  // layers/linear.py INT8_KIND
 
 struct Config {
   int64_t num_heads, num_kv_heads, head_size;
   bool is_neox;
-  int64_t fp32_min_rows, code_min_rows, max_rows;  // layers/linear.py PackedWeight.serves
+  int64_t fp32_min_rows, code_min_rows, max_rows, native16_max_rows;  // layers/linear.py PackedWeight.serves
   double eps, scale;
 };
 
@@ -66,6 +71,38 @@ const at::Tensor* panels_of(const at::Tensor* layer, int weight_slot, int64_t ki
   return kind >= 0 && kind < kInt8Kind ? &layer[weight_slot + 1] : nullptr;
 }
 
+// x as float32 (exact), a plain loop: rows of a 16-bit decode GEMM are a few KB, where at::Tensor::to's
+// dispatch and iterator set-up cost more than the conversion.
+at::Tensor widened(const at::Tensor& x) {
+  const at::Tensor src = x.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t n = src.numel();
+  if (src.scalar_type() == at::kBFloat16) {
+    const c10::BFloat16* p = src.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]);
+  } else {
+    const c10::Half* p = src.data_ptr<c10::Half>();
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]);
+  }
+  return out;
+}
+
+// y (float32, contiguous) rounded to dtype (bfloat16 / float16: round to nearest even, as Tensor::to).
+at::Tensor to_dtype(const at::Tensor& y, at::ScalarType dtype) {
+  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
+  const float* p = y.data_ptr<float>();
+  const int64_t n = y.numel();
+  if (dtype == at::kBFloat16) {
+    c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(p[i]);
+  } else {
+    c10::Half* o = out.data_ptr<c10::Half>();
+    for (int64_t i = 0; i < n; ++i) o[i] = c10::Half(p[i]);
+  }
+  return out;
+}
+
 // Linear.forward: the packed copy for the row counts it serves, else F.linear. next: the packed weight
 // of the GEMM that follows (panels_of), fetched ahead by this one.
 at::Tensor linear(const at::Tensor& x, const at::Tensor* layer, int weight_slot, int64_t kind, const Config& c,
@@ -75,6 +112,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor* layer, int weight_slot,
   const at::Tensor& packed = layer[weight_slot + 1];
   const std::optional<at::Tensor> bias = present(layer[weight_slot + 2]);
   const int64_t k = x.size(-1);
+  if (x.scalar_type() != at::kFloat) {  // a 16-bit model: its own panels, fp32 math, rounded back
+    const int64_t rows = k > 0 ? x.numel() / k : 0;
+    if (is_wide16_kind(kind) && rows >= 1 && rows <= c.native16_max_rows) {
+      const std::optional<at::Tensor> bias32 = bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
+      return to_dtype(wide16_linear(widened(x), packed, bias32, weight.size(0)), x.scalar_type());
+    }
+    return at::linear(x, weight, bias);
+  }
   if (kind >= kInt8Kind) return int8_linear(x, packed, kind - kInt8Kind, bias, weight.size(0));
   if (kind >= 0 && k > 0) {
     const int64_t rows = x.numel() / k;
@@ -169,8 +214,14 @@ void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* l
   const fetch_ahead::Scope ahead(next_kv);
   const at::Tensor gate_up =
       linear(hidden, layer, kGateUpWeight, ints[kGateUpKind], c, panels_of(layer, kDownWeight, ints[kDownKind]));
-  at::Tensor act = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
-  silu_and_mul(act, gate_up);
+  const int64_t d = gate_up.size(1) / 2;
+  at::Tensor act;
+  if (gate_up.scalar_type() == at::kFloat) {
+    act = at::empty({gate_up.size(0), d}, gate_up.options());
+    silu_and_mul(act, gate_up);
+  } else {
+    act = at::silu(gate_up.narrow(-1, 0, d)) * gate_up.narrow(-1, d, d);
+  }
   hidden = linear(act, layer, kDownWeight, ints[kDownKind], c, next_qkv);
 }
 
@@ -192,14 +243,15 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Te
   TORCH_CHECK(static_cast<int64_t>(ints.size()) == kGlobalInts + num_layers * kLayerInts && floats.size() == 2,
               "decoder_layers: ints must be ", kGlobalInts, " + ", static_cast<int>(kLayerInts),
               " per layer and floats [eps, scale]");
-  TORCH_CHECK(hidden_in.device().is_cpu() && hidden_in.scalar_type() == at::kFloat && hidden_in.dim() == 2 &&
-                  hidden_in.is_contiguous(),
-              "decoder_layers: hidden must be a contiguous float32 CPU tensor [num_tokens, hidden]");
+  const auto dtype = hidden_in.scalar_type();
+  TORCH_CHECK(hidden_in.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
+                  hidden_in.dim() == 2 && hidden_in.is_contiguous(),
+              "decoder_layers: hidden must be a contiguous float32, bfloat16 or float16 CPU tensor [num_tokens, hidden]");
   TORCH_CHECK(num_prefill_tokens == 0 || (prefill_query_start_loc && prefill_seq_lens && prefill_block_tables),
               "decoder_layers: a step with prefill tokens needs the prefill metadata");
   TORCH_CHECK(num_decodes == 0 || (decode_seq_lens && decode_block_tables),
               "decoder_layers: a step with decodes needs the decode metadata");
-  const Config c{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], floats[0], floats[1]};
+  const Config c{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], ints[7], floats[0], floats[1]};
   const Step s{positions, slot_mapping, num_prefill_tokens, max_prefill_query_len, num_decodes,
                prefill_query_start_loc, prefill_seq_lens, prefill_block_tables, decode_seq_lens, decode_block_tables};
   at::Tensor hidden = hidden_in, residual;

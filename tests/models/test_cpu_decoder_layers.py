@@ -1,7 +1,7 @@
 """decoder_layers (every Llama-family decoder layer of a step in one CPU op) gives the Python layer
 loop's results bit for bit: prefill and decode steps of every Llama-family architecture, without
-packed weights, with fp32 panels and with GGUF codes; mixed steps through the engine; weights
-reloaded after the first use; and it runs only where it applies."""
+packed weights, with fp32 panels and with GGUF codes, and in bfloat16 / float16; mixed steps through
+the engine; weights reloaded after the first use; and it runs only where it applies."""
 import gguf
 import numpy as np
 import pytest
@@ -43,7 +43,7 @@ def _logits(model, fused: bool, monkeypatch, lens=PROMPT_LENS) -> list[torch.Ten
     monkeypatch.setenv(cpu_decoder_layers.ENV, "1" if fused else "0")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lens]
-    runner = PagedRunner(model, lens, max_new=3, native=False)
+    runner = PagedRunner(model, lens, max_new=3, native=False, dtype=next(model.parameters()).dtype)
     out = runner.prefill(prompts)
     for step in range(3):
         out.append(runner.decode([(17 * step + 5 * i) % VOCAB for i in range(len(lens))]))
@@ -86,6 +86,23 @@ def test_many_decodes_same_bits(folder, monkeypatch):
     loop = _logits(model, False, monkeypatch, lens)
     for a, b in zip(fused, loop):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_models_same_bits(folder, dtype, monkeypatch):
+    """A model kept in bfloat16 / float16: decode steps of up to 16 rows through its own 16-bit panels
+    (fp32 math, rounded back), prefill and 20-row decode steps through torch's 16-bit linear; the op
+    gives the layer loop's bits either way."""
+    model = load_model(resolve_model(str(folder)), dtype=dtype)
+    assert pack_linear_weights(model) > 0
+    assert {m.packed.qtype for m in model.modules() if isinstance(m, Linear)} == {30 if dtype == torch.bfloat16 else 1}
+    for lens in (PROMPT_LENS, [1 + (7 * i) % 40 for i in range(20)]):
+        calls = _count_calls(monkeypatch)
+        fused = _logits(model, True, monkeypatch, lens)
+        assert calls == [sum(lens)] + [len(lens)] * 3
+        loop = _logits(model, False, monkeypatch, lens)
+        for a, b in zip(fused, loop):
+            assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
 def test_mixed_steps_through_the_engine(tmp_path, monkeypatch):
@@ -133,10 +150,16 @@ def test_where_it_does_not_run(tmp_path, monkeypatch):
     model = load_model(source, dtype=torch.float32)
     runner = PagedRunner(model, [5], max_new=1, native=True)  # the plain-torch references
     runner.prefill([[5, 6, 7, 8, 9]])
-    bf16 = load_model(source, dtype=torch.bfloat16)
-    PagedRunner(bf16, [5], max_new=1, native=False, dtype=torch.bfloat16).prefill([[5, 6, 7, 8, 9]])
     assert calls == []
+    bf16 = load_model(source, dtype=torch.bfloat16)  # a 16-bit model runs through it (test_16_bit_models_same_bits)
+    PagedRunner(bf16, [5], max_new=1, native=False, dtype=torch.bfloat16).prefill([[5, 6, 7, 8, 9]])
+    assert calls == [5]
     assert cpu_decoder_layers.supported(model.model, torch.zeros(1, 128))
-    assert not cpu_decoder_layers.supported(model.model, torch.zeros(1, 128, dtype=torch.bfloat16))
+    assert model.model.cpu_layers(torch.zeros(1, 128)) is not None
+    # hidden states in another dtype than the model's weights, or of another rank: the layer loop
+    assert model.model.cpu_layers(torch.zeros(1, 128, dtype=torch.bfloat16)) is None
+    assert bf16.model.cpu_layers(torch.zeros(1, 128)) is None
+    assert not cpu_decoder_layers.supported(model.model, torch.zeros(1, 128, dtype=torch.float64))
+    assert not cpu_decoder_layers.supported(model.model, torch.zeros(1, 1, 128))
     monkeypatch.setenv(cpu_decoder_layers.ENV, "0")
     assert not cpu_decoder_layers.supported(model.model, torch.zeros(1, 128))

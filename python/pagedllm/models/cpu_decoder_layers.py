@@ -1,11 +1,12 @@
 """All decoder layers of a Llama-family model in one call of the CPU op decoder_layers
-(csrc/cpu/decoder_layers.cpp), for float32 models on the CPU.
+(csrc/cpu/decoder_layers.cpp), for float32, bfloat16 and float16 models on the CPU.
 
 The op chains the same kernels as the modules of models/llama.py, in the same order: its results
 are the Python loop's bit for bit, without ~13 Python-dispatched ops a layer (on the default model
-a 32-sequence decode step spent ~10 ms of ~55 in them). It applies when every layer is a
-LlamaDecoderLayer with SiLU, the weights are float32 on the CPU and the kernels (not the plain-torch
-references) run; PAGEDLLM_CPU_FUSED_LAYERS=0 keeps the Python loop. The flattened argument lists are
+a 32-sequence decode step spent ~10 ms of ~55 in them; a bfloat16 batch-1 step ~3 ms of ~12). It
+applies when every layer is a LlamaDecoderLayer with SiLU, the weights are of one of those dtypes on
+the CPU, the hidden states are in that dtype and the kernels (not the plain-torch references) run;
+PAGEDLLM_CPU_FUSED_LAYERS=0 keeps the Python loop. The flattened argument lists are
 built once and rebuilt when the packed weights (layers/linear.py) or the KV caches change.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pagedllm.models.utils import use_native_ops
 
 ENV = "PAGEDLLM_CPU_FUSED_LAYERS"
 _ABSENT = torch.empty(0)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _packed(linear) -> tuple[torch.Tensor, int]:
@@ -45,12 +47,14 @@ class CpuDecoderLayers:
         first = model.layers[0]
         attn = first.self_attn
         self.attns = [layer.self_attn.attn for layer in model.layers]
+        self.dtype = first.input_layernorm.weight.dtype  # every layer's (_structure_ok)
         self.generation = linear_mod.pack_generation()
         self.caches = [a.kv_cache for a in self.attns]  # held, so that an identity check cannot be fooled by reuse
         rope = attn.rotary_emb
         tensors = [rope.cos_sin_cache]
         ints = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(rope.is_neox_style),
-                linear_mod.PACKED_MIN_ROWS, linear_mod.QUANTIZED_MIN_ROWS, linear_mod.PACKED_MAX_ROWS]
+                linear_mod.PACKED_MIN_ROWS, linear_mod.QUANTIZED_MIN_ROWS, linear_mod.PACKED_MAX_ROWS,
+                linear_mod.NATIVE16_MAX_ROWS]
         for layer in model.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv, qkv_kind = _linear_tensors(a.qkv_proj)
@@ -81,7 +85,7 @@ class CpuDecoderLayers:
 
 def supported(model, hidden: torch.Tensor) -> bool:
     """Whether decoder_layers can run model's layers on this input (cheap: checked every step)."""
-    if (use_native_ops() or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or hidden.dim() != 2
+    if (use_native_ops() or hidden.device.type != "cpu" or hidden.dtype not in DTYPES or hidden.dim() != 2
             or os.environ.get(ENV, "1") == "0"):
         return False
     return getattr(model, "_cpu_layers_ok", None) is not False
@@ -105,7 +109,13 @@ def _structure_ok(model) -> bool:
                 or (a.num_heads, a.num_kv_heads, a.head_dim) != (first.num_heads, first.num_kv_heads, first.head_dim)):
             return False
     weights = [p for p in model.layers.parameters()] + [first.rotary_emb.cos_sin_cache]
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in weights)
+    dtype = weights[0].dtype
+    if dtype != torch.float32:  # a 16-bit model's packed weights are its own 16-bit panels (layers/linear.py)
+        linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                    layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        if any(m.packed is not None and m.packed.qtype not in linear_mod.WIDE16_QTYPES for m in linears):
+            return False
+    return dtype in DTYPES and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in weights)
 
 
 def for_model(model) -> Optional[CpuDecoderLayers]:
@@ -131,12 +141,13 @@ class _Installed:
 
     def __call__(self, hidden: torch.Tensor) -> Optional[CpuDecoderLayers]:
         model = self._model[0]
-        return for_model(model) if supported(model, hidden) else None
+        layers = for_model(model) if supported(model, hidden) else None
+        return layers if layers is not None and layers.dtype == hidden.dtype else None
 
 
 def install(model: torch.nn.Module) -> None:
     """The model runner's call: every Llama-family decoder stack of model gets the op (used where it
-    applies: float32 on the CPU, the kernels on, PAGEDLLM_CPU_FUSED_LAYERS not 0)."""
+    applies: float32, bfloat16 or float16 on the CPU, the kernels on, PAGEDLLM_CPU_FUSED_LAYERS not 0)."""
     from pagedllm.models.llama import LlamaModel
 
     for module in model.modules():
