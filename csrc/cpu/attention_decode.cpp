@@ -228,11 +228,10 @@ void attend_range(const DecodeArgs& a, const WorkItem& item,
     }
     const float* kf = rows_as_float<scalar_t, D>(key_cache + base, n, s.kbuf.data());
 #if defined(__AVX512F__)
-    // Rows off .. off + 15 lie in this block when off + 16 <= BS (and, for 16-bit caches, in kbuf).
-    const bool full = off + 16 <= BS && std::is_same_v<scalar_t, float>;
     for (int g = 0; g < G; ++g) {
       for (int t = 0; t < n; t += 16) {
-        if (full) {
+        // Rows off + t .. off + t + 15 lie in this block (fp32: read in place; kbuf holds only n rows).
+        if (std::is_same_v<scalar_t, float> && off + t + 16 <= BS) {
           qk16<D, true>(q + g * D, kf + t * D, std::min(16, n - t), scores + g * BS + t);
         } else {
           qk16<D, false>(q + g * D, kf + t * D, std::min(16, n - t), scores + g * BS + t);

@@ -182,12 +182,12 @@ void plan_decode_kv(fetch_ahead::Plan& plan, const at::Tensor* layer, int64_t wi
   const int64_t bs = key_cache.size(2), block_bytes = key_cache.stride(0) * key_cache.element_size();
   const auto* k = static_cast<const char*>(key_cache.data_ptr());
   const auto* v = static_cast<const char*>(value_cache.data_ptr());
-  const at::Tensor lens = s.decode_seq_lens->to(at::kInt).contiguous(), tables = s.decode_block_tables->to(at::kInt);
+  const at::Tensor lens = s.decode_seq_lens->to(at::kInt).contiguous(), tables = s.decode_block_tables->to(at::kInt).contiguous();
   const int32_t* len = lens.data_ptr<int32_t>();
   const int64_t nb = key_cache.size(0);
   for (int64_t i = 0; i < s.num_decodes; ++i) {
     const int64_t first = window > 0 ? std::max<int64_t>(0, len[i] - window) / bs : 0;
-    const int32_t* row = tables.data_ptr<int32_t>() + i * tables.stride(0);
+    const int32_t* row = tables.data_ptr<int32_t>() + i * tables.size(1);
     for (int64_t b = first; b * bs < len[i] && b < tables.size(1); ++b) {
       if (row[b] < 0 || row[b] >= nb) continue;  // the attention op rejects it
       plan.add(k + row[b] * block_bytes, block_bytes);
