@@ -28,6 +28,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/fast_math.h"
 #include "dispatch_utils.h"
 #include "op_checks.h"
@@ -152,6 +156,41 @@ inline void with_rvb(int rvb, F&& f) {
   }
 }
 
+#if defined(__AVX512F__)
+// GCC 12 warns inside its own unmasked AVX-512 intrinsics (their pass-through operand is
+// _mm512_undefined_ps(): GCC bug 105593), a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// In place: v[j] lane i <- v[i] lane j (a 16 x 16 float transpose in registers).
+inline void transpose16(VF (&v)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // u[4a + b] holds, per 128-bit lane c, row 4a + (0..3) at column 4c + b.
+  for (int i = 0; i < 8; ++i) {
+    const int a = i / 4 * 8 + i % 4;  // u[a], u[a + 4]: rows 4(a/4)..+3 and +4..+7
+    t[a] = _mm512_shuffle_f32x4(u[a], u[a + 4], _MM_SHUFFLE(2, 0, 2, 0));
+    t[a + 4] = _mm512_shuffle_f32x4(u[a], u[a + 4], _MM_SHUFFLE(3, 1, 3, 1));
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], _MM_SHUFFLE(2, 0, 2, 0));
+    v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], _MM_SHUFFLE(3, 1, 3, 1));
+    v[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], _MM_SHUFFLE(2, 0, 2, 0));
+    v[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 struct WorkItem {
   int seq, kv_head, q_begin, q_end;  // query tokens [q_begin, q_end) of the sequence
   int64_t cost;                      // rows x keys, to hand out the big items first
@@ -228,12 +267,30 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
       const int pos_lo = causal ? ctx + it.q_begin : seq_len - 1;
       const int pos_hi = causal ? ctx + it.q_end - 1 : seq_len - 1;
 
-      std::fill_n(qT.data(), size_t(D) * RP, 0.f);  // padding rows stay 0 (finite, never written out)
-      for (int qi = 0; qi < nq; ++qi) {
-        const int64_t tok = q_start + it.q_begin + qi;
-        for (int g = 0; g < G; ++g) {
-          const int r = qi * G + g;
-          const scalar_t* src = q_ptr + tok * q_tok + int64_t(it.kv_head * G + g) * q_head;
+      // Row r's query: token q_start + q_begin + r / G, head kv_head * G + r % G.
+      const auto q_row = [&](int r) {
+        return q_ptr + (q_start + it.q_begin + r / G) * q_tok + int64_t(it.kv_head * G + r % G) * q_head;
+      };
+      bool q_filled = false;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (D % kW == 0) {  // 16 rows x 16 dims at a time, transposed in registers (padding rows: 0)
+          for (int r0 = 0; r0 < RP; r0 += kW) {
+            for (int d0 = 0; d0 < D; d0 += kW) {
+              VF v[kW];
+              for (int i = 0; i < kW; ++i) v[i] = r0 + i < rows ? loadv(q_row(r0 + i) + d0) * scale_log2 : splat(0.f);
+              transpose16(v);
+              for (int j = 0; j < kW; ++j) storev(qT.data() + size_t(d0 + j) * RP + r0, v[j]);
+            }
+          }
+          q_filled = true;
+        }
+      }
+#endif
+      if (!q_filled) {
+        std::fill_n(qT.data(), size_t(D) * RP, 0.f);  // padding rows stay 0 (finite, never written out)
+        for (int r = 0; r < rows; ++r) {
+          const scalar_t* src = q_row(r);
           for (int d = 0; d < D; ++d) qT[size_t(d) * RP + r] = static_cast<float>(src[d]) * scale_log2;
         }
       }
@@ -322,14 +379,30 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
         }
       }
 
-      for (int qi = 0; qi < nq; ++qi) {
-        const int64_t tok = q_start + it.q_begin + qi;
-        for (int g = 0; g < G; ++g) {
-          const int r = qi * G + g;
-          const float inv = 1.f / l_run[r];  // > 0: every token sees at least itself
-          scalar_t* dst = o_ptr + tok * o_tok + int64_t(it.kv_head * G + g) * o_head;
-          for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(oT[size_t(d) * RP + r] * inv);
+      // Row r's output: as q_row. l_run > 0: every token sees at least itself.
+      const auto o_row = [&](int r) {
+        return o_ptr + (q_start + it.q_begin + r / G) * o_tok + int64_t(it.kv_head * G + r % G) * o_head;
+      };
+      bool written = false;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (D % kW == 0) {
+          for (int r0 = 0; r0 < rows; r0 += kW) {
+            for (int d0 = 0; d0 < D; d0 += kW) {
+              VF v[kW];
+              for (int j = 0; j < kW; ++j) v[j] = loadv(oT.data() + size_t(d0 + j) * RP + r0);
+              transpose16(v);
+              for (int i = 0; i < kW && r0 + i < rows; ++i) storev(o_row(r0 + i) + d0, v[i] * (1.f / l_run[r0 + i]));
+            }
+          }
+          written = true;
         }
+      }
+#endif
+      for (int r = 0; r < rows && !written; ++r) {
+        const float inv = 1.f / l_run[r];
+        scalar_t* dst = o_row(r);
+        for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(oT[size_t(d) * RP + r] * inv);
       }
     }
   });
