@@ -399,10 +399,12 @@ void prefill_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& ke
         }
       }
 #endif
-      for (int r = 0; r < rows && !written; ++r) {
-        const float inv = 1.f / l_run[r];
-        scalar_t* dst = o_row(r);
-        for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(oT[size_t(d) * RP + r] * inv);
+      if (!written) {
+        for (int r = 0; r < rows; ++r) {
+          const float inv = 1.f / l_run[r];
+          scalar_t* dst = o_row(r);
+          for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(oT[size_t(d) * RP + r] * inv);
+        }
       }
     }
   });

@@ -23,13 +23,15 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include "cpu_only_ops.h"
 #include "fetch_ahead.h"
 #include "next_weight.h"
-#include "panel_tile.h"
 #include "ops.h"
+#include "panel_linear_io.h"
 
 namespace pagedllm::cpu {
 namespace {
@@ -71,36 +73,26 @@ const at::Tensor* panels_of(const at::Tensor* layer, int weight_slot, int64_t ki
   return kind >= 0 && kind < kInt8Kind ? &layer[weight_slot + 1] : nullptr;
 }
 
-// x as float32 (exact), a plain loop: rows of a 16-bit decode GEMM are a few KB, where at::Tensor::to's
-// dispatch and iterator set-up cost more than the conversion.
-at::Tensor widened(const at::Tensor& x) {
+// n values of src as To (fp16 / bf16 -> fp32 exact; fp32 -> fp16 / bf16 round to nearest even, as
+// Tensor::to): a plain loop, where Tensor::to's dispatch and iterator set-up on the few KB of a 16-bit
+// decode GEMM's rows cost more than the conversion.
+template <typename To, typename From>
+at::Tensor converted(const at::Tensor& x, at::ScalarType to) {
   const at::Tensor src = x.contiguous();
-  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  const int64_t n = src.numel();
-  if (src.scalar_type() == at::kBFloat16) {
-    const c10::BFloat16* p = src.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]);
-  } else {
-    const c10::Half* p = src.data_ptr<c10::Half>();
-    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(p[i]);
-  }
+  at::Tensor out = at::empty(src.sizes(), src.options().dtype(to));
+  const From* p = src.data_ptr<From>();
+  To* o = out.data_ptr<To>();
+  for (int64_t i = 0, n = src.numel(); i < n; ++i) o[i] = static_cast<To>(p[i]);
   return out;
 }
 
-// y (float32, contiguous) rounded to dtype (bfloat16 / float16: round to nearest even, as Tensor::to).
+// The 16-bit x as float32 (exact), and the float32 y rounded back to dtype.
+at::Tensor widened(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 ? converted<float, c10::BFloat16>(x, at::kFloat)
+                                          : converted<float, c10::Half>(x, at::kFloat);
+}
 at::Tensor to_dtype(const at::Tensor& y, at::ScalarType dtype) {
-  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
-  const float* p = y.data_ptr<float>();
-  const int64_t n = y.numel();
-  if (dtype == at::kBFloat16) {
-    c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(p[i]);
-  } else {
-    c10::Half* o = out.data_ptr<c10::Half>();
-    for (int64_t i = 0; i < n; ++i) o[i] = c10::Half(p[i]);
-  }
-  return out;
+  return dtype == at::kBFloat16 ? converted<c10::BFloat16, float>(y, dtype) : converted<c10::Half, float>(y, dtype);
 }
 
 // Linear.forward: the packed copy for the row counts it serves, else F.linear. next: the packed weight
@@ -172,23 +164,33 @@ at::Tensor attention(const at::Tensor& h, const at::Tensor* layer, const int64_t
                 panels_of(layer, kGateUpWeight, ints[kGateUpKind]));
 }
 
+// A step's decode sequences as the KV fetch plans read them: their lengths and block tables as int32,
+// converted once a step (lens empty: nothing to fetch, no decodes or GEMMs too small to carry a plan).
+struct DecodeBlocks {
+  at::Tensor lens, tables;  // [num_decodes], [num_decodes, width], contiguous
+
+  DecodeBlocks(const Step& s, int64_t rows) {
+    if (s.num_decodes == 0 || !panel::takes_fetch_ahead(rows)) return;
+    lens = s.decode_seq_lens->to(at::kInt).contiguous();
+    tables = s.decode_block_tables->to(at::kInt).contiguous();
+  }
+};
+
 // The KV cache blocks the decode attention of a layer (its caches in `layer`) reads, into plan
-// (fetch_ahead.h): every block of each decode's visible keys, K then V. Empty when the step's GEMMs are
-// too small to carry them (panel_linear_io.h ahead_for).
-void plan_decode_kv(fetch_ahead::Plan& plan, const at::Tensor* layer, int64_t window, const Step& s, int64_t rows) {
+// (fetch_ahead.h): every block of each decode's visible keys, K then V.
+void plan_decode_kv(fetch_ahead::Plan& plan, const at::Tensor* layer, int64_t window, const DecodeBlocks& d) {
   plan.clear();
-  if (s.num_decodes == 0 || rows <= panel::kTileRows) return;
+  if (!d.lens.defined()) return;
   const at::Tensor &key_cache = layer[kKeyCache], &value_cache = layer[kValueCache];
   const int64_t bs = key_cache.size(2), block_bytes = key_cache.stride(0) * key_cache.element_size();
+  const int64_t nb = key_cache.size(0), width = d.tables.size(1);
   const auto* k = static_cast<const char*>(key_cache.data_ptr());
   const auto* v = static_cast<const char*>(value_cache.data_ptr());
-  const at::Tensor lens = s.decode_seq_lens->to(at::kInt).contiguous(), tables = s.decode_block_tables->to(at::kInt).contiguous();
-  const int32_t* len = lens.data_ptr<int32_t>();
-  const int64_t nb = key_cache.size(0);
-  for (int64_t i = 0; i < s.num_decodes; ++i) {
+  const int32_t* len = d.lens.data_ptr<int32_t>();
+  for (int64_t i = 0; i < d.lens.size(0); ++i) {
     const int64_t first = window > 0 ? std::max<int64_t>(0, len[i] - window) / bs : 0;
-    const int32_t* row = tables.data_ptr<int32_t>() + i * tables.size(1);
-    for (int64_t b = first; b * bs < len[i] && b < tables.size(1); ++b) {
+    const int32_t* row = d.tables.data_ptr<int32_t>() + i * width;
+    for (int64_t b = first; b * bs < len[i] && b < width; ++b) {
       if (row[b] < 0 || row[b] >= nb) continue;  // the attention op rejects it
       plan.add(k + row[b] * block_bytes, block_bytes);
       plan.add(v + row[b] * block_bytes, block_bytes);
@@ -257,11 +259,12 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Te
   at::Tensor hidden = hidden_in, residual;
   const auto layer_at = [&](int64_t i) { return tensors.data() + 1 + i * kLayerTensors; };
   const auto ints_at = [&](int64_t i) { return ints.data() + kGlobalInts + i * kLayerInts; };
+  const DecodeBlocks decodes(s, hidden_in.size(0));
   fetch_ahead::Plan next_kv;
   for (int64_t i = 0; i < num_layers; ++i) {
     const bool last = i + 1 == num_layers;
     const at::Tensor* next_qkv = last ? nullptr : panels_of(layer_at(i + 1), kQkvWeight, ints_at(i + 1)[kQkvKind]);
-    if (!last) plan_decode_kv(next_kv, layer_at(i + 1), ints_at(i + 1)[kSlidingWindow], s, hidden.size(0));
+    if (!last) plan_decode_kv(next_kv, layer_at(i + 1), ints_at(i + 1)[kSlidingWindow], decodes);
     decoder_layer(hidden, residual, layer_at(i), ints_at(i), tensors[0], c, s, next_qkv, last ? nullptr : &next_kv);
   }
   return {hidden, residual};

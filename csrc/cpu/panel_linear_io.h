@@ -51,11 +51,14 @@ inline LinearIO linear_io(const char* op, const at::Tensor& x, int64_t K, int64_
   return io;
 }
 
-// The calling thread's share of the caller's fetch-ahead plan (fetch_ahead.h) inside a GEMM's parallel
-// region: plan is fetch_ahead::current() read before the region; only GEMMs of more than one row tile
-// take it (fewer rows stream their weights near the memory rate: extra reads would slow them).
+// Whether a GEMM of M rows carries a fetch-ahead plan (fetch_ahead.h): only GEMMs of more than one row
+// tile (fewer rows stream their weights near the memory rate: extra reads would slow them).
+inline bool takes_fetch_ahead(int64_t M) { return M > kTileRows; }
+
+// The calling thread's share of the caller's fetch-ahead plan inside a GEMM's parallel region: plan is
+// fetch_ahead::current() read before the region.
 inline fetch_ahead::Cursor* ahead_for(fetch_ahead::Plan* plan, int64_t M) {
-  return plan != nullptr && M > kTileRows ? plan->this_thread() : nullptr;
+  return plan != nullptr && takes_fetch_ahead(M) ? plan->this_thread() : nullptr;
 }
 
 // Every row tile of io against one panel expanded to fp32, [K, 32] (quantized_linear.cpp,
