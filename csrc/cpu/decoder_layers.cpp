@@ -199,6 +199,39 @@ void plan_decode_kv(fetch_ahead::Plan& plan, const at::Tensor* layer, int64_t wi
   plan.split(at::get_num_threads());
 }
 
+// LlamaMLP.forward: gate_up, SiLU-and-mul, down. next: the packed weight of the GEMM after it.
+at::Tensor mlp(const at::Tensor& h, const at::Tensor* layer, const int64_t* ints, const Config& c,
+               const at::Tensor* next) {
+  const at::Tensor gate_up =
+      linear(h, layer, kGateUpWeight, ints[kGateUpKind], c, panels_of(layer, kDownWeight, ints[kDownKind]));
+  const int64_t d = gate_up.size(1) / 2;
+  at::Tensor act;
+  if (gate_up.scalar_type() == at::kFloat) {
+    act = at::empty({gate_up.size(0), d}, gate_up.options());
+    silu_and_mul(act, gate_up);
+  } else {
+    act = at::silu(gate_up.narrow(-1, 0, d)) * gate_up.narrow(-1, d, d);
+  }
+  return linear(act, layer, kDownWeight, ints[kDownKind], c, next);
+}
+
+// The row chunks a step's MLP runs in. Why: at prefill sizes the gate_up output (2048 rows of the default
+// model: 25 MB) does not stay in cache, and SiLU-and-mul and the down GEMM read it back from memory; in
+// chunks of ~128 rows it does (the MLP ops of 2048 rows called alone: 34 -> 29 ms a layer; a 2048-token
+// prefill 3-4% faster; benchmarks/RESULTS.md "Seventh session"). Only where no row's result can depend on
+// the chunking: float32 rows through the packed kernels (every row its own FMA chains), all of them
+// within the kernels' row range; else one chunk.
+constexpr int64_t kMlpChunkRows = 128;
+int64_t mlp_chunks(int64_t rows, const int64_t* ints, const Config& c, at::ScalarType dtype) {
+  const int64_t chunks = rows / kMlpChunkRows;
+  const auto packed = [](int64_t kind) { return kind >= 0 && kind < kInt8Kind; };
+  if (chunks < 2 || dtype != at::kFloat || !packed(ints[kGateUpKind]) || !packed(ints[kDownKind]) ||
+      rows > c.max_rows) {
+    return 1;
+  }
+  return chunks;  // chunks of kMlpChunkRows to 2 * kMlpChunkRows - 1 rows: above every kind's min rows
+}
+
 // LlamaDecoderLayer.forward: (hidden, residual) in, (hidden, residual) out; residual undefined on
 // the first layer. next_qkv: the next layer's packed qkv weight (panels_of), nullptr after the last;
 // next_kv: the KV blocks the next layer's decode attention reads, fetched during the MLP's GEMMs.
@@ -214,17 +247,19 @@ void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* l
   hidden = attention(hidden, layer, ints, cos_sin, c, s);
   fused_add_rms_norm(hidden, residual, layer[kPostNorm], c.eps);
   const fetch_ahead::Scope ahead(next_kv);
-  const at::Tensor gate_up =
-      linear(hidden, layer, kGateUpWeight, ints[kGateUpKind], c, panels_of(layer, kDownWeight, ints[kDownKind]));
-  const int64_t d = gate_up.size(1) / 2;
-  at::Tensor act;
-  if (gate_up.scalar_type() == at::kFloat) {
-    act = at::empty({gate_up.size(0), d}, gate_up.options());
-    silu_and_mul(act, gate_up);
-  } else {
-    act = at::silu(gate_up.narrow(-1, 0, d)) * gate_up.narrow(-1, d, d);
+  const int64_t rows = hidden.size(0), chunks = mlp_chunks(rows, ints, c, hidden.scalar_type());
+  if (chunks == 1) {
+    hidden = mlp(hidden, layer, ints, c, next_qkv);
+    return;
   }
-  hidden = linear(act, layer, kDownWeight, ints[kDownKind], c, next_qkv);
+  at::Tensor out = at::empty_like(hidden);
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t r0 = i * rows / chunks, r1 = (i + 1) * rows / chunks;
+    const bool last = i + 1 == chunks;
+    out.narrow(0, r0, r1 - r0).copy_(mlp(hidden.narrow(0, r0, r1 - r0), layer, ints, c,
+                                         last ? next_qkv : panels_of(layer, kGateUpWeight, ints[kGateUpKind])));
+  }
+  hidden = out;
 }
 
 }  // namespace

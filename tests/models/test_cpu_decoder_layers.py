@@ -9,6 +9,7 @@ import torch
 
 from models_testing import VOCAB, PagedRunner, make_hf_model, tiny_config
 from pagedllm import LLM, SamplingParams, _ops
+from pagedllm.layers import linear as linear_mod
 from pagedllm.layers.linear import LMHead, Linear, pack_linear_weights
 from pagedllm.models import cpu_decoder_layers, load_model, loader, resolve_model
 
@@ -83,6 +84,22 @@ def test_many_decodes_same_bits(folder, monkeypatch):
     calls = _count_calls(monkeypatch)
     fused = _logits(model, True, monkeypatch, lens)
     assert calls == [sum(lens), 14, 14, 14]
+    loop = _logits(model, False, monkeypatch, lens)
+    for a, b in zip(fused, loop):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lens", [[130, 70, 97], [250, 5, 200, 147]], ids=["297-rows", "602-rows"])
+def test_prefill_mlp_in_row_chunks_same_bits(folder, lens, monkeypatch):
+    """A prefill of 256+ rows through packed weights: the op runs each layer's MLP in row chunks (2 and 4
+    here) so that the gate_up output stays in cache; every row's result is still the layer loop's, which
+    runs the MLP over all rows at once. The packed kernels take every row count here, as on an AMD host."""
+    monkeypatch.setattr(linear_mod, "PACKED_MAX_ROWS", linear_mod.NO_ROW_LIMIT)
+    model = load_model(resolve_model(str(folder)), dtype=torch.float32)
+    assert pack_linear_weights(model) > 0
+    calls = _count_calls(monkeypatch)
+    fused = _logits(model, True, monkeypatch, lens)
+    assert calls == [sum(lens)] + [len(lens)] * 3
     loop = _logits(model, False, monkeypatch, lens)
     for a, b in zip(fused, loop):
         assert torch.equal(a, b)
