@@ -446,8 +446,19 @@ def run_vllm_api(LLM, SamplingParams, job, **llm_kwargs) -> dict:
             produced = sum(generate([p], [n]) for p, n in zip(prompts, out_lens))
         seconds = time.perf_counter() - t0
         ttft = _ttft(lambda ps: generate(ps, [1] * len(ps)), prompts, conc)
-        results.append(dict(concurrency=conc, tok_s=produced / seconds, ttft_s=ttft))
+        note = decode_only_note(produced, len(prompts), seconds, ttft) if conc == 1 else ""
+        results.append(dict(concurrency=conc, tok_s=produced / seconds, ttft_s=ttft, note=note))
     return dict(results=results)
+
+
+def decode_only_note(produced: int, prompts: int, seconds: float, ttft: float) -> str:
+    """Batch 1, one prompt after another: the tokens after each prompt's first over the time less each
+    prompt's TTFT (its prefill and first token, from the TTFT pass), to set beside llama-bench's decode-only
+    tg figure; "" when the TTFT pass took longer than that (no meaningful rate)."""
+    decode_s = seconds - ttft * prompts
+    if produced <= prompts or decode_s <= 0:
+        return ""
+    return f"decode only {(produced - prompts) / decode_s:.1f} tok/s (TTFT pass subtracted)"
 
 
 def worker_pagedllm(job) -> dict:

@@ -100,6 +100,13 @@ def test_batched_bench_jsonl_counts_output_tokens_over_the_whole_time(peers):
         peers.batched_bench_rows("main: nothing\n", engine, 1)
 
 
+def test_batch_one_decode_rate_leaves_out_each_prompts_ttft(peers):
+    """4 prompts of 33 tokens in 2.0 s, 0.1 s to each first token: 128 tokens in 1.6 s."""
+    assert peers.decode_only_note(132, 4, 2.0, 0.1) == "decode only 80.0 tok/s (TTFT pass subtracted)"
+    assert peers.decode_only_note(132, 4, 0.3, 0.1) == ""  # the TTFT pass took longer: no rate
+    assert peers.decode_only_note(4, 4, 2.0, 0.1) == ""    # one token each: nothing decoded
+
+
 def test_a_setup_failure_gives_rows_for_each_workload_without_running_anything(peers):
     args = peers.parse_args(["--only", "vllm-bf16,llama-bench,llama-batched-bench"])
     ctx = {"setup_errors": {"vllm": "setup: pip failed", "llamacpp": "setup: cmake failed"}}
