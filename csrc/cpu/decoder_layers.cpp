@@ -217,14 +217,14 @@ at::Tensor mlp(const at::Tensor& h, const at::Tensor* layer, const int64_t* ints
 
 // The row chunks a step's MLP runs in. Why: at prefill sizes the gate_up output (2048 rows of the default
 // model: 25 MB) does not stay in cache, and SiLU-and-mul and the down GEMM read it back from memory; in
-// chunks of ~128 rows it does (the MLP ops of 2048 rows called alone: 34 -> 29 ms a layer; a 2048-token
-// prefill 3-4% faster; benchmarks/RESULTS.md "Seventh session"). Only where no row's result can depend on
-// the chunking: float32 rows through the packed kernels (every row its own FMA chains), all of them
-// within the kernels' row range; else one chunk.
+// chunks of ~128 rows it does (a 2048-token prefill 3-4% faster in the exact mode, 11-18% in the int8 mode;
+// benchmarks/RESULTS.md "Seventh session"). Only where no row's result can depend on the chunking: float32
+// rows through the packed kernels (exact: every row its own FMA chains; int8: every row quantized and
+// multiplied alone), all of them within the kernels' row range; else one chunk.
 constexpr int64_t kMlpChunkRows = 128;
 int64_t mlp_chunks(int64_t rows, const int64_t* ints, const Config& c, at::ScalarType dtype) {
   const int64_t chunks = rows / kMlpChunkRows;
-  const auto packed = [](int64_t kind) { return kind >= 0 && kind < kInt8Kind; };
+  const auto packed = [](int64_t kind) { return kind >= 0; };
   if (chunks < 2 || dtype != at::kFloat || !packed(ints[kGateUpKind]) || !packed(ints[kDownKind]) ||
       rows > c.max_rows) {
     return 1;
