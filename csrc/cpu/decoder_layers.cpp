@@ -224,11 +224,9 @@ at::Tensor mlp(const at::Tensor& h, const at::Tensor* layer, const int64_t* ints
 constexpr int64_t kMlpChunkRows = 128;
 int64_t mlp_chunks(int64_t rows, const int64_t* ints, const Config& c, at::ScalarType dtype) {
   const int64_t chunks = rows / kMlpChunkRows;
-  const auto packed = [](int64_t kind) { return kind >= 0; };
-  if (chunks < 2 || dtype != at::kFloat || !packed(ints[kGateUpKind]) || !packed(ints[kDownKind]) ||
-      rows > c.max_rows) {
-    return 1;
-  }
+  // int8 kinds take every row count; the exact ones up to max_rows (then at::linear, whose bits may depend on M)
+  const auto packed = [&](int64_t kind) { return kind >= kInt8Kind || (kind >= 0 && rows <= c.max_rows); };
+  if (chunks < 2 || dtype != at::kFloat || !packed(ints[kGateUpKind]) || !packed(ints[kDownKind])) return 1;
   return chunks;  // chunks of kMlpChunkRows to 2 * kMlpChunkRows - 1 rows: above every kind's min rows
 }
 

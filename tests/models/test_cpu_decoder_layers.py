@@ -89,26 +89,39 @@ def test_many_decodes_same_bits(folder, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
-@pytest.mark.parametrize("lens", [[130, 70, 97], [250, 5, 200, 147]], ids=["297-rows", "602-rows"])
-def test_prefill_mlp_in_row_chunks_same_bits(folder, lens, int8, monkeypatch):
-    """A prefill of 256+ rows through packed weights (exact, or the int8 mode's codes): the op runs each
-    layer's MLP in row chunks (2 and 4 here) so that the gate_up output stays in cache; every row's result is
-    still the layer loop's, which runs the MLP over all rows at once. The packed kernels take every row count
-    here, as on an AMD host."""
-    if int8 and "q4_1" not in folder.name:
-        pytest.skip("the int8 mode needs weights of GGUF codes")
+CHUNKED_LENS = [[130, 70, 97], [250, 5, 200, 147]]  # 297 and 602 rows: MLPs in 2 and 4 row chunks
+
+
+def _chunked_prefill_same_bits(model, monkeypatch) -> None:
+    for lens in CHUNKED_LENS:
+        calls = _count_calls(monkeypatch)
+        fused = _logits(model, True, monkeypatch, lens)
+        assert calls == [sum(lens)] + [len(lens)] * 3
+        loop = _logits(model, False, monkeypatch, lens)
+        for a, b in zip(fused, loop):
+            assert torch.equal(a, b)
+
+
+def test_prefill_mlp_in_row_chunks_same_bits(folder, monkeypatch):
+    """A prefill of 256+ rows through packed weights: the op runs each layer's MLP in row chunks so that the
+    gate_up output stays in cache; every row's result is still the layer loop's, which runs the MLP over all
+    rows at once. The packed kernels take every row count here, as on an AMD host."""
     monkeypatch.setattr(linear_mod, "PACKED_MAX_ROWS", linear_mod.NO_ROW_LIMIT)
     model = load_model(resolve_model(str(folder)), dtype=torch.float32)
-    assert pack_linear_weights(model, int8=int8) > 0
-    if int8:
-        assert all(m.packed.int8 for m in model.modules() if isinstance(m, Linear))
-    calls = _count_calls(monkeypatch)
-    fused = _logits(model, True, monkeypatch, lens)
-    assert calls == [sum(lens)] + [len(lens)] * 3
-    loop = _logits(model, False, monkeypatch, lens)
-    for a, b in zip(fused, loop):
-        assert torch.equal(a, b)
+    assert pack_linear_weights(model) > 0
+    _chunked_prefill_same_bits(model, monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_int8_prefill_mlp_in_row_chunks_same_bits(arch, tmp_path, monkeypatch):
+    """The same in the int8 mode (every row quantized and multiplied alone), on Q4_1 weights."""
+    hf = make_hf_model(tiny_config(arch))
+    _q4_1(hf)
+    hf.save_pretrained(tmp_path)
+    model = load_model(resolve_model(str(tmp_path)), dtype=torch.float32)
+    assert pack_linear_weights(model, int8=True) > 0
+    assert all(m.packed.int8 for m in model.modules() if isinstance(m, Linear))
+    _chunked_prefill_same_bits(model, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
