@@ -24,7 +24,8 @@ TTFT: at concurrency > 1, the time until every prompt has its first token (the s
 max_tokens=1: the prefill of the whole batch); at batch 1, the mean over the prompts of one prompt's time to
 its first token (prefix caching off in pagedllm and vLLM, so that the second pass over the same prompts
 prefills them again). llama-bench reports prompt processing instead (pp tok/s, in the note; its TTFT is the time
-of a prompt of the workload's mean length at that rate).
+of a prompt of the workload's mean length at that rate). llama-bench's batch-1 figure is decode only (tg); the
+batch-1 rows of pagedllm and vLLM say theirs in the note (the time less each prompt's TTFT).
 
 Only the standard library is imported at module level: the same file is the worker inside each venv.
 """
