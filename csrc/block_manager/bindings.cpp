@@ -163,6 +163,16 @@ bad arguments -> ValueError / TypeError.)doc")
       .def("truncate", &BlockManager::truncate_tokens, py::arg("seq_id"), py::arg("num_tokens"),
            "Drops the slots of tokens [num_tokens, len) (rejected speculative tokens); blocks left empty are "
            "released tail first. ValueError when num_tokens is below num_computed_tokens or above the length.")
+      .def(
+          "replace_tokens",
+          [](BlockManager& bm, int64_t seq_id, int64_t start, const py::object& token_ids) {
+            const Tokens t(token_ids);
+            bm.replace_tokens(seq_id, start, t.span());
+          },
+          py::arg("seq_id"), py::arg("start"), py::arg("token_ids"),
+          "Sets the token ids of reserved slots [start, start + len(token_ids)) (multi-step decoding reserves "
+          "slots before their tokens are sampled). ValueError when start is below num_computed_tokens or the "
+          "range passes the reserved length.")
       .def("free", &BlockManager::free, py::arg("seq_id"),
            "Releases the sequence's blocks tail first: a block reaching ref 0 stays cached (evictable, LRU) if it "
            "is in the prefix cache, else joins the back of the free list. KeyError when unknown or already freed.")

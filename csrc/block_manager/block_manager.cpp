@@ -353,6 +353,19 @@ void BlockManager::truncate_tokens(int64_t seq_id, int64_t num_tokens) {
   if (s.hashes.size() > full) s.hashes.resize(full);
 }
 
+void BlockManager::replace_tokens(int64_t seq_id, int64_t start, TokenSpan tokens) {
+  Sequence& s = seq(seq_id);
+  const int64_t end = start + int64_t(tokens.size());
+  if (start < s.num_computed_tokens || end > int64_t(s.tokens.size())) {
+    throw std::invalid_argument("replace_tokens: tokens [" + std::to_string(start) + ", " + std::to_string(end) +
+                                ") are outside [" + std::to_string(s.num_computed_tokens) + ", " +
+                                std::to_string(s.tokens.size()) + "] (computed .. reserved) for " + seq_name(seq_id));
+  }
+  std::copy(tokens.begin(), tokens.end(), s.tokens.begin() + start);
+  const size_t kept = size_t(start / block_size_);  // hashes of the blocks these tokens fall in go
+  if (s.hashes.size() > kept) s.hashes.resize(kept);
+}
+
 void BlockManager::free(int64_t seq_id) {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) throw UnknownSequenceError("unknown " + seq_name(seq_id));

@@ -124,6 +124,10 @@ class BlockManager {
   // empty are released tail first, as free() does. num_tokens must not be below num_computed_tokens (a
   // computed prefix may already be cached), so the cache never holds a dropped token.
   void truncate_tokens(int64_t seq_id, int64_t num_tokens);
+  // Sets the token ids of slots [start, start + tokens.size()) that append_slots reserved: multi-step decoding
+  // (engine/multi_step.py) reserves a few steps' slots before their tokens are sampled. start must not be below
+  // num_computed_tokens (a computed prefix may already be cached), so no cached block ever changes.
+  void replace_tokens(int64_t seq_id, int64_t start, TokenSpan tokens);
   void free(int64_t seq_id);
   // Drops every EVICTABLE cache entry (those blocks join the free list in LRU order). Returns true when
   // the prefix cache is now empty, false when cached blocks still used by sequences remain cached.
