@@ -36,6 +36,13 @@ TORCH_LIBRARY_FRAGMENT(_C, m) {
       "Tensor slot_mapping, int num_prefill_tokens, int max_prefill_query_len, int num_decodes, "
       "Tensor? prefill_query_start_loc, Tensor? prefill_seq_lens, Tensor? prefill_block_tables, "
       "Tensor? decode_seq_lens, Tensor? decode_block_tables) -> Tensor[]");
+  // num_steps decode steps in one call: embedding, decoder_layers, final norm, LM head, sample_tokens
+  // (decode_loop.cpp) -> the tokens [num_steps, num_seqs].
+  m.def(
+      "decode_loop(Tensor input_ids, Tensor positions, Tensor[] tensors, int[] ints, float[] floats, "
+      "Tensor slot_mapping, Tensor seq_lens, Tensor block_tables, Tensor embedding, Tensor norm_weight, "
+      "Tensor[] head, int head_kind, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
+      "Tensor seeds, Tensor offsets, int num_steps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(_C, CPU, m) {
@@ -50,4 +57,5 @@ TORCH_LIBRARY_IMPL(_C, CPU, m) {
   m.impl("int8_linear", &pagedllm::cpu::int8_linear);
   m.impl("silu_and_mul", &pagedllm::cpu::silu_and_mul);
   m.impl("decoder_layers", &pagedllm::cpu::decoder_layers);
+  m.impl("decode_loop", &pagedllm::cpu::decode_loop);
 }

@@ -25,6 +25,16 @@ std::vector<at::Tensor> quantize_rows_int8(const at::Tensor& x);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, const std::optional<at::Tensor>& bias,
                        int64_t out_features);
 void silu_and_mul(at::Tensor& out, const at::Tensor& x);
+// A GEMM outside the layers (the LM head) as decoder_layers runs its own (Linear.forward's choice of kernel):
+// weight = [weight, packed, bias (0 elements: none)], kind and ints as decoder_layers takes them.
+at::Tensor layers_linear(const at::Tensor& x, at::TensorList weight, int64_t kind, at::IntArrayRef ints);
+// num_steps decode steps of a Llama-family float32 model in one call (decode_loop.cpp).
+at::Tensor decode_loop(const at::Tensor& input_ids, const at::Tensor& positions, at::TensorList tensors,
+                       at::IntArrayRef ints, at::ArrayRef<double> floats, const at::Tensor& slot_mapping,
+                       const at::Tensor& seq_lens, const at::Tensor& block_tables, const at::Tensor& embedding,
+                       const at::Tensor& norm_weight, at::TensorList head, int64_t head_kind,
+                       const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                       const at::Tensor& min_p, const at::Tensor& seeds, const at::Tensor& offsets, int64_t num_steps);
 std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList tensors,
                                        at::IntArrayRef ints, at::ArrayRef<double> floats,
                                        const at::Tensor& slot_mapping, int64_t num_prefill_tokens,

@@ -262,6 +262,13 @@ void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* l
 
 }  // namespace
 
+at::Tensor layers_linear(const at::Tensor& x, at::TensorList weight, int64_t kind, at::IntArrayRef ints) {
+  TORCH_CHECK(weight.size() == 3 && static_cast<int64_t>(ints.size()) >= kGlobalInts,
+              "layers_linear: weight must be [weight, packed, bias] and ints decoder_layers' ints");
+  const Config c{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], ints[7], 0.0, 0.0};
+  return linear(x, weight.data(), 0, kind, c, nullptr);
+}
+
 std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Tensor& positions,
                                        at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
                                        const at::Tensor& slot_mapping, int64_t num_prefill_tokens,

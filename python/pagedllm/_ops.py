@@ -222,6 +222,18 @@ def decoder_layers(hidden: torch.Tensor, positions: torch.Tensor, tensors: list[
     return hidden, residual
 
 
+def decode_loop(input_ids: torch.Tensor, positions: torch.Tensor, tensors: list[torch.Tensor], ints: list[int],
+                floats: list[float], slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                embedding: torch.Tensor, norm_weight: torch.Tensor, head: list[torch.Tensor], head_kind: int,
+                temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                seeds: torch.Tensor, offsets: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """CPU, float32: num_steps decode steps of a Llama-family model in one call (argument layout:
+    csrc/cpu/decode_loop.cpp; built by models/cpu_decoder_layers.py) -> tokens [num_steps, num_seqs] int64."""
+    return ops.decode_loop(input_ids, positions, tensors, ints, floats, slot_mapping, seq_lens, block_tables,
+                           embedding, norm_weight, head, head_kind, temperature, top_k, top_p, min_p, seeds, offsets,
+                           num_steps)
+
+
 def pack_quantized_linear_weight(weight: torch.Tensor, qtype: int) -> torch.Tensor:
     """CPU, float32 weight [N, K] whose every run of 32 inputs is exactly dequantized GGUF blocks of
     type qtype (a GGML type id: Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q6_K 14) -> its codes, uint8

@@ -51,6 +51,9 @@ class EngineArgs:
     # None or "gguf": a GGUF checkpoint's codes with fp32 math (exact, the default); "gguf_int8" (CPU, opt-in):
     # activations quantized per 32 inputs to int8 and integer dot products with the codes (layers/linear.py)
     quantization: Optional[str] = None
+    # decode steps that run this many forwards in a row before the engine's per-token work (engine/multi_step.py);
+    # None: 1, except for the offline LLM class on a CPU (multi_step.OFFLINE_CPU_STEPS)
+    num_scheduler_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32):
@@ -81,6 +84,10 @@ class EngineArgs:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"Unknown quantization method: {self.quantization}. Must be one of "
                              f"{list(QUANTIZATION_METHODS)}.")
+        if self.num_scheduler_steps is not None and (isinstance(self.num_scheduler_steps, bool)
+                                                     or not isinstance(self.num_scheduler_steps, int)
+                                                     or self.num_scheduler_steps < 1):
+            raise ValueError(f"num_scheduler_steps must be a positive integer, got {self.num_scheduler_steps!r}.")
         if self.speculative_config is not None:  # validated before any model loads
             from pagedllm.engine.spec_decode.config import SpeculativeConfig
             SpeculativeConfig.from_dict(self.speculative_config)

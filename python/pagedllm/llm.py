@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.multi_step import offline_scheduler_steps
 from pagedllm.engine.request_failures import describe
 from pagedllm.inputs import PromptType
 from pagedllm.outputs import ChatCompletionOutput, RequestOutput
@@ -30,6 +31,8 @@ class LLM(PoolingMixin):  # PoolingMixin: embed, classify, score, reward, encode
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument '{unknown[0]}'")
         args = EngineArgs(model=model, **kwargs)
+        if args.num_scheduler_steps is None:  # offline: no stream to keep fine-grained (engine/multi_step.py)
+            args.num_scheduler_steps = offline_scheduler_steps(args)
         from pagedllm.pooling.engine import PoolingEngine, wants_pooling
         self.llm_engine = PoolingEngine(args) if wants_pooling(args) else LLMEngine.from_engine_args(args)
         self._counter = itertools.count()

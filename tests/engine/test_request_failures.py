@@ -15,7 +15,10 @@ from pagedllm.llm import RequestErrors
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("m"), "llama")
-    return LLM(str(path), num_gpu_blocks_override=48, max_model_len=256, max_num_seqs=16, seed=0)
+    # Single steps: these tests hook the single step's forward and sampler (multi-step decoding's failures:
+    # tests/engine/test_multi_step.py).
+    return LLM(str(path), num_gpu_blocks_override=48, max_model_len=256, max_num_seqs=16, seed=0,
+               num_scheduler_steps=1)
 
 
 def _prompts(seed, n=3):

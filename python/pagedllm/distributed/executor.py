@@ -52,6 +52,10 @@ class UniProcExecutor:
     def execute_model(self, step):
         return self.runner.run(step)
 
+    def execute_decode_steps(self, step, num_steps: int, sampling):
+        """Multi-step decoding (engine/multi_step.py): here only (tensor_parallel_size 1)."""
+        return self.runner.run_decode_steps(step, num_steps, sampling)
+
     def shutdown(self) -> None:
         pass
 

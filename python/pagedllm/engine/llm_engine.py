@@ -12,8 +12,9 @@ from pagedllm.config import EngineArgs
 from pagedllm.cpu_features import cpu_math_dtype
 from pagedllm.engine.beam_search import BeamSearch
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.distributed.executor import TensorParallelError, make_executor
+from pagedllm.distributed.executor import TensorParallelError, UniProcExecutor, make_executor
 from pagedllm.engine.detokenizer import detokenize_incrementally
+from pagedllm.engine.multi_step import MultiStep
 from pagedllm.engine.request_failures import describe, guard_processor
 from pagedllm.engine.runner_io import build_step_input
 from pagedllm.engine.scheduler import Scheduler
@@ -24,7 +25,7 @@ from pagedllm.inputs import PromptType, checked_prompt_text, token_id_list
 from pagedllm.engine.structured_admission import GrammarAdmission
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling.processors.base import SampleRow
-from pagedllm.sampling.step import wants_logprob
+from pagedllm.sampling.step import SampleResult, wants_logprob
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         self.speculator = self._speculator(args, mnbt)
+        # Multi-step decoding (engine/multi_step.py): one process (tensor_parallel_size 1), no speculation.
+        steps = args.num_scheduler_steps or 1
+        self.multi_step = (MultiStep(steps, self.scheduler, self.block_manager, self.max_model_len)
+                           if steps > 1 and self.speculator is None and isinstance(self.executor, UniProcExecutor)
+                           else None)
         if self.speculator is not None:
             self.stats["spec_decode"] = self.speculator.stats  # drafts, draft / accepted tokens, per position
 
@@ -286,6 +292,9 @@ class LLMEngine:
                     rows[it.seq.seq_id] = self._sample_rows(it.seq)
                 except Exception as e:  # noqa: BLE001 - this request's own inputs
                     self.fail_request(it.seq.request.request_id, e)
+        k = self.multi_step.steps(sched, rows, self._plain_request) if self.multi_step is not None else 1
+        if k > 1 and self.multi_step.reserve(sched, k):
+            return self._multi_step(sched, rows, k)
         try:
             step = build_step_input(sched, self.runner.block_size)  # plain data (engine/runner_io.py)
             plan = self.sampling.plan(sched, rows, step)
@@ -344,6 +353,39 @@ class LLMEngine:
         self._abort_failed()
         return ([self._output(req) for req in touched.values() if not self._failed(req)]
                 + self._advance_beams(beams))
+
+    def _plain_request(self, req: Request) -> bool:
+        return req.request_id not in self.beam_searches
+
+    def _multi_step(self, sched, rows: dict, k: int) -> list[RequestOutput]:
+        """k decode forwards of a decode-only step in a row (engine/multi_step.py), then each sequence's
+        tokens appended one by one as single steps would, up to its stop."""
+        ms = self.multi_step
+        try:
+            step = ms.step_input(sched, self.runner.block_size, k)
+            sampling = ms.sampling([rows[it.seq.seq_id][0] for it in sched.decodes], self.device)
+            tokens = self.executor.execute_decode_steps(step, k, sampling).tolist()
+        except Exception as e:  # noqa: BLE001 - as a single step's forward: the requests it ran fail
+            logger.exception("the model step failed; failing the %d requests it ran", len(sched.decodes))
+            for it in sched.decodes:
+                self.fail_request(it.seq.request.request_id, e)
+            self._abort_failed()
+            return []
+        ms.commit(sched, tokens, k)
+        touched: dict[str, Request] = {}
+        for j, it in enumerate(sched.decodes):
+            seq, req = it.seq, it.seq.request
+            try:
+                for i in range(k):
+                    self._append(seq, SampleResult(tokens[i][j], None, None))
+                    if seq.is_finished:
+                        break
+            except Exception as e:  # noqa: BLE001 - e.g. its detokenization
+                self.fail_request(req.request_id, e)
+                continue
+            touched[req.request_id] = req
+        self._abort_failed()
+        return [self._output(req) for req in touched.values() if not self._failed(req)]
 
     def _failed(self, req: Request) -> bool:
         return self._request_errors.get(req.request_id, (None,))[0] is req

@@ -6,6 +6,7 @@ logprob text are the driver's (engine/step_sampling.py)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -21,6 +22,7 @@ from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.engine.swap_space import HostSwapSpace
 from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
 from pagedllm.layers.linear import pack_linear_weights
+from pagedllm.layers.sampler import Sampler, SamplingTensors
 from pagedllm.models import cpu_decoder_layers
 from pagedllm.models.utils import use_native_ops
 
@@ -251,6 +253,38 @@ class ModelRunner:
     def _build_batch(self, sched: SchedulerOutput, block_tables: dict[int, list[int]]):
         """sched's batch on the device with the given block tables (the draft model's: the target's)."""
         return self._device_batch(build_step_input(sched, self.block_size, block_tables))
+
+    @torch.inference_mode()
+    def run_decode_steps(self, step: StepInput, num_steps: int, sampling: SamplingTensors) -> torch.Tensor:
+        """num_steps decode forwards of step's sequences in a row (engine/multi_step.py), each sampling the next
+        one's input ids: step holds the first one's inputs, slot_mapping the slots of all ([num_steps * n],
+        forward i's at [i n, (i + 1) n]) and block tables that cover them; sampling: the rows' SamplingTensors
+        (the first forward's offsets; forward i draws at offset + i). Returns the tokens [num_steps, n] (int64,
+        on the device). In one op call where it applies (models/cpu_decoder_layers.py decode_loop)."""
+        self.move_blocks(step.block_copies, step.swap_out, step.swap_in)
+        n = step.num_decodes
+        input_ids, positions, slots = self._to_device([step.input_ids, step.positions, step.slot_mapping])
+        seq_lens, tables = self._to_device([step.decode_seq_lens, step.decode_block_tables])
+        if self.graphs is None:
+            looped = cpu_decoder_layers.decode_loop(self.model, input_ids, positions, slots, seq_lens, tables,
+                                                    sampling, num_steps)
+            if looped is not None:
+                return looped
+        sampler, tokens = Sampler(), []
+        for i in range(num_steps):
+            md = AttentionMetadata(slot_mapping=slots[i * n:(i + 1) * n], num_prefills=0, num_prefill_tokens=0,
+                                   max_prefill_query_len=0, prefill_query_start_loc=None, prefill_seq_lens=None,
+                                   prefill_block_tables=None, num_decodes=n, decode_seq_lens=seq_lens + i,
+                                   decode_block_tables=tables)
+            if self.graphs is not None and self.graphs.can_run(md):
+                hidden = self.graphs.run(input_ids, positions + i, md)
+            else:
+                with set_attention_metadata(md):
+                    hidden = self.model(input_ids, positions + i)
+            drawn = sampling if i == 0 else replace(sampling, offsets=sampling.offsets + i)
+            input_ids = sampler(self.model.compute_logits(hidden), drawn)
+            tokens.append(input_ids)
+        return torch.stack(tokens)
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> list[Optional[torch.Tensor]]:

@@ -53,6 +53,8 @@ _ENGINE_OPTIONS = {
     "guided_decoding_backend": (str, "vLLM 0.10's name for the structured outputs backend"),
     "quantization": (str, "gguf (a GGUF's codes, fp32 math: the default) or gguf_int8 (CPU: int8 activations x "
                           "the codes, faster, approximate)"),
+    "num_scheduler_steps": (int, "decode forwards run in a row before the engine's per-token work (multi-step "
+                                 "decoding: the same tokens, streamed in bursts; default 1 for the server)"),
 }
 
 

@@ -83,6 +83,33 @@ class CpuDecoderLayers:
         return hidden, residual
 
 
+def decode_loop(model, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                seq_lens: torch.Tensor, block_tables: torch.Tensor, sampling, num_steps: int) -> Optional[torch.Tensor]:
+    """num_steps decode steps of a LlamaForCausalLM through the decode_loop op (csrc/cpu/decode_loop.cpp: the
+    forward, compute_logits and the sample_tokens op of each step, in C++): tokens [num_steps, n]; None where
+    the op would not be model's own forward (another forward or head, a sharded vocabulary, not float32 on the
+    CPU, the layers op off): the caller then steps in Python. sampling: the first step's SamplingTensors."""
+    from pagedllm.models.llama import LlamaForCausalLM, LlamaModel
+
+    inner, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if (not isinstance(model, LlamaForCausalLM) or type(model).forward is not LlamaForCausalLM.forward
+            or type(model).compute_logits is not LlamaForCausalLM.compute_logits
+            or type(inner).forward is not LlamaModel.forward or inner.cpu_layers is None
+            or type(head) is not linear_mod.LMHead or head.shard_rows is not None
+            or type(inner.embed_tokens) is not linear_mod.VocabEmbedding or inner.embed_tokens.vocab_start is not None
+            or inner.embed_tokens.weight.dtype != torch.float32 or sampling.token_bitmask is not None):
+        return None
+    embedding = inner.embed_tokens.weight
+    layers = inner.cpu_layers(embedding[:1])  # the op applies to float32 hidden states [rows, hidden] here
+    if layers is None:
+        return None
+    data, kind = _packed(head)
+    return _ops.decode_loop(input_ids, positions, layers.tensors, layers.ints, layers.floats, slot_mapping, seq_lens,
+                            block_tables, embedding, inner.norm.weight, [head.head_weight, data, _ABSENT], kind,
+                            sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.seeds,
+                            sampling.offsets, num_steps)
+
+
 def supported(model, hidden: torch.Tensor) -> bool:
     """Whether decoder_layers can run model's layers on this input (cheap: checked every step)."""
     if (use_native_ops() or hidden.device.type != "cpu" or hidden.dtype not in DTYPES or hidden.dim() != 2

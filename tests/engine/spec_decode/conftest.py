@@ -13,5 +13,6 @@ def path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(path):
-    """The non-speculative engine the speculating runs are compared with."""
-    return LLM(path, kv_cache_space=0.05, max_model_len=256)
+    """The non-speculative engine the speculating runs are compared with. Single steps (not the offline
+    default's multi-step decoding): test_draft_lengths' simulated clock charges each model step."""
+    return LLM(path, kv_cache_space=0.05, max_model_len=256, num_scheduler_steps=1)
