@@ -32,8 +32,9 @@ from pagedllm.sampling.step import wants_logprob
 
 _PLACEHOLDER = 0  # the token id of a reserved slot until its token is sampled
 # The LLM class's default on a CPU (EngineArgs.num_scheduler_steps None). Offline, nothing streams and every
-# request is added up front; batch 1 on the default model, per request: 4 forwards ~16%, 8 ~22%, 16 ~24% faster
-# than single steps (benchmarks/RESULTS.md "Eighth session"); a sequence that stops on EOS wastes under 8 forwards.
+# request is added up front. Default model, decode ms per token, medians of 10 alternating requests: batch 1
+# 4.33 single, 3.78 k=4, 3.54 k=8, 3.46 k=16; batch 32 29.8 -> 28.8 at k=8 (benchmarks/RESULTS.md "Eighth
+# session"). 8: most of the gain, and a sequence that stops on EOS wastes under 8 forwards.
 # The server (AsyncLLMEngine) keeps single steps unless asked: streamed tokens and new requests would wait.
 OFFLINE_CPU_STEPS = 8
 
