@@ -2,6 +2,7 @@
 single steps' tokens, text and finish reasons, through the one-op loop and the Python one, with no KV block
 left behind; what is not plain sampling (or has company waiting) runs as single steps."""
 import random
+import time
 
 import pytest
 
@@ -190,3 +191,42 @@ def test_the_offline_default_and_the_server_default(model_path):
 def test_num_scheduler_steps_validated(value):
     with pytest.raises(ValueError, match="num_scheduler_steps must be a positive integer"):
         EngineArgs(num_scheduler_steps=value)
+
+
+def test_async_engine_streams_bursts_of_the_same_tokens(model_path):
+    """The server's engine with --num-scheduler-steps: cumulative outputs in bursts of up to k tokens, concurrent
+    requests finish with the single steps' tokens and text, every block freed."""
+    import asyncio
+
+    from pagedllm import AsyncEngineArgs, AsyncLLMEngine
+
+    prompts, params = _workload(seed=4, n=6)
+    params = [SamplingParams(temperature=p.temperature, seed=p.seed, top_k=p.top_k, top_p=p.top_p, stop=p.stop,
+                             max_tokens=p.max_tokens, ignore_eos=p.ignore_eos) for p in params]  # n = 1 each
+    expected = _outputs(_llm(model_path, 1), prompts, params)
+    engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model_path, device="cpu", max_model_len=256,
+                                                             num_gpu_blocks_override=64, seed=0,
+                                                             num_scheduler_steps=4))
+    try:
+        async def one(i):
+            return [o async for o in engine.generate(prompts[i], params[i], f"r{i}")]
+
+        async def run_all():
+            return await asyncio.gather(*[one(i) for i in range(len(prompts))])
+
+        streams = asyncio.run(run_all())
+        for stream, want in zip(streams, expected):
+            final = stream[-1]
+            assert final.finished and _outputs_of(final) == want
+            lengths = [len(o.outputs[0].token_ids) for o in stream]
+            assert lengths == sorted(lengths)
+            for o in stream[:-1]:
+                assert final.outputs[0].token_ids[:len(o.outputs[0].token_ids)] == o.outputs[0].token_ids
+        assert any(b - a > 1 for s in streams for a, b in zip([0] + [len(o.outputs[0].token_ids) for o in s],
+                                                              [len(o.outputs[0].token_ids) for o in s]))
+        deadline = time.monotonic() + 60  # the engine thread's last step may still be returning
+        while engine.snapshot["num_used_blocks"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.snapshot["num_used_blocks"] == 0
+    finally:
+        engine.shutdown()
