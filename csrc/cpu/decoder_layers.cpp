@@ -52,6 +52,11 @@ struct Config {
   double eps, scale;
 };
 
+// The global ints (kGlobalInts of them, checked by the caller) and the norm eps / attention scale.
+Config config_of(at::IntArrayRef ints, double eps, double scale) {
+  return Config{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], ints[7], eps, scale};
+}
+
 struct Step {  // the AttentionMetadata fields the layers read
   const at::Tensor& positions;
   const at::Tensor& slot_mapping;
@@ -265,8 +270,7 @@ void decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Tensor* l
 at::Tensor layers_linear(const at::Tensor& x, at::TensorList weight, int64_t kind, at::IntArrayRef ints) {
   TORCH_CHECK(weight.size() == 3 && static_cast<int64_t>(ints.size()) >= kGlobalInts,
               "layers_linear: weight must be [weight, packed, bias] and ints decoder_layers' ints");
-  const Config c{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], ints[7], 0.0, 0.0};
-  return linear(x, weight.data(), 0, kind, c, nullptr);
+  return linear(x, weight.data(), 0, kind, config_of(ints, 0.0, 0.0), nullptr);
 }
 
 std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Tensor& positions,
@@ -293,7 +297,7 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& hidden_in, const at::Te
               "decoder_layers: a step with prefill tokens needs the prefill metadata");
   TORCH_CHECK(num_decodes == 0 || (decode_seq_lens && decode_block_tables),
               "decoder_layers: a step with decodes needs the decode metadata");
-  const Config c{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], ints[7], floats[0], floats[1]};
+  const Config c = config_of(ints, floats[0], floats[1]);
   const Step s{positions, slot_mapping, num_prefill_tokens, max_prefill_query_len, num_decodes,
                prefill_query_start_loc, prefill_seq_lens, prefill_block_tables, decode_seq_lens, decode_block_tables};
   at::Tensor hidden = hidden_in, residual;

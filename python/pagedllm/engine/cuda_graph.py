@@ -35,7 +35,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from pagedllm.layers.attention_metadata import AttentionMetadata, set_attention_metadata
+from pagedllm.layers.attention_metadata import AttentionMetadata, make_decode_metadata, set_attention_metadata
 from pagedllm.models.utils import use_native_ops
 
 logger = logging.getLogger(__name__)
@@ -107,10 +107,7 @@ class DecodeBuffers:
 
     def metadata(self, bs: int) -> AttentionMetadata:
         """Views of the first bs rows; the block table keeps its full width (see the module docstring)."""
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], num_prefills=0, num_prefill_tokens=0, max_prefill_query_len=0,
-            prefill_query_start_loc=None, prefill_seq_lens=None, prefill_block_tables=None,
-            num_decodes=bs, decode_seq_lens=self.seq_lens[:bs], decode_block_tables=self.block_tables[:bs])
+        return make_decode_metadata(self.slot_mapping[:bs], self.seq_lens[:bs], self.block_tables[:bs])
 
     def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata, bs: int) -> None:
         """Copies the step's n = md.num_decodes rows in and makes rows n..bs-1 padding (a larger earlier

@@ -25,7 +25,7 @@ from pagedllm.inputs import PromptType, checked_prompt_text, token_id_list
 from pagedllm.engine.structured_admission import GrammarAdmission
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling.processors.base import SampleRow
-from pagedllm.sampling.step import SampleResult, wants_logprob
+from pagedllm.sampling.step import SampleResult, rows_tensors, wants_logprob
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -302,11 +302,7 @@ class LLMEngine:
         except TensorParallelError:  # the engine cannot run another step: the error goes up to every request
             raise
         except Exception as e:  # noqa: BLE001 - not pinnable: the requests whose KV this step touched fail
-            logger.exception("the model step failed; failing the %d requests it ran", len(sched.scheduled))
-            for seq in [it.seq for it in sched.scheduled] + self._seqs_moved_by(sched):
-                self.fail_request(seq.request.request_id, e)
-            self._abort_failed()
-            return []
+            return self._fail_step(sched, e)
         spec = {}
         if self.speculator is not None:  # verifies the drafts (if any) and times the step
             spec = self.speculator.verify(sched, result.spec_logits, lambda s: self._sample_rows(s)[0],
@@ -354,6 +350,14 @@ class LLMEngine:
         return ([self._output(req) for req in touched.values() if not self._failed(req)]
                 + self._advance_beams(beams))
 
+    def _fail_step(self, sched, exc: BaseException) -> list[RequestOutput]:
+        """A step's forward failed, which no one request can be blamed for: the requests whose KV it touched fail."""
+        logger.exception("the model step failed; failing the %d requests it ran", len(sched.scheduled))
+        for seq in [it.seq for it in sched.scheduled] + self._seqs_moved_by(sched):
+            self.fail_request(seq.request.request_id, exc)
+        self._abort_failed()
+        return []
+
     def _plain_request(self, req: Request) -> bool:
         return req.request_id not in self.beam_searches
 
@@ -363,14 +367,10 @@ class LLMEngine:
         ms = self.multi_step
         try:
             step = ms.step_input(sched, self.runner.block_size, k)
-            sampling = ms.sampling([rows[it.seq.seq_id][0] for it in sched.decodes], self.device)
+            sampling = rows_tensors([rows[it.seq.seq_id][0] for it in sched.decodes], self.device)
             tokens = self.executor.execute_decode_steps(step, k, sampling).tolist()
         except Exception as e:  # noqa: BLE001 - as a single step's forward: the requests it ran fail
-            logger.exception("the model step failed; failing the %d requests it ran", len(sched.decodes))
-            for it in sched.decodes:
-                self.fail_request(it.seq.request.request_id, e)
-            self._abort_failed()
-            return []
+            return self._fail_step(sched, e)
         ms.commit(sched, tokens, k)
         touched: dict[str, Request] = {}
         for j, it in enumerate(sched.decodes):

@@ -20,7 +20,8 @@ from pagedllm.engine.kv_cache_budget import MemoryProfile, kv_cache_bytes
 from pagedllm.engine.runner_io import StepInput, build_step_input
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.engine.swap_space import HostSwapSpace
-from pagedllm.layers.attention_metadata import AttentionMetadata, make_prefill_metadata, set_attention_metadata
+from pagedllm.layers.attention_metadata import (AttentionMetadata, make_decode_metadata, make_prefill_metadata,
+                                                set_attention_metadata)
 from pagedllm.layers.linear import pack_linear_weights
 from pagedllm.layers.sampler import Sampler, SamplingTensors
 from pagedllm.models import cpu_decoder_layers
@@ -272,10 +273,7 @@ class ModelRunner:
                 return looped
         sampler, tokens = Sampler(), []
         for i in range(num_steps):
-            md = AttentionMetadata(slot_mapping=slots[i * n:(i + 1) * n], num_prefills=0, num_prefill_tokens=0,
-                                   max_prefill_query_len=0, prefill_query_start_loc=None, prefill_seq_lens=None,
-                                   prefill_block_tables=None, num_decodes=n, decode_seq_lens=seq_lens + i,
-                                   decode_block_tables=tables)
+            md = make_decode_metadata(slots[i * n:(i + 1) * n], seq_lens + i, tables)
             if self.graphs is not None and self.graphs.can_run(md):
                 hidden = self.graphs.run(input_ids, positions + i, md)
             else:

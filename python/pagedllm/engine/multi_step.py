@@ -22,11 +22,9 @@ and a batch whose extra slots do not fit runs as a single step.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from pagedllm.engine.runner_io import StepInput, build_step_input
 from pagedllm.engine.scheduler import SchedulerOutput
-from pagedllm.layers.sampler import SamplingTensors
 from pagedllm.sampling.processors.base import SampleRow
 from pagedllm.sampling.step import wants_logprob
 
@@ -41,8 +39,7 @@ OFFLINE_CPU_STEPS = 8
 
 def offline_scheduler_steps(args) -> int:
     """EngineArgs.num_scheduler_steps for the offline LLM class when not given: OFFLINE_CPU_STEPS on a CPU, else 1."""
-    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    return OFFLINE_CPU_STEPS if cpu else 1
+    return OFFLINE_CPU_STEPS if args.resolve_device().type == "cpu" else 1
 
 
 class MultiStep:
@@ -64,8 +61,8 @@ class MultiStep:
             seq = item.seq
             params = seq.request.params
             r = rows.get(seq.seq_id)
-            if (r is None or len(r) != 1 or r[0].state is not None or params.logprobs is not None
-                    or wants_logprob(params) or not plain_request(seq.request)):
+            if (r is None or len(r) != 1 or r[0].state is not None or wants_logprob(params)
+                    or not plain_request(seq.request)):
                 return 1
             left = self.max_model_len - seq.num_tokens
             if params.max_tokens is not None:
@@ -100,15 +97,6 @@ class MultiStep:
         step.slot_mapping = (tables[np.arange(n)[None, :], pos // block_size] * block_size
                              + pos % block_size).reshape(-1)
         return step
-
-    @staticmethod
-    def sampling(rows: list[SampleRow], device: torch.device) -> SamplingTensors:
-        """The rows' SamplingTensors for the first forward (forward i draws at offset + i), as StepSampler
-        builds them for plain rows."""
-        p = [r.params for r in rows]
-        return SamplingTensors.build([x.temperature for x in p], [x.top_k for x in p], [x.top_p for x in p],
-                                     [x.min_p for x in p], [r.seed for r in rows], [r.offset for r in rows],
-                                     device=device)
 
     def commit(self, sched: SchedulerOutput, tokens: list[list[int]], k: int) -> None:
         """The k forwards' KV is written: the placeholders become the sampled tokens and the slots computed.

@@ -58,6 +58,15 @@ def make_prefill_metadata(prompt_lens: list[int], block_size: int, device: torch
         num_decodes=0, decode_seq_lens=None, decode_block_tables=None)
 
 
+def make_decode_metadata(slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+                         block_tables: torch.Tensor) -> AttentionMetadata:
+    """Metadata of a decode-only step: one token per sequence (decode CUDA graphs, multi-step decoding)."""
+    return AttentionMetadata(
+        slot_mapping=slot_mapping, num_prefills=0, num_prefill_tokens=0, max_prefill_query_len=0,
+        prefill_query_start_loc=None, prefill_seq_lens=None, prefill_block_tables=None,
+        num_decodes=seq_lens.shape[0], decode_seq_lens=seq_lens, decode_block_tables=block_tables)
+
+
 _current: Optional[AttentionMetadata] = None
 
 

@@ -30,6 +30,15 @@ def wants_logprob(p: SamplingParams) -> bool:
     return p.logprobs is not None or (p.best_of or p.n) > p.n
 
 
+def rows_tensors(rows: list[SampleRow], device: torch.device,
+                 token_bitmask: Optional[torch.Tensor] = None) -> SamplingTensors:
+    """The sample_tokens parameters of the rows (their draws at each row's offset)."""
+    p = [r.params for r in rows]
+    return SamplingTensors.build([x.temperature for x in p], [x.top_k for x in p], [x.top_p for x in p],
+                                 [x.min_p for x in p], [r.seed for r in rows], [r.offset for r in rows],
+                                 device=device, token_bitmask=token_bitmask)
+
+
 def default_processors(tokenizer, structured=None) -> ProcessorChain:
     """The engine's chain; `structured` (a StructuredOutputs processor) goes last."""
     procs = [UserLogitsProcessors(), AllowedTokenIds(), BadWords(tokenizer), MinTokens(), LogitBias(), Penalties()]
@@ -50,11 +59,7 @@ class StepSampler:
         batch = SamplingBatch(logits, rows)
         if any(r.state is not None for r in rows):
             self.chain.apply(batch)
-        p = [r.params for r in rows]
-        tensors = SamplingTensors.build([x.temperature for x in p], [x.top_k for x in p], [x.top_p for x in p],
-                                        [x.min_p for x in p], [r.seed for r in rows], [r.offset for r in rows],
-                                        device=logits.device, token_bitmask=batch.bitmask)
-        tokens = self.sampler(batch.processed, tensors)
+        tokens = self.sampler(batch.processed, rows_tensors(rows, logits.device, batch.bitmask))
         tokens_l = tokens.tolist()
         if not any(wants_logprob(r.params) for r in rows):
             return [SampleResult(tok, None, None) for tok in tokens_l]
