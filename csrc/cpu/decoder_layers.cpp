@@ -175,7 +175,7 @@ struct DecodeBlocks {
   at::Tensor lens, tables;  // [num_decodes], [num_decodes, width], contiguous
 
   DecodeBlocks(const Step& s, int64_t rows) {
-    if (s.num_decodes == 0 || !panel::takes_fetch_ahead(rows)) return;
+    if (s.num_decodes == 0 || !panel::takes_fetch_ahead(rows, panel::kCodesFetchAheadRows)) return;
     lens = s.decode_seq_lens->to(at::kInt).contiguous();
     tables = s.decode_block_tables->to(at::kInt).contiguous();
   }

@@ -114,13 +114,16 @@ inline void expand_row(const uint8_t* codes, int64_t k, __m512 d0, __m512 d1, __
 // NP = 2 for 1-2 rows: one panel gives 2 * M FMA chains, and at M = 1 each k waits out the FMA
 // latency (4 cycles a 24-byte Q4_1 row of 32 features: ~21 GB/s a core, under the DRAM rate); two
 // panels side by side give twice the independent chains, each output's still in k order.
+// ahead: the thread's share of what the caller reads next (fetch_ahead.h), a line every other k as in
+// panel_tile, or nullptr (1-2 rows: panel::kCodesFetchAheadRows).
 template <int M, int NP, int QT>
 void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel,
                 int64_t panel_bytes, int64_t K, const float* __restrict__ bias, float* __restrict__ y, int64_t ldy,
-                int64_t n_valid, const uint8_t* next, int64_t next_bytes) {
+                int64_t n_valid, const uint8_t* next, int64_t next_bytes, fetch_ahead::Cursor* ahead) {
   constexpr Format f = format_of(QT);
   constexpr int64_t bb = block_bytes(f);
   const int64_t B = K / kBlock, next_lines = (next_bytes + 63) / 64;
+  fetch_ahead::Cursor later = ahead != nullptr ? *ahead : fetch_ahead::Cursor{};
   __m512 c0[NP][M], c1[NP][M];
 #pragma GCC unroll 2
   for (int q = 0; q < NP; ++q) panel::zero_tile<M>(c0[q], c1[q]);
@@ -144,6 +147,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
         d1[q] = load_scales<QT>(blk + q * panel_bytes, s0 / f.sub * kPanel + 16);
       }
       for (int64_t k = s0; k < s0 + f.sub; ++k) {
+        if ((k & 1) == 0 && !later.done()) later.step();
 #pragma GCC unroll 2
         for (int q = 0; q < NP; ++q) {
           __m512 w0, w1;
@@ -158,6 +162,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
       }
     }
   }
+  if (ahead != nullptr) *ahead = later;
 #pragma GCC unroll 2
   for (int q = 0; q < NP; ++q) {
     panel::store_tile<M>(c0[q], c1[q], bias ? bias + q * kPanel : nullptr, y + q * kPanel, ldy, n_valid - q * kPanel);
@@ -165,7 +170,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
 }
 
 using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, const float*, float*, int64_t,
-                         int64_t, const uint8_t*, int64_t);
+                         int64_t, const uint8_t*, int64_t, fetch_ahead::Cursor*);
 constexpr int kFusedRows = kTileRows;
 constexpr int kGroupedRows = 2;  // row counts that take two panels side by side
 // Panels a fused tile of M rows takes side by side. Measured (one core, Q4_1 layer GEMVs, L3-resident):
@@ -248,7 +253,8 @@ inline void expand_row8(const uint8_t* blk, int64_t k, __m256 (&w)[4]) {
 template <int M, int QT>
 void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ codes_panel,
                 int64_t /*panel_bytes*/, int64_t K, const float* __restrict__ bias, float* __restrict__ y, int64_t ldy,
-                int64_t n_valid, const uint8_t* next, int64_t next_bytes) {
+                int64_t n_valid, const uint8_t* next, int64_t next_bytes,
+                fetch_ahead::Cursor* /*ahead*/) {  // 1-2 rows: none (panel::kCodesFetchAheadRows)
   constexpr Format f = format_of(QT);
   constexpr int64_t bb = block_bytes(f);
   const int64_t B = K / kBlock, next_lines = (next_bytes + 63) / 64;
@@ -279,7 +285,7 @@ void fused_tile(const float* __restrict__ x, int64_t ldx, const uint8_t* __restr
 }
 
 using FusedFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, const float*, float*, int64_t,
-                         int64_t, const uint8_t*, int64_t);
+                         int64_t, const uint8_t*, int64_t, fetch_ahead::Cursor*);
 constexpr int kFusedRows = 2;
 template <int QT>
 constexpr int64_t group_panels(int64_t) { return 1; }  // 16 registers: one panel's chains fill them
@@ -411,6 +417,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
 #if defined(__AVX512F__) || defined(PAGEDLLM_QL_AVX2)
       if (io.M <= kFusedRows) {
+        fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M, panel::kCodesFetchAheadRows);
         // The thread's panels in the fewest groups of at most group_panels(M), of balanced sizes.
         const int64_t n = p1 - p0, groups = (n + group_panels<QT>(io.M) - 1) / group_panels<QT>(io.M);
         for (int64_t g = 0; g < groups; ++g) {
@@ -421,14 +428,14 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
                                                          : next_weight::this_thread_start(after, 2);
           const int64_t n0 = p * kPanel;
           fused_fn<QT>(io.M, np)(io.xp, io.ldx, codes, panel_bytes, K, io.bias ? io.bias + n0 : nullptr, io.yp + n0,
-                                 N, N - n0, next, next_bytes);
+                                 N, N - n0, next, next_bytes, ahead);
         }
         return;
       }
 #endif
       // More rows: each panel expanded whole (panel::panel_tiles) into a buffer that every row tile reads.
       std::vector<float> expanded(K * kPanel);
-      fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M);
+      fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M, panel::kCodesFetchAheadRows);
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* codes = wp + p * panel_bytes;
         const auto [next, next_bytes] = p + 1 < p1 ? std::pair(codes + panel_bytes, panel_bytes)

@@ -74,16 +74,17 @@ def test_same_bits_as_the_layer_loop(folder, pack, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_many_decodes_same_bits(folder, monkeypatch):
-    """Decode steps of more rows than one register tile: the GEMMs fetch the next layer's KV blocks
-    (csrc/cpu/fetch_ahead.h) while they compute; the results stay the layer loop's (sliding window:
-    mistral; prompts past the window and across blocks)."""
+@pytest.mark.parametrize("decodes", [5, 14])
+def test_many_decodes_same_bits(folder, decodes, monkeypatch):
+    """Decode steps whose GEMMs fetch the next layer's KV blocks (csrc/cpu/fetch_ahead.h) while they
+    compute (GGUF codes from 3 rows, in the register-expanded tiles up to 12; fp32 panels from 13); the
+    results stay the layer loop's (sliding window: mistral; prompts past the window and across blocks)."""
     model = load_model(resolve_model(str(folder)), dtype=torch.float32)
     assert pack_linear_weights(model) > 0
-    lens = [1 + (7 * i) % 40 for i in range(14)]
+    lens = [1 + (7 * i) % 40 for i in range(decodes)]
     calls = _count_calls(monkeypatch)
     fused = _logits(model, True, monkeypatch, lens)
-    assert calls == [sum(lens), 14, 14, 14]
+    assert calls == [sum(lens), decodes, decodes, decodes]
     loop = _logits(model, False, monkeypatch, lens)
     for a, b in zip(fused, loop):
         assert torch.equal(a, b)
