@@ -17,6 +17,7 @@
 #include <cstring>
 #include <utility>
 
+#include "fetch_ahead.h"
 #include "int8_codes_layout.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -207,8 +207,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t qt
     const uint8_t* wp = packed.data_ptr<uint8_t>();
     // The VNNI twin takes panels two at a time (16 lanes): threads split pairs of panels.
     const int64_t per_unit = isa == Isa::kVnni ? 2 : 1;
+    fetch_ahead::Plan* later = fetch_ahead::current();  // what the caller reads next (decoder_layers)
     at::parallel_for(0, (P + per_unit - 1) / per_unit, 1, [&](int64_t u0, int64_t u1) {
       const int64_t p0 = u0 * per_unit, p1 = std::min(P, u1 * per_unit);
+      fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M, panel::kCodesFetchAheadRows);  // VNNI pair tiles
       for (int64_t m0 = 0; m0 < io.M; m0 += kRowChunk) {
         const int64_t m1 = std::min(io.M, m0 + kRowChunk);
         for (int64_t p = p0; p < p1;) {
@@ -224,7 +226,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t qt
               const int64_t rows_here = std::min<int64_t>(vnni::kPairRows, m1 - r);
               pair_tiles[rows_here - 1](rows, r, panel, panel + panel_bytes, io.yp + r * N + n0, N,
                                         std::min(2 * kFeatures, N - n0), bp,
-                                        r == m0 && p_next >= 0 ? wp + p_next * panel_bytes : nullptr);
+                                        r == m0 && p_next >= 0 ? wp + p_next * panel_bytes : nullptr, ahead);
             }
             p += 2;
             continue;

@@ -115,7 +115,8 @@ def test_prefill_mlp_in_row_chunks_same_bits(folder, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_int8_prefill_mlp_in_row_chunks_same_bits(arch, tmp_path, monkeypatch):
-    """The same in the int8 mode (every row quantized and multiplied alone), on Q4_1 weights."""
+    """The same in the int8 mode (every row quantized and multiplied alone), on Q4_1 weights; and its decode
+    steps of 5 and 14 sequences (the GEMMs fetching the next layer's KV, as above)."""
     hf = make_hf_model(tiny_config(arch))
     _q4_1(hf)
     hf.save_pretrained(tmp_path)
@@ -123,6 +124,10 @@ def test_int8_prefill_mlp_in_row_chunks_same_bits(arch, tmp_path, monkeypatch):
     assert pack_linear_weights(model, int8=True) > 0
     assert all(m.packed.int8 for m in model.modules() if isinstance(m, Linear))
     _chunked_prefill_same_bits(model, monkeypatch)
+    for decodes in (5, 14):  # decode steps whose int8 GEMMs fetch the next layer's KV blocks
+        lens = [1 + (7 * i) % 40 for i in range(decodes)]
+        for a, b in zip(_logits(model, True, monkeypatch, lens), _logits(model, False, monkeypatch, lens)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
