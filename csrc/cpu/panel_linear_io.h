@@ -53,9 +53,9 @@ inline LinearIO linear_io(const char* op, const at::Tensor& x, int64_t K, int64_
 
 // Whether a GEMM of M rows carries a fetch-ahead plan (fetch_ahead.h), from min_rows on: GEMMs that stream
 // their weights near the memory rate are only slowed by extra reads. fp32 and 16-bit panels: more rows than
-// one register tile. GGUF codes (quantized_linear) from 3 rows: their 3-12 row tiles expand 5-9 bits a
-// weight in registers and stream well under the DRAM rate (a 4-12 sequence decode step 2-14% faster with
-// the plan, 1-2 rows 1-4% slower; benchmarks/RESULTS.md "Ninth session").
+// one register tile. GGUF codes from 3 rows (quantized_linear; int8_linear's VNNI pair tiles): their 3-12 row
+// tiles expand 5-9 bits a weight in registers and stream well under the DRAM rate (a 4-12 sequence decode step
+// 2-14% faster with the plan, 1-2 rows 1-4% slower; int8 8-32 rows 4-6%; benchmarks/RESULTS.md "Ninth session").
 constexpr int64_t kFetchAheadRows = kTileRows + 1;
 constexpr int64_t kCodesFetchAheadRows = 3;  // the fewest rows any kernel fetches for: decoder_layers plans from here
 inline bool takes_fetch_ahead(int64_t M, int64_t min_rows = kFetchAheadRows) { return M >= min_rows; }
