@@ -21,6 +21,11 @@ TORCH_LIBRARY_FRAGMENT(_C, m) {
   m.def("pack_wide16_linear_weight(Tensor weight, int qtype) -> Tensor");
   // x [..., K], packed from pack_wide16_linear_weight, bias [N] or None -> [..., N].
   m.def("wide16_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  // A bfloat16 model's GEMMs through AVX512_BF16 dot products (bf16_dot_linear.cpp: bf16 products, fp32 sums).
+  // weight [N, K] bfloat16 -> [ceil(N / 32), ceil(K / 2), 64], or empty on a CPU without AVX512_BF16.
+  m.def("pack_bf16_dot_linear_weight(Tensor weight) -> Tensor");
+  // x [..., K] bfloat16, packed from pack_bf16_dot_linear_weight, bias [N] or None -> bfloat16 [..., N].
+  m.def("bf16_dot_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   // The opt-in int8 mode (int8_linear.cpp): x quantized per 32 inputs to int8, integer dot products with
   // the codes. codes from pack_quantized_linear_weight -> uint8 [ceil(N / 8), K / 32, block bytes].
   m.def("pack_int8_linear_weight(Tensor codes, int qtype, int out_features) -> Tensor");
@@ -52,6 +57,8 @@ TORCH_LIBRARY_IMPL(_C, CPU, m) {
   m.impl("quantized_linear", &pagedllm::cpu::quantized_linear);
   m.impl("pack_wide16_linear_weight", &pagedllm::cpu::pack_wide16_linear_weight);
   m.impl("wide16_linear", &pagedllm::cpu::wide16_linear);
+  m.impl("pack_bf16_dot_linear_weight", &pagedllm::cpu::pack_bf16_dot_linear_weight);
+  m.impl("bf16_dot_linear", &pagedllm::cpu::bf16_dot_linear);
   m.impl("pack_int8_linear_weight", &pagedllm::cpu::pack_int8_linear_weight);
   m.impl("quantize_rows_int8", &pagedllm::cpu::quantize_rows_int8);
   m.impl("int8_linear", &pagedllm::cpu::int8_linear);

@@ -20,6 +20,11 @@ inline bool is_wide16_kind(int64_t kind) { return kind == 1 || kind == 30; }
 at::Tensor pack_wide16_linear_weight(const at::Tensor& weight, int64_t qtype);
 at::Tensor wide16_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                          int64_t out_features);
+// A bfloat16 model's GEMMs through AVX512_BF16 dot products (bf16_dot_linear.cpp): the packed kind, then the ops.
+constexpr int64_t kBf16DotKind = 512;  // layers/linear.py BF16_DOT_KIND
+at::Tensor pack_bf16_dot_linear_weight(const at::Tensor& weight);
+at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                           int64_t out_features);
 at::Tensor pack_int8_linear_weight(const at::Tensor& codes, int64_t qtype, int64_t out_features);
 std::vector<at::Tensor> quantize_rows_int8(const at::Tensor& x);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, const std::optional<at::Tensor>& bias,

@@ -42,19 +42,19 @@ enum Slot {
   kLayerTensors
 };
 enum LayerInt { kQkvKind, kOKind, kGateUpKind, kDownKind, kSlidingWindow, kLayerInts };
-constexpr int64_t kGlobalInts = 8;
+constexpr int64_t kGlobalInts = 9;
 constexpr int64_t kInt8Kind = 256;  // layers/linear.py INT8_KIND
 
 struct Config {
   int64_t num_heads, num_kv_heads, head_size;
   bool is_neox;
-  int64_t fp32_min_rows, code_min_rows, max_rows, native16_max_rows;  // layers/linear.py PackedWeight.serves
+  int64_t fp32_min_rows, code_min_rows, max_rows, native16_max_rows, bf16_dot_max_rows;  // PackedWeight.serves
   double eps, scale;
 };
 
 // The global ints (kGlobalInts of them, checked by the caller) and the norm eps / attention scale.
 Config config_of(at::IntArrayRef ints, double eps, double scale) {
-  return Config{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], ints[7], eps, scale};
+  return Config{ints[0], ints[1], ints[2], ints[3] != 0, ints[4], ints[5], ints[6], ints[7], ints[8], eps, scale};
 }
 
 struct Step {  // the AttentionMetadata fields the layers read
@@ -109,8 +109,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor* layer, int weight_slot,
   const at::Tensor& packed = layer[weight_slot + 1];
   const std::optional<at::Tensor> bias = present(layer[weight_slot + 2]);
   const int64_t k = x.size(-1);
-  if (x.scalar_type() != at::kFloat) {  // a 16-bit model: its own panels, fp32 math, rounded back
+  if (x.scalar_type() != at::kFloat) {  // a 16-bit model: bf16 dot products, or its own panels in fp32 math
     const int64_t rows = k > 0 ? x.numel() / k : 0;
+    if (kind == kBf16DotKind && rows >= 1 && rows <= c.bf16_dot_max_rows) {
+      return bf16_dot_linear(x, packed, bias, weight.size(0));
+    }
     if (is_wide16_kind(kind) && rows >= 1 && rows <= c.native16_max_rows) {
       const std::optional<at::Tensor> bias32 = bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
       return to_dtype(wide16_linear(widened(x), packed, bias32, weight.size(0)), x.scalar_type());

@@ -177,6 +177,19 @@ def wide16_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
     return ops.wide16_linear(x, packed, bias, out_features)
 
 
+def pack_bf16_dot_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """CPU, bfloat16 weight [N, K] -> the input-pair panels bf16_dot_linear reads ([ceil(N / 32), ceil(K / 2),
+    64]); empty on a CPU without AVX512_BF16."""
+    return ops.pack_bf16_dot_linear_weight(weight)
+
+
+def bf16_dot_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                    out_features: int) -> torch.Tensor:
+    """CPU, bfloat16: x [..., K] @ W^T (+ bias) through AVX512_BF16 dot products (bf16 products, fp32 sums,
+    the result rounded to bfloat16), W packed by pack_bf16_dot_linear_weight."""
+    return ops.bf16_dot_linear(x, packed, bias, out_features)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """CPU, float32: x [rows, 2 d] = [gate | up] -> silu(gate) * up, [rows, d]."""
     out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device=x.device)

@@ -162,7 +162,8 @@ def test_16_bit_panels_need_half_the_memory_of_fp32_ones(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["wide16_linear.cpp", "quantized_linear.cpp", "attention_decode.cpp"])
+@pytest.mark.parametrize("source", ["wide16_linear.cpp", "quantized_linear.cpp", "attention_decode.cpp",
+                                    "bf16_dot_linear.cpp"])
 @pytest.mark.parametrize("march", ["x86-64-v4", "x86-64-v3", "x86-64"])
 def test_other_isa_variants_compile(source, march, tmp_path):
     """The AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and portable (x86-64) variants of the panel kernels
@@ -190,7 +191,9 @@ def test_other_isa_variants_compile(source, march, tmp_path):
 def test_16_bit_model_decode_gemms_take_its_own_bits_as_panels(monkeypatch, dtype, qtype):
     """A model kept in bf16 / fp16 (a CPU with that type's hardware): 1-NATIVE16_MAX_ROWS rows go through
     wide16_linear in fp32 math on its own weights, rounded back to its dtype; more rows keep torch's
-    16-bit GEMM; PAGEDLLM_CPU_WIDE16_WEIGHTS=0 packs nothing."""
+    16-bit GEMM; PAGEDLLM_CPU_WIDE16_WEIGHTS=0 packs nothing. (bf16 with AVX512_BF16 takes bf16_dot_linear
+    unless PAGEDLLM_CPU_BF16_DOT=0: test_bf16_dot_linear.py.)"""
+    monkeypatch.setenv(linear_mod.BF16_DOT_ENV, "0")
     torch.manual_seed(0)
     layer = Linear(96, 70, bias=True, dtype=dtype)
     with torch.no_grad():

@@ -130,14 +130,23 @@ def test_int8_prefill_mlp_in_row_chunks_same_bits(arch, tmp_path, monkeypatch):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_16_bit_models_same_bits(folder, dtype, monkeypatch):
+HAS_BF16_DOT = _ops.pack_bf16_dot_linear_weight(torch.ones(1, 2, dtype=torch.bfloat16)).numel() > 0
+
+
+@pytest.mark.parametrize("dtype,dot", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)],
+                         ids=["bf16-dot", "bf16", "fp16"])
+def test_16_bit_models_same_bits(folder, dtype, dot, monkeypatch):
     """A model kept in bfloat16 / float16: decode steps of up to 16 rows through its own 16-bit panels
-    (fp32 math, rounded back), prefill and 20-row decode steps through torch's 16-bit linear; the op
-    gives the layer loop's bits either way."""
+    (fp32 math, rounded back), prefill and 20-row decode steps through torch's 16-bit linear; or (bf16 on an
+    AVX512_BF16 CPU) every step of up to BF16_DOT_MAX_ROWS rows through bf16_dot_linear; the op gives the
+    layer loop's bits either way."""
+    if dot and not HAS_BF16_DOT:
+        pytest.skip("this CPU has no AVX512_BF16")
+    monkeypatch.setenv(linear_mod.BF16_DOT_ENV, "1" if dot else "0")
     model = load_model(resolve_model(str(folder)), dtype=dtype)
     assert pack_linear_weights(model) > 0
-    assert {m.packed.qtype for m in model.modules() if isinstance(m, Linear)} == {30 if dtype == torch.bfloat16 else 1}
+    kind = linear_mod.BF16_DOT_KIND if dot else 30 if dtype == torch.bfloat16 else 1
+    assert {m.packed.qtype for m in model.modules() if isinstance(m, Linear)} == {kind}
     for lens in (PROMPT_LENS, [1 + (7 * i) % 40 for i in range(20)]):
         calls = _count_calls(monkeypatch)
         fused = _logits(model, True, monkeypatch, lens)

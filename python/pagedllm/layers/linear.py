@@ -81,6 +81,15 @@ WIDE16_ENV = "PAGEDLLM_CPU_WIDE16_WEIGHTS"
 # rounded back to the model's dtype (1 row: 8.0 vs 16.5 ms for the default model's step, 32 rows: 31.0 vs
 # 28.6, on 2 Zen 5 cores; benchmarks/kernels/bench_wide16_linear.py).
 NATIVE16_MAX_ROWS = 16
+# A bfloat16 model on a CPU with AVX512_BF16 (the running CPU's own flags: the op checks them) takes its GEMMs
+# of 1-BF16_DOT_MAX_ROWS rows through bf16 dot products instead (csrc/cpu/bf16_dot_linear.cpp: bf16
+# products, fp32 sums, rounded to bf16, oneDNN's arithmetic): the default model's 120 layer GEMMs, 2 Zen 5
+# cores, 1.7-2.2x torch's bf16 GEMMs at 1-64 rows (32 rows: 545 against 310 GFLOP/s), 1.1x at 256, level
+# at 2048 (benchmarks/RESULTS.md "Ninth session"). decoder_layers reads its kind as BF16_DOT_KIND.
+BF16_DOT_KIND = 512
+BF16_DOT_MAX_ROWS = 256
+# PAGEDLLM_CPU_BF16_DOT=0 keeps a bfloat16 model on the 16-bit panels above (to measure what the dot products bring).
+BF16_DOT_ENV = "PAGEDLLM_CPU_BF16_DOT"
 
 
 # The opt-in int8 mode (quantization="gguf_int8", csrc/cpu/int8_linear.cpp): the codes meet x quantized
@@ -93,7 +102,8 @@ class PackedWeight:
     """The CPU decode copy of a Linear / LMHead weight: fp32 panels (qtype 0), the exact GGUF codes
     of it (qtype: their GGML type id, one of CODE_QTYPES) or its exact 16-bit values (WIDE16_QTYPES);
     int8: those codes in the int8 mode's layout. act_dtype: the model's dtype (16-bit for a 16-bit model's
-    own weights, which serve 1-NATIVE16_MAX_ROWS rows)."""
+    own weights, which serve 1-NATIVE16_MAX_ROWS rows; qtype BF16_DOT_KIND: a bfloat16 model's weights for
+    bf16_dot_linear, 1-BF16_DOT_MAX_ROWS rows)."""
 
     def __init__(self, data: torch.Tensor, qtype: int = 0, int8: bool = False,
                  act_dtype: torch.dtype = torch.float32):
@@ -110,11 +120,15 @@ class PackedWeight:
         return self.data.numel() * self.data.element_size()
 
     def serves(self, rows: int) -> bool:
+        if self.qtype == BF16_DOT_KIND:
+            return 1 <= rows <= BF16_DOT_MAX_ROWS
         if self.act_dtype != torch.float32:
             return 1 <= rows <= NATIVE16_MAX_ROWS
         return rows >= 1 if self.int8 else self.min_rows <= rows <= PACKED_MAX_ROWS
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+        if self.qtype == BF16_DOT_KIND:
+            return _ops.bf16_dot_linear(x, self.data, bias, out_features)
         if self.act_dtype != torch.float32:  # a 16-bit model: fp32 math, rounded back to its dtype
             y = _ops.wide16_linear(x.float(), self.data, None if bias is None else bias.float(), out_features)
             return y.to(self.act_dtype)
@@ -148,8 +162,13 @@ def pack_weight(weight: torch.Tensor, fp32_panels: bool = True, wide16_panels: b
 
 
 def pack_16bit_weight(weight: torch.Tensor) -> Optional[PackedWeight]:
-    """A bfloat16 / float16 weight's own bits as 16-bit panels for the model's decode GEMMs (exact by
-    construction); None when PAGEDLLM_CPU_WIDE16_WEIGHTS=0."""
+    """A bfloat16 weight's input-pair panels for bf16_dot_linear where the CPU has AVX512_BF16 (unless
+    PAGEDLLM_CPU_BF16_DOT=0); else a bfloat16 / float16 weight's own bits as 16-bit panels for the model's
+    decode GEMMs (exact by construction); None when PAGEDLLM_CPU_WIDE16_WEIGHTS=0."""
+    if weight.dtype == torch.bfloat16 and os.environ.get(BF16_DOT_ENV, "1") != "0":
+        dot = _ops.pack_bf16_dot_linear_weight(weight)
+        if dot.numel():
+            return PackedWeight(dot, BF16_DOT_KIND, act_dtype=weight.dtype)
     if os.environ.get(WIDE16_ENV, "1") == "0":
         return None
     qtype = 30 if weight.dtype == torch.bfloat16 else 1

@@ -54,7 +54,7 @@ class CpuDecoderLayers:
         tensors = [rope.cos_sin_cache]
         ints = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(rope.is_neox_style),
                 linear_mod.PACKED_MIN_ROWS, linear_mod.QUANTIZED_MIN_ROWS, linear_mod.PACKED_MAX_ROWS,
-                linear_mod.NATIVE16_MAX_ROWS]
+                linear_mod.NATIVE16_MAX_ROWS, linear_mod.BF16_DOT_MAX_ROWS]
         for layer in model.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv, qkv_kind = _linear_tensors(a.qkv_proj)
@@ -140,7 +140,8 @@ def _structure_ok(model) -> bool:
     if dtype != torch.float32:  # a 16-bit model's packed weights are its own 16-bit panels (layers/linear.py)
         linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                     layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        if any(m.packed is not None and m.packed.qtype not in linear_mod.WIDE16_QTYPES for m in linears):
+        kinds = (*linear_mod.WIDE16_QTYPES, linear_mod.BF16_DOT_KIND)
+        if any(m.packed is not None and m.packed.qtype not in kinds for m in linears):
             return False
     return dtype in DTYPES and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in weights)
 
