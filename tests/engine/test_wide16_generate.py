@@ -79,15 +79,20 @@ def test_bfloat16_without_bf16_hardware_is_float32_math_on_bf16_weights(root, mo
     assert got == _outputs(bf16_folder, prompts)
 
 
-def test_bfloat16_with_bf16_hardware_stays_bfloat16(root, monkeypatch):
+@pytest.mark.parametrize("dot", ["1", "0"])
+def test_bfloat16_with_bf16_hardware_stays_bfloat16(root, monkeypatch, dot):
     """Where AVX512_BF16 / AMX-BF16 exist (here: claimed through the override), the model is bf16 and
     torch's GEMMs (oneDNN) run its prefill; its decode GEMMs (1-NATIVE16_MAX_ROWS rows) stream its own
-    bits as 16-bit panels (wide16_linear, fp32 math rounded back to bf16)."""
+    bits as 16-bit panels (wide16_linear, fp32 math rounded back to bf16), or, where the running CPU really
+    has AVX512_BF16 (and PAGEDLLM_CPU_BF16_DOT is not 0), its GEMMs of 1-BF16_DOT_MAX_ROWS rows take
+    bf16_dot_linear."""
     monkeypatch.setenv(FEATURES_ENV, "avx512f,amx_bf16")
+    monkeypatch.setenv(linear_mod.BF16_DOT_ENV, dot)
     llm = LLM(str(make_tiny_model(root, "llama")), dtype="bfloat16", kv_cache_space=0.05, max_model_len=256)
     assert llm.llm_engine.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in _model(llm).parameters())
-    assert _packed_kinds(llm) == {30}  # BF16 panels of the bf16 weights themselves
+    dot_kind = dot == "1" and linear_mod.bf16_dot_available()
+    assert _packed_kinds(llm) == {linear_mod.BF16_DOT_KIND if dot_kind else 30}  # the bf16 weights themselves
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
 

@@ -12,7 +12,7 @@ from pagedllm import _ops
 from pagedllm.layers import linear as linear_mod
 from pagedllm.layers.linear import Linear, pack_linear_weights
 
-HAS_DOT = _ops.pack_bf16_dot_linear_weight(torch.ones(1, 2, dtype=torch.bfloat16)).numel() > 0
+HAS_DOT = linear_mod.bf16_dot_available()
 needs_dot = pytest.mark.skipif(not HAS_DOT, reason="this CPU has no AVX512_BF16")
 
 

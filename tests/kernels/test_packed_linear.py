@@ -128,10 +128,12 @@ def test_packed_model_moved_to_cuda_runs():
 
 def test_16_bit_cpu_weights_get_their_own_16_bit_panels_only():
     """A bf16 model is not packed as fp32 panels or codes: its decode GEMMs take its own bits
-    (test_wide16_linear.py); a model on another device is not packed at all."""
+    (test_wide16_linear.py; test_bf16_dot_linear.py where the CPU has AVX512_BF16); a model on another
+    device is not packed at all."""
     model = TinyModel(torch.bfloat16)
     assert pack_linear_weights(model) > 0
-    assert {model.proj.packed.qtype, model.head.packed.qtype} == {linear_mod.WIDE16_QTYPES[0]}
+    kind = linear_mod.BF16_DOT_KIND if linear_mod.bf16_dot_available() else linear_mod.WIDE16_QTYPES[0]
+    assert {model.proj.packed.qtype, model.head.packed.qtype} == {kind}
     assert model.proj.packed.act_dtype == torch.bfloat16
     model = TinyModel(torch.float32).to("meta")
     assert pack_linear_weights(model) == 0 and model.proj.packed is None

@@ -130,9 +130,6 @@ def test_int8_prefill_mlp_in_row_chunks_same_bits(arch, tmp_path, monkeypatch):
             assert torch.equal(a, b)
 
 
-HAS_BF16_DOT = _ops.pack_bf16_dot_linear_weight(torch.ones(1, 2, dtype=torch.bfloat16)).numel() > 0
-
-
 @pytest.mark.parametrize("dtype,dot", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)],
                          ids=["bf16-dot", "bf16", "fp16"])
 def test_16_bit_models_same_bits(folder, dtype, dot, monkeypatch):
@@ -140,7 +137,7 @@ def test_16_bit_models_same_bits(folder, dtype, dot, monkeypatch):
     (fp32 math, rounded back), prefill and 20-row decode steps through torch's 16-bit linear; or (bf16 on an
     AVX512_BF16 CPU) every step of up to BF16_DOT_MAX_ROWS rows through bf16_dot_linear; the op gives the
     layer loop's bits either way."""
-    if dot and not HAS_BF16_DOT:
+    if dot and not linear_mod.bf16_dot_available():
         pytest.skip("this CPU has no AVX512_BF16")
     monkeypatch.setenv(linear_mod.BF16_DOT_ENV, "1" if dot else "0")
     model = load_model(resolve_model(str(folder)), dtype=dtype)

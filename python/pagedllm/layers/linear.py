@@ -8,6 +8,7 @@ except for the small-M GEMMs of CPU fp32 decode steps once pack_linear_weights h
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -159,6 +160,12 @@ def pack_weight(weight: torch.Tensor, fp32_panels: bool = True, wide16_panels: b
             if panels.numel():
                 return PackedWeight(panels, qtype)
     return PackedWeight(_ops.pack_linear_weight(weight)) if fp32_panels else None
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_dot_available() -> bool:
+    """Whether this CPU runs bf16_dot_linear (AVX512_BF16, the running CPU's own flags)."""
+    return _ops.pack_bf16_dot_linear_weight(torch.ones(1, 2, dtype=torch.bfloat16)).numel() > 0
 
 
 def pack_16bit_weight(weight: torch.Tensor) -> Optional[PackedWeight]:
