@@ -178,8 +178,8 @@ def wide16_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
 
 
 def pack_bf16_dot_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """CPU, bfloat16 weight [N, K] -> the input-pair panels bf16_dot_linear reads ([ceil(N / 32), ceil(K / 2),
-    64]); empty on a CPU without AVX512_BF16."""
+    """CPU, bfloat16 weight [N, K] -> the input-pair panels bf16_dot_linear reads ([ceil(N / 32), K / 2, 64]);
+    empty for an odd K or on a CPU without AVX512_BF16."""
     return ops.pack_bf16_dot_linear_weight(weight)
 
 
