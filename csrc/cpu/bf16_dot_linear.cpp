@@ -6,7 +6,7 @@
 // bf16 dot-product peak twice that; benchmarks/RESULTS.md "Ninth session"). This is the packed_linear tile
 // (12 rows x 32 features in registers, one pass over a panel per row tile) with the inputs taken in pairs:
 // one vdpbf16ps adds two products per fp32 lane, so a tile does twice an FMA tile's work per instruction
-// (443 / 545 / 597 GFLOP/s at 16 / 32 / 64 rows there; level with oneDNN at 2048, so 1-256 rows come here).
+// (443 / 545 / 597 GFLOP/s at 16 / 32 / 64 rows there, 1.8-2.2x oneDNN; 1.1-1.4x it at 512-2048 rows).
 //
 // Arithmetic (the same class as oneDNN's bf16 GEMM: bf16 products, fp32 sums, bf16 result): per output,
 // acc = 0, then for each input pair (2i, 2i + 1) in order, acc += x[2i + 1] w[2i + 1], then acc += x[2i] w[2i]
@@ -42,6 +42,9 @@ namespace {
 
 using panel::kPanel;
 using panel::kTileRows;
+// Rows a thread takes through all its panels before the next ones (2 Zen 5 cores, the default model's layer GEMMs
+// at 512 / 2048 rows: 667-676 / 631-733 GFLOP/s median against 563-655 / 608-690 with all rows per panel).
+constexpr int64_t kRowBlock = 192;
 
 bool cpu_has_bf16_dot() {
 #if defined(PAGEDLLM_BF16_DOT)
@@ -160,15 +163,21 @@ at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
   const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const int64_t panel_elems = Kp * 2 * kPanel;
+  // Rows in blocks of kRowBlock, each against all of the thread's panels: a block's x rows (192 x 1536 bf16:
+  // 576 KB at most here) stay in L2 across the panels instead of coming from L3 once a panel.
+  const int64_t rb = std::min(M, kRowBlock);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const uint16_t* panel = wp + p * panel_elems;
-      const int64_t n0 = p * kPanel, n_valid = std::min(kPanel, N - n0);
-      for (int64_t t = 0, tiles = panel::num_tiles(M); t < tiles; ++t) {
-        const int64_t m0 = panel::tile_start(M, t), rows = panel::tile_start(M, t + 1) - m0;
-        // the first row tile fetches the thread's next panel
-        kDotTiles[rows - 1](xp + m0 * ldx, ldx, K, panel, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N, n_valid,
-                            p + 1 < p1 ? panel + panel_elems : nullptr, t == 0 && p + 1 < p1 ? Kp : 0);
+    for (int64_t r0 = 0; r0 < M; r0 += rb) {
+      const int64_t mr = std::min(rb, M - r0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint16_t* panel = wp + p * panel_elems;
+        const int64_t n0 = p * kPanel, n_valid = std::min(kPanel, N - n0);
+        for (int64_t t = 0, tiles = panel::num_tiles(mr); t < tiles; ++t) {
+          const int64_t m0 = r0 + panel::tile_start(mr, t), rows = panel::tile_start(mr, t + 1) - (m0 - r0);
+          // the first row tile fetches the thread's next panel
+          kDotTiles[rows - 1](xp + m0 * ldx, ldx, K, panel, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N, n_valid,
+                              p + 1 < p1 ? panel + panel_elems : nullptr, t == 0 && p + 1 < p1 ? Kp : 0);
+        }
       }
     }
   });

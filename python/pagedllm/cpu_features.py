@@ -5,7 +5,7 @@ conversions around fp32 math: ~4x slower than a float32 model. There, `dtype=bfl
 float32 model with the weights rounded to bfloat16 (models/loader.py round_weights), which the CPU
 decode GEMMs stream as 16-bit panels widened in registers (csrc/cpu/wide16_linear.cpp): half of the
 fp32 weight bytes, fp32 math. Where AVX512_BF16 / AMX-BF16 (AVX512_FP16 / AMX-FP16 for fp16) exist,
-the model stays 16-bit and torch's oneDNN GEMMs use them (a bfloat16 model's GEMMs of up to 256 rows take
+the model stays 16-bit and torch's oneDNN GEMMs use them (a bfloat16 model's GEMMs take
 csrc/cpu/bf16_dot_linear.cpp where the running CPU has AVX512_BF16: layers/linear.py BF16_DOT_KIND).
 
 PAGEDLLM_CPU_FEATURES overrides the detected flags (a comma-separated list of /proc/cpuinfo flag

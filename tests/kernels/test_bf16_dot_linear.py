@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from testing_utils import non_contiguous_rows
 
 from pagedllm import _ops
+from pagedllm.cpu_features import FEATURES_ENV
 from pagedllm.layers import linear as linear_mod
 from pagedllm.layers.linear import Linear, pack_linear_weights
 
@@ -37,7 +38,7 @@ def randn(*shape, seed=0):
 # a full and a split register tile (12, 13), more than the engine sends (300).
 @needs_dot
 @pytest.mark.parametrize("n,k", [(5, 2), (83, 68), (96, 576), (33, 130)])
-@pytest.mark.parametrize("m", [1, 2, 12, 13, 40, 300])
+@pytest.mark.parametrize("m", [1, 2, 12, 13, 40, 300])  # 300: two row blocks of the kernel (192 + 108)
 @pytest.mark.parametrize("bias", [None, "bf16", "fp32"])
 def test_the_instructions_arithmetic_bit_for_bit(n, k, m, bias):
     w, x = randn(n, k, seed=1), randn(m, k, seed=2)
@@ -100,10 +101,19 @@ def _bf16_layer():
     return layer
 
 
+def test_row_limit_only_where_amx_exists(monkeypatch):
+    """Every row count goes to the dot tiles, except on a CPU with AMX-BF16, whose tiles oneDNN uses."""
+    monkeypatch.setenv(FEATURES_ENV, "avx512f,avx512_bf16")
+    assert linear_mod.default_bf16_dot_max_rows() == linear_mod.NO_ROW_LIMIT
+    monkeypatch.setenv(FEATURES_ENV, "avx512_bf16,amx_bf16")
+    assert linear_mod.default_bf16_dot_max_rows() == 256
+
+
 @needs_dot
 def test_a_bf16_model_takes_the_dot_products_up_to_their_rows(monkeypatch):
     """A bfloat16 Linear on an AVX512_BF16 CPU: 1-BF16_DOT_MAX_ROWS rows through bf16_dot_linear, more through
-    torch's bf16 GEMM; PAGEDLLM_CPU_BF16_DOT=0 keeps the 16-bit panels."""
+    torch's bf16 GEMM (a limit only on AMX CPUs: set here); PAGEDLLM_CPU_BF16_DOT=0 keeps the 16-bit panels."""
+    monkeypatch.setattr(linear_mod, "BF16_DOT_MAX_ROWS", 256)
     layer = _bf16_layer()
     assert pack_linear_weights(layer) == 3 * 48 * 64 * 2
     assert layer.packed.qtype == linear_mod.BF16_DOT_KIND and layer.packed.act_dtype == torch.bfloat16

@@ -84,11 +84,19 @@ WIDE16_ENV = "PAGEDLLM_CPU_WIDE16_WEIGHTS"
 NATIVE16_MAX_ROWS = 16
 # A bfloat16 model on a CPU with AVX512_BF16 (the running CPU's own flags: the op checks them) takes its GEMMs
 # of 1-BF16_DOT_MAX_ROWS rows through bf16 dot products instead (csrc/cpu/bf16_dot_linear.cpp: bf16
-# products, fp32 sums, rounded to bf16, oneDNN's arithmetic): the default model's 120 layer GEMMs, 2 Zen 5
-# cores, 1.7-2.2x torch's bf16 GEMMs at 1-64 rows (32 rows: 545 against 310 GFLOP/s), 1.1x at 256, level
-# at 2048 (benchmarks/RESULTS.md "Ninth session"). decoder_layers reads its kind as BF16_DOT_KIND.
+# products, fp32 sums, rounded to bf16, oneDNN's arithmetic): the default model's layer GEMMs, 2 Zen 5
+# cores, 1.7-2.2x torch's bf16 GEMMs at 1-64 rows (32 rows: 545 against 310 GFLOP/s), 1.1-1.4x at 256-2048
+# (benchmarks/RESULTS.md "Ninth session"). Every row count, except where AMX-BF16 exists: its tiles have
+# several times the dot-product rate, and oneDNN uses them, so there more than 256 rows stay on torch's GEMM.
+# decoder_layers reads its kind as BF16_DOT_KIND.
 BF16_DOT_KIND = 512
-BF16_DOT_MAX_ROWS = 256
+
+
+def default_bf16_dot_max_rows() -> int:
+    return 256 if "amx_bf16" in cpu_features.cpu_flags() else NO_ROW_LIMIT
+
+
+BF16_DOT_MAX_ROWS = default_bf16_dot_max_rows()
 # PAGEDLLM_CPU_BF16_DOT=0 keeps a bfloat16 model on the 16-bit panels above (to measure what the dot products bring).
 BF16_DOT_ENV = "PAGEDLLM_CPU_BF16_DOT"
 
