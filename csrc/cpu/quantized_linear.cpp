@@ -415,9 +415,9 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
     const next_weight::Hint after = next_weight::current();  // the next GEMM's weight (decoder_layers)
     fetch_ahead::Plan* later = fetch_ahead::current();       // what the caller reads next (decoder_layers)
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M, panel::kCodesFetchAheadRows);
 #if defined(__AVX512F__) || defined(PAGEDLLM_QL_AVX2)
       if (io.M <= kFusedRows) {
-        fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M, panel::kCodesFetchAheadRows);
         // The thread's panels in the fewest groups of at most group_panels(M), of balanced sizes.
         const int64_t n = p1 - p0, groups = (n + group_panels<QT>(io.M) - 1) / group_panels<QT>(io.M);
         for (int64_t g = 0; g < groups; ++g) {
@@ -435,7 +435,6 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, int64
 #endif
       // More rows: each panel expanded whole (panel::panel_tiles) into a buffer that every row tile reads.
       std::vector<float> expanded(K * kPanel);
-      fetch_ahead::Cursor* ahead = panel::ahead_for(later, io.M, panel::kCodesFetchAheadRows);
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* codes = wp + p * panel_bytes;
         const auto [next, next_bytes] = p + 1 < p1 ? std::pair(codes + panel_bytes, panel_bytes)
